@@ -1,0 +1,223 @@
+// CPU backward recurrence: the forward's mirror, walking the steps in reverse.
+//
+// Carried across steps (fp32, fp64 for fp64 input): dh (B, P) and dc (B, H), seeded with
+// dh_n/dc_n. Per step:
+//   dh_tot = dh + dy_t                         (projected h's gradient)
+//   dm     = dh_tot @ W_hr        [proj only]  small GEMM
+//   one fused pointwise pass: gate derivatives from the saved activated gates and c_t, c_{t-1};
+//     writes d(xproj)_t and the new dc
+//   dh     = d(xproj)_t @ W_hh                 GEMM
+// Rows past a sequence's end get d(xproj) = 0 and carry dh/dc through untouched.
+// After the loop the weight gradients are one GEMM each over all T*B rows:
+//   dW_hh = d(xproj)^T @ h_prev,   dW_hr = dh_tot_all^T @ m_all,  m = o * tanh(c).
+
+#include "checks.h"
+#include "cpu/activations.h"
+#include "cpu/gemm.h"
+#include "cpu/recurrence.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/ge.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/tanh.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
+
+namespace lstm_fused::cpu {
+namespace {
+
+template <typename scalar_t>
+struct BackwardArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t T, B, H, P;
+  bool reverse, has_proj;
+  const scalar_t* dy;       // (T, B, P)
+  const acc_t* w_hh;        // (4H, P)
+  const acc_t* w_hr;        // (P, H) or null
+  const int64_t* lengths;   // (B,) or null
+  const scalar_t* gates;    // (T, B, 4H) activated i, f, g, o
+  const acc_t* c_all;       // (T, B, H)
+  const acc_t* c0;          // (B, H)
+  acc_t* dh;                // (B, P) carried
+  acc_t* dc;                // (B, H) carried
+  acc_t* dh_tot;            // (B, P) scratch
+  acc_t* dm;                // (B, H) scratch [proj]
+  acc_t* dz;                // (B, 4H) scratch: pre-activation gate grads for the GEMM
+  acc_t* dh_new;            // (B, P) scratch [lengths]
+  acc_t* dh_proj_all;       // (T, B, P) [proj]: dh_tot of every step, for dW_hr
+  scalar_t* dxproj;         // (T, B, 4H)
+
+  bool active(int64_t b, int64_t t) const { return lengths == nullptr || t < lengths[b]; }
+};
+
+// dh_tot = dh + dy_t for rows [b0, b1); also kept for dW_hr when projecting.
+template <typename scalar_t>
+void add_output_grad(const BackwardArgs<scalar_t>& a, int64_t t, int64_t b0, int64_t b1) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t row = t * a.B + b;
+    const bool on = a.active(b, t);
+    const scalar_t* dy = a.dy + row * a.P;
+    const acc_t* dh = a.dh + b * a.P;
+    acc_t* out = a.dh_tot + b * a.P;
+    for (int64_t j = 0; j < a.P; ++j) out[j] = on ? dh[j] + static_cast<acc_t>(dy[j]) : acc_t(0);
+    if (a.dh_proj_all) std::copy_n(out, a.P, a.dh_proj_all + row * a.P);
+  }
+}
+
+// Gate derivatives for rows [b0, b1) at time t (processing step s).
+template <typename scalar_t>
+void gate_grad_pass(const BackwardArgs<scalar_t>& a, int64_t s, int64_t b0, int64_t b1) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t H = a.H, H4 = 4 * a.H;
+  const int64_t t = time_at(s, a.T, a.reverse);
+  const int64_t t_prev = s > 0 ? time_at(s - 1, a.T, a.reverse) : -1;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t row = t * a.B + b;
+    scalar_t* dx = a.dxproj + row * H4;
+    acc_t* dz = a.dz + b * H4;
+    if (!a.active(b, t)) {
+      std::fill_n(dx, H4, scalar_t(0));
+      std::fill_n(dz, H4, acc_t(0));
+      continue;
+    }
+    const scalar_t* gt = a.gates + row * H4;
+    const acc_t* c = a.c_all + row * H;
+    const acc_t* c_prev = t_prev >= 0 ? a.c_all + (t_prev * a.B + b) * H : a.c0 + b * H;
+    const acc_t* dm = a.has_proj ? a.dm + b * H : a.dh_tot + b * a.P;
+    acc_t* dc = a.dc + b * H;
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) {
+      const acc_t i = static_cast<acc_t>(gt[j]);
+      const acc_t f = static_cast<acc_t>(gt[H + j]);
+      const acc_t g = static_cast<acc_t>(gt[2 * H + j]);
+      const acc_t o = static_cast<acc_t>(gt[3 * H + j]);
+      const acc_t tc = tanh_act(c[j]);
+      const acc_t d_o = dm[j] * tc;
+      const acc_t dc_tot = dc[j] + dm[j] * o * (acc_t(1) - tc * tc);
+      const acc_t dzi = dc_tot * g * i * (acc_t(1) - i);
+      const acc_t dzf = dc_tot * c_prev[j] * f * (acc_t(1) - f);
+      const acc_t dzg = dc_tot * i * (acc_t(1) - g * g);
+      const acc_t dzo = d_o * o * (acc_t(1) - o);
+      dc[j] = dc_tot * f;
+      dz[j] = dzi;
+      dz[H + j] = dzf;
+      dz[2 * H + j] = dzg;
+      dz[3 * H + j] = dzo;
+      dx[j] = static_cast<scalar_t>(dzi);
+      dx[H + j] = static_cast<scalar_t>(dzf);
+      dx[2 * H + j] = static_cast<scalar_t>(dzg);
+      dx[3 * H + j] = static_cast<scalar_t>(dzo);
+    }
+  }
+}
+
+template <typename scalar_t>
+void run_backward(const BackwardArgs<scalar_t>& a) {
+  const int64_t grain = batch_grain(4 * a.H);
+  const int64_t H4 = 4 * a.H;
+  for (int64_t s = a.T - 1; s >= 0; --s) {
+    const int64_t t = time_at(s, a.T, a.reverse);
+    add_output_grad(a, t, 0, a.B);
+    if (a.has_proj) gemm(/*transpose_b=*/false, a.B, a.H, a.P, a.dh_tot, a.P, a.w_hr, a.H, a.dm, a.H);
+    at::parallel_for(0, a.B, grain, [&](int64_t b0, int64_t b1) { gate_grad_pass(a, s, b0, b1); });
+    if (a.lengths == nullptr) {
+      gemm(/*transpose_b=*/false, a.B, a.P, H4, a.dz, H4, a.w_hh, a.P, a.dh, a.P);
+      continue;
+    }
+    gemm(/*transpose_b=*/false, a.B, a.P, H4, a.dz, H4, a.w_hh, a.P, a.dh_new, a.P);
+    for (int64_t b = 0; b < a.B; ++b)
+      if (a.active(b, t)) std::copy_n(a.dh_new + b * a.P, a.P, a.dh + b * a.P);
+  }
+}
+
+// h_{t-1} as step t saw it, rebuilt from y (see reference.previous_hidden).
+at::Tensor previous_hidden(const at::Tensor& y, const at::Tensor& h0,
+                           const std::optional<at::Tensor>& lengths, bool reverse) {
+  const int64_t T = y.size(0);
+  if (!reverse) return at::cat({h0.unsqueeze(0), y.narrow(0, 0, T - 1)}, 0);
+  at::Tensor h_prev = at::cat({y.narrow(0, 1, T - 1), h0.unsqueeze(0)}, 0);
+  if (lengths.has_value()) {
+    at::Tensor t_next = at::arange(1, T + 1, lengths->options()).view({T, 1, 1});
+    at::Tensor starts_here = at::ge(t_next, lengths->view({1, -1, 1}));
+    h_prev = at::where(starts_here, h0.unsqueeze(0), h_prev);
+  }
+  return h_prev;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrence_backward(
+    const at::Tensor& dy_in, const at::Tensor& dh_n, const at::Tensor& dc_n,
+    const at::Tensor& w_hh_in, const std::optional<at::Tensor>& w_hr_in, const at::Tensor& h0,
+    const at::Tensor& c0, const std::optional<at::Tensor>& lengths_in, bool reverse,
+    const at::Tensor& y, const at::Tensor& gates_in, const at::Tensor& c_all_in,
+    bool weight_grads) {
+  const RecurrenceSizes s = check_backward_args(dy_in, dh_n, dc_n, w_hh_in, w_hr_in, h0, c0,
+                                                lengths_in, y, gates_in, c_all_in);
+  const auto dtype = gates_in.scalar_type();
+  const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const auto opts = gates_in.options();
+  const auto acc_opts = opts.dtype(acc);
+  const int64_t T = s.T, B = s.B, H = s.H, P = s.P;
+
+  const at::Tensor dy = dy_in.contiguous();
+  const at::Tensor gates = gates_in.contiguous();
+  const at::Tensor c_all = c_all_in.contiguous();
+  const at::Tensor w_hh = w_hh_in.to(acc).contiguous();
+  const at::Tensor w_hr = s.has_proj ? w_hr_in->to(acc).contiguous() : at::Tensor();
+  const at::Tensor lengths = lengths_in.has_value() ? lengths_in->contiguous() : at::Tensor();
+  const at::Tensor c0_acc = c0.to(acc).contiguous();
+
+  at::Tensor dh = dh_n.to(acc, false, /*copy=*/true).contiguous();
+  at::Tensor dc = dc_n.to(acc, false, /*copy=*/true).contiguous();
+  at::Tensor dh_tot = at::empty({B, P}, acc_opts);
+  at::Tensor dm = s.has_proj ? at::empty({B, H}, acc_opts) : at::Tensor();
+  at::Tensor dz = at::empty({B, 4 * H}, acc_opts);
+  at::Tensor dh_new = lengths.defined() ? at::empty({B, P}, acc_opts) : at::Tensor();
+  const bool keep_dh_proj = s.has_proj && weight_grads;
+  at::Tensor dh_proj_all = keep_dh_proj ? at::empty({T, B, P}, acc_opts) : at::Tensor();
+  at::Tensor dxproj = at::empty({T, B, 4 * H}, opts);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "lstm_fused_cpu_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    BackwardArgs<scalar_t> a;
+    a.T = T, a.B = B, a.H = H, a.P = P;
+    a.reverse = reverse, a.has_proj = s.has_proj;
+    a.dy = dy.data_ptr<scalar_t>();
+    a.w_hh = w_hh.data_ptr<acc_t>();
+    a.w_hr = s.has_proj ? w_hr.data_ptr<acc_t>() : nullptr;
+    a.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+    a.gates = gates.data_ptr<scalar_t>();
+    a.c_all = c_all.data_ptr<acc_t>();
+    a.c0 = c0_acc.data_ptr<acc_t>();
+    a.dh = dh.data_ptr<acc_t>();
+    a.dc = dc.data_ptr<acc_t>();
+    a.dh_tot = dh_tot.data_ptr<acc_t>();
+    a.dm = s.has_proj ? dm.data_ptr<acc_t>() : nullptr;
+    a.dz = dz.data_ptr<acc_t>();
+    a.dh_new = lengths.defined() ? dh_new.data_ptr<acc_t>() : nullptr;
+    a.dh_proj_all = keep_dh_proj ? dh_proj_all.data_ptr<acc_t>() : nullptr;
+    a.dxproj = dxproj.data_ptr<scalar_t>();
+    run_backward(a);
+  });
+
+  at::Tensor dw_hh = at::empty({0}, opts), dw_hr = at::empty({0}, opts);
+  if (weight_grads) {
+    const at::Tensor h_prev = previous_hidden(y, h0, lengths_in, reverse);
+    dw_hh = at::mm(dxproj.view({T * B, 4 * H}).t(), h_prev.reshape({T * B, P}));
+    if (s.has_proj) {
+      const at::Tensor m_all = at::mul(gates.narrow(2, 3 * H, H).to(acc), at::tanh(c_all));
+      dw_hr = at::mm(dh_proj_all.view({T * B, P}).t(), m_all.view({T * B, H})).to(dtype);
+    }
+  }
+  return {dxproj, dw_hh, dw_hr, dh.to(dtype), dc.to(dtype)};
+}
+
+}  // namespace lstm_fused::cpu

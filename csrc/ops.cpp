@@ -1,0 +1,40 @@
+// Op schemas of the recurrence ops and the Python module init of lstm_fused._C.
+//
+// Kernels register per device in csrc/cpu/register.cpp and csrc/cuda/*_binding.cu. The fake
+// (meta) kernels and autograd are attached in Python (lstm_fused/ops.py), so there is no
+// autograd.Function and torch.compile(fullgraph=True) traces straight through.
+
+#include <Python.h>
+#include <torch/library.h>
+
+namespace {
+
+bool has_cuda_kernels() {
+#ifdef LSTM_FUSED_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lstm_fused, m) {
+  m.def(
+      "recurrence_forward(Tensor xproj, Tensor w_hh, Tensor? w_hr, Tensor h0, Tensor c0, "
+      "Tensor? lengths, bool reverse, bool save) "
+      "-> (Tensor y, Tensor h_n, Tensor c_n, Tensor gates, Tensor c_all)");
+  m.def(
+      "recurrence_backward(Tensor dy, Tensor dh_n, Tensor dc_n, Tensor w_hh, Tensor? w_hr, "
+      "Tensor h0, Tensor c0, Tensor? lengths, bool reverse, Tensor y, Tensor gates, "
+      "Tensor c_all, bool weight_grads) "
+      "-> (Tensor dxproj, Tensor dw_hh, Tensor dw_hr, Tensor dh0, Tensor dc0)");
+  m.def("has_cuda_kernels() -> bool", &has_cuda_kernels);
+}
+
+// A plain C extension module: importing it runs the static registrations above. Nothing is
+// bound through pybind11, which keeps torch/extension.h (and its compile time) out of the build.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

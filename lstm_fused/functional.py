@@ -1,0 +1,101 @@
+"""The multi-layer LSTM as plain PyTorch around one fused op: the recurrence.
+
+Per layer and direction the input projection x @ W_ih^T + b_ih + b_hh is a single GEMM over all
+T*B rows (autograd differentiates it), and only the sequential part goes through a backend's
+recurrence op. Dropout sits between layers; directions are concatenated on the feature dim.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import dispatch
+
+
+def input_projection(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]) -> Tensor:
+    """(T, B, I) -> (T, B, 4H), both biases folded into one."""
+    bias = None if b_ih is None else b_ih + b_hh
+    return F.linear(x, w_ih, bias)
+
+
+def recurrence(
+    xproj: Tensor,
+    w_hh: Tensor,
+    w_hr: Optional[Tensor],
+    h0: Tensor,
+    c0: Tensor,
+    lengths: Optional[Tensor] = None,
+    reverse: bool = False,
+    backend: str = "auto",
+):
+    """Run one direction of one layer: returns y (T, B, P), h_n (B, P), c_n (B, H)."""
+    op = dispatch.pick(backend, xproj.device, xproj.dtype)
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (xproj, w_hh, w_hr, h0, c0)
+    )
+    y, h_n, c_n, _gates, _c_all = op(
+        xproj.contiguous(), w_hh, w_hr, h0.contiguous(), c0.contiguous(), lengths, reverse, save
+    )
+    return y, h_n, c_n
+
+
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    # nn.LSTM computes in the autocast dtype on CUDA (it is on autocast's lower-precision list).
+    if device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return None
+
+
+def lstm(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    weights: Sequence[Optional[Tensor]],
+    *,
+    num_layers: int,
+    bidirectional: bool,
+    has_biases: bool,
+    proj_size: int,
+    dropout: float,
+    training: bool,
+    lengths: Optional[Tensor] = None,
+    backend: str = "auto",
+):
+    """Time-major multi-layer LSTM.
+
+    ``x`` (T, B, I); ``h0`` (L*D, B, P); ``c0`` (L*D, B, H); ``weights`` in nn.LSTM's
+    ``_flat_weights`` order: per layer, per direction, w_ih, w_hh, [b_ih, b_hh], [w_hr].
+    ``lengths`` (B,) int64 on x's device, or None. Returns (y (T, B, D*P), h_n, c_n).
+    """
+    num_dirs = 2 if bidirectional else 1
+    per_dir = 2 + (2 if has_biases else 0) + (1 if proj_size > 0 else 0)
+    cast = _autocast_dtype(x.device)
+    if cast is not None:
+        x, h0, c0 = x.to(cast), h0.to(cast), c0.to(cast)
+        weights = [w.to(cast) for w in weights]
+
+    h_n, c_n = [], []
+    layer_input = x
+    for layer in range(num_layers):
+        outputs = []
+        for direction in range(num_dirs):
+            k = layer * num_dirs + direction
+            w = weights[k * per_dir : (k + 1) * per_dir]
+            w_ih, w_hh = w[0], w[1]
+            b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
+            w_hr = w[-1] if proj_size > 0 else None
+            xproj = input_projection(layer_input, w_ih, b_ih, b_hh)
+            y, h, c = recurrence(
+                xproj, w_hh, w_hr, h0[k], c0[k], lengths, reverse=direction == 1, backend=backend
+            )
+            outputs.append(y)
+            h_n.append(h)
+            c_n.append(c)
+        layer_input = outputs[0] if num_dirs == 1 else torch.cat(outputs, dim=2)
+        if dropout > 0 and training and layer < num_layers - 1:
+            layer_input = F.dropout(layer_input, p=dropout, training=True)
+    return layer_input, torch.stack(h_n), torch.stack(c_n)

@@ -1,0 +1,207 @@
+"""Drop-in modules: ``LSTM`` and ``LSTMCell`` subclass their torch.nn counterparts.
+
+They keep nn's constructors, parameters (names, shapes, init), state_dict, repr and input
+handling, and replace only the computation: ``functional.lstm`` over a backend's fused
+recurrence op. ``convert`` swaps them into an existing model in place.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from . import dispatch, functional
+
+
+def _check_devices(input: Tensor, params, hx) -> None:
+    device = input.device
+    for p in params:
+        if p is not None and p.device != device:
+            raise RuntimeError(
+                f"lstm_fused: input is on {device} but the module's parameters are on {p.device}; "
+                f"move one of them (module.to({str(device)!r}) or input.to({str(p.device)!r}))"
+            )
+    for name, t in zip(("h0", "c0"), hx):
+        if t.device != device:
+            raise RuntimeError(f"lstm_fused: input is on {device} but {name} is on {t.device}")
+
+
+def _check_state_dtypes(input: Tensor, hx) -> None:
+    for name, t in zip(("h0", "c0"), hx):
+        if t.dtype != input.dtype:
+            raise RuntimeError(
+                f"lstm_fused: {name} has dtype {t.dtype} but input has dtype {input.dtype}"
+            )
+
+
+class LSTM(nn.LSTM):
+    """``torch.nn.LSTM`` with fused kernels. Extra keyword: ``backend`` (see ``dispatch.BACKENDS``)."""
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = dispatch.check_backend_name(backend)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s if self.backend == "auto" else f"{s}, backend={self.backend!r}"
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("backend", "auto")
+
+    def forward(self, input, hx: Optional[tuple] = None):
+        self._update_flat_weights()
+        num_dirs = 2 if self.bidirectional else 1
+        out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        packed = isinstance(input, PackedSequence)
+
+        lengths = None
+        if packed:
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            self.check_input(data, batch_sizes)
+            # Padded, time-major, in the packed (length-sorted) batch order.
+            x, lengths_cpu = pad_packed_sequence(PackedSequence(data, batch_sizes))
+            lengths = lengths_cpu.to(x.device)
+            is_batched = True
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            is_batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            x = input if is_batched else input.unsqueeze(batch_dim)
+            batch_sizes = sorted_indices = unsorted_indices = None
+            self.check_input(x, None)
+            if self.batch_first:
+                x = x.transpose(0, 1)
+        if x.size(0) == 0:
+            raise RuntimeError("lstm_fused: the input sequence has length 0")
+        batch = x.size(1)
+
+        if hx is None:
+            zeros = dict(dtype=x.dtype, device=x.device)
+            hx = (
+                torch.zeros(self.num_layers * num_dirs, batch, out_size, **zeros),
+                torch.zeros(self.num_layers * num_dirs, batch, self.hidden_size, **zeros),
+            )
+        else:
+            want = 3 if is_batched else 2
+            if hx[0].dim() != want or hx[1].dim() != want:
+                kind = "batched 3-D" if is_batched else "unbatched 2-D"
+                raise RuntimeError(
+                    f"For {kind} input, hx and cx should also be {want}-D but got "
+                    f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+                )
+            if not is_batched:
+                hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+            expected_h = (self.num_layers * num_dirs, batch, out_size)
+            expected_c = (self.num_layers * num_dirs, batch, self.hidden_size)
+            self.check_hidden_size(hx[0], expected_h, "Expected hidden[0] size {}, got {}")
+            self.check_hidden_size(hx[1], expected_c, "Expected hidden[1] size {}, got {}")
+            _check_state_dtypes(x, hx)
+            hx = self.permute_hidden(hx, sorted_indices)
+        _check_devices(x, self._flat_weights, hx)
+
+        y, h_n, c_n = functional.lstm(
+            x,
+            hx[0],
+            hx[1],
+            self._flat_weights,
+            num_layers=self.num_layers,
+            bidirectional=self.bidirectional,
+            has_biases=self.bias,
+            proj_size=self.proj_size,
+            dropout=self.dropout,
+            training=self.training,
+            lengths=lengths,
+            backend=self.backend,
+        )
+        hidden = self.permute_hidden((h_n, c_n), unsorted_indices)
+
+        if packed:
+            out = pack_padded_sequence(y, lengths_cpu)
+            return PackedSequence(out.data, batch_sizes, sorted_indices, unsorted_indices), hidden
+        if self.batch_first:
+            y = y.transpose(0, 1)
+        if not is_batched:
+            y = y.squeeze(batch_dim)
+            hidden = (hidden[0].squeeze(1), hidden[1].squeeze(1))
+        return y, hidden
+
+
+class LSTMCell(nn.LSTMCell):
+    """``torch.nn.LSTMCell`` with fused kernels: one step of the same recurrence op."""
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = dispatch.check_backend_name(backend)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s if self.backend == "auto" else f"{s}, backend={self.backend!r}"
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("backend", "auto")
+
+    def forward(self, input: Tensor, hx: Optional[tuple] = None):
+        if input.dim() not in (1, 2):
+            raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None:
+            for idx, value in enumerate(hx):
+                if value.dim() not in (1, 2):
+                    raise ValueError(
+                        f"LSTMCell: Expected hx[{idx}] to be 1D or 2D, got {value.dim()}D instead"
+                    )
+        is_batched = input.dim() == 2
+        x = input if is_batched else input.unsqueeze(0)
+        if x.size(1) != self.input_size:
+            raise RuntimeError(
+                f"input has inconsistent input_size: got {x.size(1)} expected {self.input_size}"
+            )
+        if x.dtype != self.weight_ih.dtype:
+            raise RuntimeError(
+                f"lstm_fused: input dtype ({x.dtype}) does not match weight dtype ({self.weight_ih.dtype})"
+            )
+        if hx is None:
+            zeros = torch.zeros(x.size(0), self.hidden_size, dtype=x.dtype, device=x.device)
+            hx = (zeros, zeros)
+        elif not is_batched:
+            hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        for idx, value in enumerate(hx):
+            if value.shape != (x.size(0), self.hidden_size):
+                raise RuntimeError(
+                    f"LSTMCell: Expected hx[{idx}] of size {(x.size(0), self.hidden_size)}, "
+                    f"got {tuple(value.shape)}"
+                )
+        _check_state_dtypes(x, hx)
+        _check_devices(x, [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh], hx)
+
+        xproj = functional.input_projection(x, self.weight_ih, self.bias_ih, self.bias_hh)
+        _, h, c = functional.recurrence(
+            xproj.unsqueeze(0), self.weight_hh, None, hx[0], hx[1], backend=self.backend
+        )
+        if not is_batched:
+            return h.squeeze(0), c.squeeze(0)
+        return h, c
+
+
+def convert(module: nn.Module, backend: str = "auto") -> nn.Module:
+    """Make every ``nn.LSTM``/``nn.LSTMCell`` in ``module`` (``module`` included) fused, in place.
+
+    The modules keep their identity, parameters (the very same tensors), hooks and state; only
+    their class changes, so optimizers and references held elsewhere stay valid. Subclasses of
+    nn.LSTM with their own forward are left alone. Returns ``module``.
+    """
+    dispatch.check_backend_name(backend)
+    for m in module.modules():
+        if type(m) is nn.LSTM:
+            m.__class__ = LSTM
+        elif type(m) is nn.LSTMCell:
+            m.__class__ = LSTMCell
+        elif not isinstance(m, (LSTM, LSTMCell)):
+            continue
+        m.backend = backend
+    return module

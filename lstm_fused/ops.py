@@ -1,0 +1,177 @@
+"""Op registrations: the recurrence ops of every backend, their fake (meta) kernels and autograd.
+
+Every backend exposes the same pair of ops (schemas below, semantics in ``reference.py``):
+
+    <prefix>forward(Tensor xproj, Tensor w_hh, Tensor? w_hr, Tensor h0, Tensor c0,
+                    Tensor? lengths, bool reverse, bool save)
+        -> (Tensor y, Tensor h_n, Tensor c_n, Tensor gates, Tensor c_all)
+    <prefix>backward(Tensor dy, Tensor dh_n, Tensor dc_n, Tensor w_hh, Tensor? w_hr, Tensor h0,
+                     Tensor c0, Tensor? lengths, bool reverse, Tensor y, Tensor gates,
+                     Tensor c_all, bool weight_grads)
+        -> (Tensor dxproj, Tensor dw_hh, Tensor dw_hr, Tensor dh0, Tensor dc0)
+
+* ``lstm_fused::recurrence_*``: schema in C++ (csrc/ops.cpp); CPU kernels in csrc/cpu, CUDA
+  kernels in csrc/cuda. Present when the extension ``lstm_fused._C`` is built.
+* ``lstm_fused::reference_*``: the PyTorch oracle, a Python custom op on any device.
+* ``lstm_fused::triton_*``: the Triton kernels (lstm_fused/triton).
+
+There is no ``autograd.Function``: autograd is attached to each forward op with
+``torch.library.register_autograd`` and calls the paired backward op, so the whole thing traces
+under ``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+LIB = "lstm_fused"
+
+try:  # registers lstm_fused::recurrence_forward / _backward and their CPU (and CUDA) kernels
+    from . import _C  # noqa: F401
+
+    EXTENSION_ERROR: Optional[str] = None
+except ImportError as exc:  # a source checkout without a build; the reference still works
+    EXTENSION_ERROR = f"the C++ extension lstm_fused._C could not be loaded ({exc})"
+
+
+def extension_loaded() -> bool:
+    return EXTENSION_ERROR is None
+
+
+def extension_has_cuda() -> bool:
+    return extension_loaded() and bool(torch.ops.lstm_fused.has_cuda_kernels())
+
+
+# --------------------------------------------------------------------------------------------
+# The reference backend as ops, so every backend goes through the same path.
+
+
+@torch.library.custom_op(f"{LIB}::reference_forward", mutates_args=())
+def reference_forward(
+    xproj: Tensor,
+    w_hh: Tensor,
+    w_hr: Optional[Tensor],
+    h0: Tensor,
+    c0: Tensor,
+    lengths: Optional[Tensor],
+    reverse: bool,
+    save: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return reference.recurrence_forward_ref(xproj, w_hh, w_hr, h0, c0, lengths, reverse, save)
+
+
+@torch.library.custom_op(f"{LIB}::reference_backward", mutates_args=())
+def reference_backward(
+    dy: Tensor,
+    dh_n: Tensor,
+    dc_n: Tensor,
+    w_hh: Tensor,
+    w_hr: Optional[Tensor],
+    h0: Tensor,
+    c0: Tensor,
+    lengths: Optional[Tensor],
+    reverse: bool,
+    y: Tensor,
+    gates: Tensor,
+    c_all: Tensor,
+    weight_grads: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dxproj, dw_hh, dw_hr, dh0, dc0 = reference.recurrence_backward_ref(
+        dy, dh_n, dc_n, w_hh, w_hr, h0, c0, lengths, reverse, y, gates, c_all
+    )
+    if not weight_grads:
+        dw_hh, dw_hr = dw_hh.new_empty(0), dw_hr.new_empty(0)
+    return dxproj, dw_hh, dw_hr, dh0, dc0
+
+
+# --------------------------------------------------------------------------------------------
+# Fake kernels: shapes only, shared by every backend.
+
+
+def forward_fake(xproj, w_hh, w_hr, h0, c0, lengths, reverse, save):
+    T, B, H4 = xproj.shape
+    H, P = H4 // 4, w_hh.shape[1]
+    acc = reference.acc_dtype(xproj.dtype)
+    y = xproj.new_empty(T, B, P)
+    h_n = xproj.new_empty(B, P)
+    c_n = xproj.new_empty(B, H)
+    if save:
+        gates = xproj.new_empty(T, B, H4)
+        c_all = xproj.new_empty(T, B, H, dtype=acc)
+    else:
+        gates = xproj.new_empty(0)
+        c_all = xproj.new_empty(0, dtype=acc)
+    return y, h_n, c_n, gates, c_all
+
+
+def backward_fake(dy, dh_n, dc_n, w_hh, w_hr, h0, c0, lengths, reverse, y, gates, c_all, weight_grads):
+    dxproj = gates.new_empty(gates.shape, dtype=y.dtype)
+    if weight_grads:
+        dw_hh = torch.empty_like(w_hh)
+        dw_hr = torch.empty_like(w_hr) if w_hr is not None else w_hh.new_empty(0)
+    else:
+        dw_hh, dw_hr = w_hh.new_empty(0), w_hh.new_empty(0)
+    return dxproj, dw_hh, dw_hr, torch.empty_like(h0), torch.empty_like(c0)
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd: forward op -> paired backward op.
+
+
+def _setup_context(ctx, inputs, output):
+    xproj, w_hh, w_hr, h0, c0, lengths, reverse, save = inputs
+    y, _h_n, _c_n, gates, c_all = output
+    ctx.reverse = reverse
+    ctx.saved = save
+    ctx.has_proj = w_hr is not None
+    ctx.save_for_backward(w_hh, w_hr, h0, c0, lengths, y, gates, c_all)
+
+
+def _make_backward(backward_op):
+    def backward(ctx, dy, dh_n, dc_n, _dgates, _dc_all):
+        if not ctx.saved:
+            raise RuntimeError(
+                "lstm_fused: backward through a recurrence that was run with save=False "
+                "(the forward saw no tensor requiring grad, or grad mode was off)"
+            )
+        w_hh, w_hr, h0, c0, lengths, y, gates, c_all = ctx.saved_tensors
+        dy = torch.zeros_like(y) if dy is None else dy.contiguous()
+        dh_n = torch.zeros_like(h0) if dh_n is None else dh_n.contiguous()
+        dc_n = torch.zeros_like(c0) if dc_n is None else dc_n.contiguous()
+        need = ctx.needs_input_grad
+        weight_grads = bool(need[1] or need[2])
+        dxproj, dw_hh, dw_hr, dh0, dc0 = backward_op(
+            dy, dh_n, dc_n, w_hh, w_hr, h0, c0, lengths, ctx.reverse, y, gates, c_all, weight_grads
+        )
+        return (
+            dxproj if need[0] else None,
+            dw_hh if need[1] else None,
+            dw_hr if (need[2] and ctx.has_proj) else None,
+            dh0 if need[3] else None,
+            dc0 if need[4] else None,
+            None,
+            None,
+            None,
+        )
+
+    return backward
+
+
+def register_backend_ops(forward_name: str, backward_name: str) -> None:
+    """Attach the shared fake kernels and autograd to a backend's op pair."""
+    torch.library.register_fake(forward_name)(forward_fake)
+    torch.library.register_fake(backward_name)(backward_fake)
+    backward_op = getattr(torch.ops.lstm_fused, backward_name.split("::")[1]).default
+    torch.library.register_autograd(
+        forward_name, _make_backward(backward_op), setup_context=_setup_context
+    )
+
+
+register_backend_ops(f"{LIB}::reference_forward", f"{LIB}::reference_backward")
+if extension_loaded():
+    register_backend_ops(f"{LIB}::recurrence_forward", f"{LIB}::recurrence_backward")
