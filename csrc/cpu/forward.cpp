@@ -44,6 +44,35 @@ struct ForwardArgs {
   bool active(int64_t b, int64_t t) const { return lengths == nullptr || t < lengths[b]; }
 };
 
+// One batch row of the gate pass. kWriteY: no projection, so m is the output; kSave: training.
+// Branch-free so the loop vectorizes (compile-time flags only).
+template <typename scalar_t, bool kWriteY, bool kSave>
+inline void gate_row(int64_t H, const scalar_t* __restrict__ xp, const at::opmath_type<scalar_t>* __restrict__ mm,
+                     at::opmath_type<scalar_t>* __restrict__ c, at::opmath_type<scalar_t>* __restrict__ m_out,
+                     scalar_t* __restrict__ y, scalar_t* __restrict__ gates_out,
+                     at::opmath_type<scalar_t>* __restrict__ c_all) {
+  using acc_t = at::opmath_type<scalar_t>;
+#pragma omp simd
+  for (int64_t j = 0; j < H; ++j) {
+    const acc_t i = sigmoid(static_cast<acc_t>(xp[j]) + mm[j]);
+    const acc_t f = sigmoid(static_cast<acc_t>(xp[H + j]) + mm[H + j]);
+    const acc_t g = tanh_act(static_cast<acc_t>(xp[2 * H + j]) + mm[2 * H + j]);
+    const acc_t o = sigmoid(static_cast<acc_t>(xp[3 * H + j]) + mm[3 * H + j]);
+    const acc_t c_new = f * c[j] + i * g;
+    const acc_t h_new = o * tanh_act(c_new);
+    c[j] = c_new;
+    m_out[j] = h_new;
+    if constexpr (kWriteY) y[j] = static_cast<scalar_t>(h_new);
+    if constexpr (kSave) {
+      gates_out[j] = static_cast<scalar_t>(i);
+      gates_out[H + j] = static_cast<scalar_t>(f);
+      gates_out[2 * H + j] = static_cast<scalar_t>(g);
+      gates_out[3 * H + j] = static_cast<scalar_t>(o);
+      c_all[j] = c_new;
+    }
+  }
+}
+
 // Gates, c and h for batch rows [b0, b1) at time t.
 template <typename scalar_t>
 void gate_pass(const ForwardArgs<scalar_t>& a, int64_t t, int64_t b0, int64_t b1) {
@@ -52,36 +81,26 @@ void gate_pass(const ForwardArgs<scalar_t>& a, int64_t t, int64_t b0, int64_t b1
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t row = t * a.B + b;  // (t, b) row of the (T, B, *) tensors
     acc_t* c = a.c + b * H;
-    scalar_t* gates_out = a.gates_out ? a.gates_out + row * H4 : nullptr;
-    acc_t* c_all = a.c_all ? a.c_all + row * H : nullptr;
+    scalar_t* gates_out = a.save ? a.gates_out + row * H4 : nullptr;
+    acc_t* c_all = a.save ? a.c_all + row * H : nullptr;
     if (!a.active(b, t)) {
       if (!a.has_proj) std::fill_n(a.y + row * a.P, a.P, scalar_t(0));
-      if (gates_out) std::fill_n(gates_out, H4, scalar_t(0));
-      if (c_all) std::copy_n(c, H, c_all);
+      if (a.save) {
+        std::fill_n(gates_out, H4, scalar_t(0));
+        std::copy_n(c, H, c_all);
+      }
       continue;
     }
     const scalar_t* xp = a.xproj + row * H4;
     const acc_t* mm = a.gates_mm + b * H4;
     acc_t* m_out = a.has_proj ? a.m + b * H : a.h + b * H;
     scalar_t* y = a.y + row * a.P;
-#pragma omp simd
-    for (int64_t j = 0; j < H; ++j) {
-      const acc_t i = sigmoid(static_cast<acc_t>(xp[j]) + mm[j]);
-      const acc_t f = sigmoid(static_cast<acc_t>(xp[H + j]) + mm[H + j]);
-      const acc_t g = tanh_act(static_cast<acc_t>(xp[2 * H + j]) + mm[2 * H + j]);
-      const acc_t o = sigmoid(static_cast<acc_t>(xp[3 * H + j]) + mm[3 * H + j]);
-      const acc_t c_new = f * c[j] + i * g;
-      const acc_t h_new = o * tanh_act(c_new);
-      c[j] = c_new;
-      m_out[j] = h_new;
-      if (!a.has_proj) y[j] = static_cast<scalar_t>(h_new);
-      if (gates_out) {
-        gates_out[j] = static_cast<scalar_t>(i);
-        gates_out[H + j] = static_cast<scalar_t>(f);
-        gates_out[2 * H + j] = static_cast<scalar_t>(g);
-        gates_out[3 * H + j] = static_cast<scalar_t>(o);
-      }
-      if (c_all) c_all[j] = c_new;
+    if (a.has_proj) {
+      if (a.save) gate_row<scalar_t, false, true>(H, xp, mm, c, m_out, y, gates_out, c_all);
+      else gate_row<scalar_t, false, false>(H, xp, mm, c, m_out, y, gates_out, c_all);
+    } else {
+      if (a.save) gate_row<scalar_t, true, true>(H, xp, mm, c, m_out, y, gates_out, c_all);
+      else gate_row<scalar_t, true, false>(H, xp, mm, c, m_out, y, gates_out, c_all);
     }
   }
 }

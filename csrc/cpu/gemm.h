@@ -13,6 +13,8 @@
 #include <ATen/ops/mm.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <limits>
 
 extern "C" {
@@ -23,6 +25,8 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const double* alpha, const double* a, const int* lda, const double* b,
             const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
+// MKL's per-thread thread count; returns the previous setting (0: none was set).
+int MKL_Set_Num_Threads_Local(int nthreads) __attribute__((weak));  // the by-value C entry
 }
 
 namespace lstm_fused::cpu {
@@ -44,6 +48,9 @@ bool blas_symbol_present() {
   else return dgemm_ != nullptr;
 }
 
+// Products below this many multiply-adds run single-threaded (a few microseconds of work).
+constexpr int64_t kSmallGemmMacs = 1 << 18;
+
 // Column-major BLAS computing a row-major product: row-major C = A @ op(B) is column-major
 // C^T = op(B)^T @ A^T, and a row-major matrix read column-major is its transpose.
 template <typename T>
@@ -52,7 +59,12 @@ void blas_row_major(bool transpose_b, int64_t M, int64_t N, int64_t K, const T* 
   const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
   const int ldb_i = static_cast<int>(ldb), lda_i = static_cast<int>(lda), ldc_i = static_cast<int>(ldc);
   const T one = 1, zero = 0;
+  // A batch-1 step is a ~100k multiply-add GEMV: MKL's fork/join across threads costs more than
+  // the arithmetic, so small products run on the calling thread.
+  const bool small = M * N * K < kSmallGemmMacs;
+  const int previous = small && MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
   blas_gemm(transpose_b ? "T" : "N", "N", &m, &n, &k, &one, B, &ldb_i, A, &lda_i, &zero, C, &ldc_i);
+  if (small && MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
 }
 
 // One tiny product checked against a hand loop: guards against a BLAS whose integer width or
@@ -73,9 +85,15 @@ bool blas_self_check() {
   return true;
 }
 
+// LSTM_FUSED_CPU_GEMM=aten forces the at::mm_out path (tests use it to cover the fallback).
+inline bool blas_disabled_by_env() {
+  const char* v = std::getenv("LSTM_FUSED_CPU_GEMM");
+  return v != nullptr && std::string(v) == "aten";
+}
+
 template <typename T>
 bool use_blas() {
-  static const bool ok = blas_self_check<T>();
+  static const bool ok = !blas_disabled_by_env() && blas_self_check<T>();
   return ok;
 }
 
