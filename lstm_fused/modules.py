@@ -37,12 +37,23 @@ def _check_state_dtypes(input: Tensor, hx) -> None:
             )
 
 
+def _let_dynamo_trace_rnn_subclasses() -> None:
+    # Dynamo refuses every isinstance(m, nn.LSTM) module unless allow_rnn is set, because
+    # nn.LSTM's _VF.lstm cannot be traced; ours is plain PyTorch around registered custom ops,
+    # so it traces fully. The flag is global: with it, plain nn.LSTM modules are traced too
+    # (Dynamo's experimental RNN support) instead of graph-breaking.
+    import torch._dynamo
+
+    torch._dynamo.config.allow_rnn = True
+
+
 class LSTM(nn.LSTM):
     """``torch.nn.LSTM`` with fused kernels. Extra keyword: ``backend`` (see ``dispatch.BACKENDS``)."""
 
     def __init__(self, *args, backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
         self.backend = dispatch.check_backend_name(backend)
+        _let_dynamo_trace_rnn_subclasses()
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
@@ -204,4 +215,5 @@ def convert(module: nn.Module, backend: str = "auto") -> nn.Module:
         elif not isinstance(m, (LSTM, LSTMCell)):
             continue
         m.backend = backend
+        _let_dynamo_trace_rnn_subclasses()
     return module

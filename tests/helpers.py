@@ -1,0 +1,55 @@
+"""Shared test helpers: seeded fresh inputs, float64 oracles, relative errors."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+import lstm_fused
+
+
+def cpu_backends():
+    """Backends that run on CPU tensors here (triton has its own test file)."""
+    return [b for b in ("cpu", "reference") if b in lstm_fused.available_backends()]
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected||, in float64; NaN anywhere gives inf."""
+    a, e = actual.detach().double(), expected.detach().double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - e).norm() / e.norm().clamp_min(1e-30)).item()
+
+
+def make_pair(dtype, backend, **config):
+    """A float64 nn.LSTM oracle and an lstm_fused.LSTM in ``dtype`` with the same weights."""
+    oracle = nn.LSTM(**config).double()
+    with torch.no_grad():  # default init is small; widen it so the gates are not all ~linear
+        for p in oracle.parameters():
+            p.uniform_(-0.5, 0.5)
+    fused = lstm_fused.LSTM(**config, backend=backend, dtype=torch.float64)
+    fused.load_state_dict(oracle.state_dict())  # exact, then rounded once by .to(dtype)
+    return oracle, fused.to(dtype)
+
+
+def run_and_grad(module, x, hx, cotangents):
+    """Forward, then backward of sum(<out, cotangent>) over y, h_n, c_n.
+
+    Returns (y, h_n, c_n, {name: grad}) with grads for the input, h0, c0 and every parameter.
+    """
+    x = x.detach().clone().requires_grad_()
+    hx = tuple(t.detach().clone().requires_grad_() for t in hx)
+    module.zero_grad(set_to_none=True)
+    y, (h_n, c_n) = module(x, hx)
+    gy, gh, gc = cotangents
+    loss = (y * gy.to(y.dtype)).sum() + (h_n * gh.to(y.dtype)).sum() + (c_n * gc.to(y.dtype)).sum()
+    loss.backward()
+    grads = {"input": x.grad, "h0": hx[0].grad, "c0": hx[1].grad}
+    grads.update({name: p.grad for name, p in module.named_parameters()})
+    return y, h_n, c_n, grads
+
+
+def clone_module(module, dtype):
+    return copy.deepcopy(module).to(dtype)

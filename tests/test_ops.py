@@ -1,0 +1,118 @@
+"""The recurrence ops themselves: opcheck, gradcheck, the reference's hand-written backward,
+and the CPU kernel's ATen-GEMM fallback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lstm_fused import reference
+from helpers import cpu_backends
+
+OPS = {"cpu": "recurrence", "reference": "reference"}
+
+
+def _op(backend, which):
+    return getattr(torch.ops.lstm_fused, f"{OPS[backend]}_{which}")
+
+
+def _args(T, B, H, P, proj, lengths, dtype=torch.float64, reverse=False, requires_grad=True):
+    xproj = torch.randn(T, B, 4 * H, dtype=dtype)
+    w_hh = torch.randn(4 * H, P, dtype=dtype) / P**0.5
+    w_hr = torch.randn(P, H, dtype=dtype) / H**0.5 if proj else None
+    h0 = torch.randn(B, P, dtype=dtype)
+    c0 = torch.randn(B, H, dtype=dtype)
+    lens = torch.tensor(lengths, dtype=torch.long) if lengths is not None else None
+    tensors = [xproj, w_hh, w_hr, h0, c0]
+    if requires_grad:
+        for t in tensors:
+            if t is not None:
+                t.requires_grad_()
+    return (*tensors, lens, reverse)
+
+
+CASES = [
+    ("plain", dict(T=4, B=3, H=5, P=5, proj=False, lengths=None)),
+    ("proj", dict(T=3, B=2, H=6, P=4, proj=True, lengths=None)),
+    ("lengths", dict(T=5, B=3, H=4, P=4, proj=False, lengths=[5, 2, 3])),
+    ("lengths_proj", dict(T=4, B=3, H=5, P=3, proj=True, lengths=[1, 4, 2])),
+]
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd_dir", "rev_dir"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_gradcheck(backend, reverse, case):
+    args = _args(**case[1], reverse=reverse)
+    fwd = _op(backend, "forward")
+
+    def f(xproj, w_hh, w_hr, h0, c0):
+        y, h, c, _, _ = fwd(xproj, w_hh, w_hr, h0, c0, args[5], reverse, True)
+        return y, h, c
+
+    inputs = tuple(t for t in args[:5] if t is not None)
+    if args[2] is None:
+        f_no_proj = lambda xproj, w_hh, h0, c0: f(xproj, w_hh, None, h0, c0)
+        assert torch.autograd.gradcheck(f_no_proj, inputs)
+    else:
+        assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_opcheck(backend, case):
+    fwd = _op(backend, "forward")
+    args = _args(**case[1], dtype=torch.float32)
+    torch.library.opcheck(fwd, (*args, True))
+    torch.library.opcheck(fwd, (*_args(**case[1], dtype=torch.float32, requires_grad=False), False))
+    y, h, c, gates, c_all = fwd(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args], True)
+    xproj, w_hh, w_hr, h0, c0, lens, reverse = args
+    bwd_args = (torch.randn_like(y), torch.randn_like(h), torch.randn_like(c), w_hh.detach(),
+                None if w_hr is None else w_hr.detach(), h0.detach(), c0.detach(), lens, reverse,
+                y, gates, c_all, True)
+    torch.library.opcheck(_op(backend, "backward"), bwd_args)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd_dir", "rev_dir"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_reference_backward_matches_autograd(reverse, case):
+    """The reference's hand-written backward equals autograd through its own forward."""
+    xproj, w_hh, w_hr, h0, c0, lens, _ = _args(**case[1])
+    y, h_n, c_n, gates, c_all = reference.recurrence_forward_ref(xproj, w_hh, w_hr, h0, c0, lens, reverse, True)
+    dy, dh, dc = torch.randn_like(y), torch.randn_like(h_n), torch.randn_like(c_n)
+    inputs = [t for t in (xproj, w_hh, w_hr, h0, c0) if t is not None]
+    auto = torch.autograd.grad((y * dy).sum() + (h_n * dh).sum() + (c_n * dc).sum(), inputs)
+    manual = reference.recurrence_backward_ref(
+        dy, dh, dc, w_hh.detach(), None if w_hr is None else w_hr.detach(), h0.detach(), c0.detach(),
+        lens, reverse, y.detach(), gates.detach(), c_all.detach())
+    manual = [m for m, t in zip(manual[:2] + manual[2:3] + manual[3:], (xproj, w_hh, w_hr, h0, c0)) if t is not None]
+    for a, m in zip(auto, manual):
+        torch.testing.assert_close(m, a, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.skipif("cpu" not in cpu_backends(), reason="C++ extension not built")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_aten_gemm_fallback(dtype):
+    """The path taken where MKL's BLAS isn't exported (forced by env): same results as the oracle."""
+    code = f"""
+import torch, lstm_fused
+from torch import nn
+torch.manual_seed(0)
+ref = nn.LSTM(6, 9, num_layers=2, bidirectional=True, proj_size=4).double()
+m = lstm_fused.LSTM(6, 9, num_layers=2, bidirectional=True, proj_size=4, backend="cpu", dtype=torch.float64)
+m.load_state_dict(ref.state_dict()); m = m.to(torch.{dtype})
+x = torch.randn(7, 3, 6, dtype=torch.float64)
+y_ref, _ = ref(x)
+xi = x.to(torch.{dtype}).requires_grad_()
+y, _ = m(xi); y.sum().backward()
+err = ((y.double() - y_ref).norm() / y_ref.norm()).item()
+assert err < (2e-5 if torch.{dtype} == torch.float32 else 2e-2), err
+assert torch.isfinite(xi.grad).all()
+print("ok", err)
+"""
+    env = dict(os.environ, LSTM_FUSED_CPU_GEMM="aten")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ok")
