@@ -1,14 +1,20 @@
-// CPU backward recurrence: the forward's mirror, walking the steps in reverse.
+// CPU backward recurrence: the forward's mirror, walking the steps in reverse inside one
+// persistent parallel region (same thread/unit split as forward.cpp).
 //
 // Carried across steps (fp32, fp64 for fp64 input): dh (B, P) and dc (B, H), seeded with
-// dh_n/dc_n. Per step:
-//   dh_tot = dh + dy_t                         (projected h's gradient)
-//   dm     = dh_tot @ W_hr        [proj only]  small GEMM
-//   one fused pointwise pass: gate derivatives from the saved activated gates and c_t, c_{t-1};
-//     writes d(xproj)_t and the new dc
-//   dh     = d(xproj)_t @ W_hh                 GEMM
+// dh_n/dc_n. Thread k owns hidden units [j0, j1) and output columns [p0, p1) of dh (for no
+// projection the same range). Per step:
+//   dh_tot = dh + dy_t                              its columns
+//   dm     = dh_tot @ W_hr        [proj]            its units; needs all of dh_tot: barrier before
+//   fused pointwise pass: gate derivatives from the saved activated gates, c_t and c_{t-1};
+//     writes d(xproj)_t, the (B, 4H) dz scratch and dc for its units
+//   barrier: dz complete
+//   dh     = dz @ W_hh[:, p0:p1]                    its columns, which are exactly what its
+//                                                   next pointwise pass reads (no barrier)
+// dz is double-buffered without projection, so a fast thread writing step s-1's dz never
+// overwrites the dz a slow thread is still multiplying for step s.
 // Rows past a sequence's end get d(xproj) = 0 and carry dh/dc through untouched.
-// After the loop the weight gradients are one GEMM each over all T*B rows:
+// After the loop the weight gradients are one threaded GEMM each over all T*B rows:
 //   dW_hh = d(xproj)^T @ h_prev,   dW_hr = dh_tot_all^T @ m_all,  m = o * tanh(c).
 
 #include "checks.h"
@@ -18,7 +24,6 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
@@ -27,7 +32,8 @@
 #include <ATen/ops/mul.h>
 #include <ATen/ops/tanh.h>
 #include <ATen/ops/where.h>
-#include <ATen/ops/zeros.h>
+
+#include <omp.h>
 
 namespace lstm_fused::cpu {
 namespace {
@@ -37,6 +43,7 @@ struct BackwardArgs {
   using acc_t = at::opmath_type<scalar_t>;
   int64_t T, B, H, P;
   bool reverse, has_proj;
+  WorkSplit units, cols;    // hidden units / dh columns per thread
   const scalar_t* dy;       // (T, B, P)
   const acc_t* w_hh;        // (4H, P)
   const acc_t* w_hr;        // (P, H) or null
@@ -46,94 +53,138 @@ struct BackwardArgs {
   const acc_t* c0;          // (B, H)
   acc_t* dh;                // (B, P) carried
   acc_t* dc;                // (B, H) carried
-  acc_t* dh_tot;            // (B, P) scratch
+  acc_t* dh_tot;            // (B, P) scratch [proj]
   acc_t* dm;                // (B, H) scratch [proj]
-  acc_t* dz;                // (B, 4H) scratch: pre-activation gate grads for the GEMM
+  acc_t* dz[2];             // (B, 4H) scratch: pre-activation gate grads for the GEMM
   acc_t* dh_new;            // (B, P) scratch [lengths]
-  acc_t* dh_proj_all;       // (T, B, P) [proj]: dh_tot of every step, for dW_hr
+  acc_t* dh_proj_all;       // (T, B, P) [proj, weight grads]: dh_tot of every step, for dW_hr
   scalar_t* dxproj;         // (T, B, 4H)
 
   bool active(int64_t b, int64_t t) const { return lengths == nullptr || t < lengths[b]; }
 };
 
-// dh_tot = dh + dy_t for rows [b0, b1); also kept for dW_hr when projecting.
-template <typename scalar_t>
-void add_output_grad(const BackwardArgs<scalar_t>& a, int64_t t, int64_t b0, int64_t b1) {
+// Gate derivatives of one row for units [j0, j0 + n); pointers already offset to j0.
+template <typename scalar_t, bool kAddDy>
+inline void gate_grad_row(int64_t n, int64_t H, const scalar_t* __restrict__ gt,
+                          const at::opmath_type<scalar_t>* __restrict__ c,
+                          const at::opmath_type<scalar_t>* __restrict__ c_prev,
+                          const at::opmath_type<scalar_t>* __restrict__ dm_in,
+                          const scalar_t* __restrict__ dy, at::opmath_type<scalar_t>* __restrict__ dc,
+                          at::opmath_type<scalar_t>* __restrict__ dz, scalar_t* __restrict__ dx) {
   using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t b = b0; b < b1; ++b) {
-    const int64_t row = t * a.B + b;
-    const bool on = a.active(b, t);
-    const scalar_t* dy = a.dy + row * a.P;
-    const acc_t* dh = a.dh + b * a.P;
-    acc_t* out = a.dh_tot + b * a.P;
-    for (int64_t j = 0; j < a.P; ++j) out[j] = on ? dh[j] + static_cast<acc_t>(dy[j]) : acc_t(0);
-    if (a.dh_proj_all) std::copy_n(out, a.P, a.dh_proj_all + row * a.P);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    acc_t dm = dm_in[j];
+    if constexpr (kAddDy) dm += static_cast<acc_t>(dy[j]);  // no projection: dm is dh_tot
+    const acc_t i = static_cast<acc_t>(gt[j]);
+    const acc_t f = static_cast<acc_t>(gt[H + j]);
+    const acc_t g = static_cast<acc_t>(gt[2 * H + j]);
+    const acc_t o = static_cast<acc_t>(gt[3 * H + j]);
+    const acc_t tc = tanh_act(c[j]);
+    const acc_t d_o = dm * tc;
+    const acc_t dc_tot = dc[j] + dm * o * (acc_t(1) - tc * tc);
+    const acc_t dzi = dc_tot * g * i * (acc_t(1) - i);
+    const acc_t dzf = dc_tot * c_prev[j] * f * (acc_t(1) - f);
+    const acc_t dzg = dc_tot * i * (acc_t(1) - g * g);
+    const acc_t dzo = d_o * o * (acc_t(1) - o);
+    dc[j] = dc_tot * f;
+    dz[j] = dzi;
+    dz[H + j] = dzf;
+    dz[2 * H + j] = dzg;
+    dz[3 * H + j] = dzo;
+    dx[j] = static_cast<scalar_t>(dzi);
+    dx[H + j] = static_cast<scalar_t>(dzf);
+    dx[2 * H + j] = static_cast<scalar_t>(dzg);
+    dx[3 * H + j] = static_cast<scalar_t>(dzo);
   }
 }
 
-// Gate derivatives for rows [b0, b1) at time t (processing step s).
+// Gate derivatives of units [j0, j0 + n), every row, processing step s.
 template <typename scalar_t>
-void gate_grad_pass(const BackwardArgs<scalar_t>& a, int64_t s, int64_t b0, int64_t b1) {
+void gate_grad_pass(const BackwardArgs<scalar_t>& a, int64_t s, int64_t j0, int64_t n,
+                    at::opmath_type<scalar_t>* dz_buf) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t H = a.H, H4 = 4 * a.H;
   const int64_t t = time_at(s, a.T, a.reverse);
   const int64_t t_prev = s > 0 ? time_at(s - 1, a.T, a.reverse) : -1;
-  for (int64_t b = b0; b < b1; ++b) {
+  for (int64_t b = 0; b < a.B; ++b) {
     const int64_t row = t * a.B + b;
-    scalar_t* dx = a.dxproj + row * H4;
-    acc_t* dz = a.dz + b * H4;
+    scalar_t* dx = a.dxproj + row * H4 + j0;
+    acc_t* dz = dz_buf + b * H4 + j0;
     if (!a.active(b, t)) {
-      std::fill_n(dx, H4, scalar_t(0));
-      std::fill_n(dz, H4, acc_t(0));
+      for (int g = 0; g < 4; ++g) {
+        std::fill_n(dx + g * H, n, scalar_t(0));
+        std::fill_n(dz + g * H, n, acc_t(0));
+      }
       continue;
     }
-    const scalar_t* gt = a.gates + row * H4;
-    const acc_t* c = a.c_all + row * H;
-    const acc_t* c_prev = t_prev >= 0 ? a.c_all + (t_prev * a.B + b) * H : a.c0 + b * H;
-    const acc_t* dm = a.has_proj ? a.dm + b * H : a.dh_tot + b * a.P;
-    acc_t* dc = a.dc + b * H;
-#pragma omp simd
-    for (int64_t j = 0; j < H; ++j) {
-      const acc_t i = static_cast<acc_t>(gt[j]);
-      const acc_t f = static_cast<acc_t>(gt[H + j]);
-      const acc_t g = static_cast<acc_t>(gt[2 * H + j]);
-      const acc_t o = static_cast<acc_t>(gt[3 * H + j]);
-      const acc_t tc = tanh_act(c[j]);
-      const acc_t d_o = dm[j] * tc;
-      const acc_t dc_tot = dc[j] + dm[j] * o * (acc_t(1) - tc * tc);
-      const acc_t dzi = dc_tot * g * i * (acc_t(1) - i);
-      const acc_t dzf = dc_tot * c_prev[j] * f * (acc_t(1) - f);
-      const acc_t dzg = dc_tot * i * (acc_t(1) - g * g);
-      const acc_t dzo = d_o * o * (acc_t(1) - o);
-      dc[j] = dc_tot * f;
-      dz[j] = dzi;
-      dz[H + j] = dzf;
-      dz[2 * H + j] = dzg;
-      dz[3 * H + j] = dzo;
-      dx[j] = static_cast<scalar_t>(dzi);
-      dx[H + j] = static_cast<scalar_t>(dzf);
-      dx[2 * H + j] = static_cast<scalar_t>(dzg);
-      dx[3 * H + j] = static_cast<scalar_t>(dzo);
+    const scalar_t* gt = a.gates + row * H4 + j0;
+    const acc_t* c = a.c_all + row * H + j0;
+    const acc_t* c_prev = (t_prev >= 0 ? a.c_all + (t_prev * a.B + b) * H : a.c0 + b * H) + j0;
+    acc_t* dc = a.dc + b * H + j0;
+    if (a.has_proj) {
+      gate_grad_row<scalar_t, false>(n, H, gt, c, c_prev, a.dm + b * H + j0, nullptr, dc, dz, dx);
+    } else {
+      gate_grad_row<scalar_t, true>(n, H, gt, c, c_prev, a.dh + b * a.P + j0,
+                                    a.dy + row * a.P + j0, dc, dz, dx);
     }
   }
 }
 
+// [proj] dh_tot = dh + dy_t on columns [p0, p0 + n); kept per step for dW_hr.
+template <typename scalar_t>
+void output_grad_pass(const BackwardArgs<scalar_t>& a, int64_t t, int64_t p0, int64_t n) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t b = 0; b < a.B; ++b) {
+    const int64_t row = t * a.B + b;
+    const bool on = a.active(b, t);
+    const scalar_t* dy = a.dy + row * a.P + p0;
+    const acc_t* dh = a.dh + b * a.P + p0;
+    acc_t* out = a.dh_tot + b * a.P + p0;
+    for (int64_t j = 0; j < n; ++j) out[j] = on ? dh[j] + static_cast<acc_t>(dy[j]) : acc_t(0);
+    if (a.dh_proj_all) std::copy_n(out, n, a.dh_proj_all + row * a.P + p0);
+  }
+}
+
+// dh[:, p0:p0+n] = dz @ W_hh[:, p0:p0+n], leaving rows past their sequence's end untouched.
+template <typename scalar_t>
+void hidden_grad_pass(const BackwardArgs<scalar_t>& a, int64_t t, int64_t p0, int64_t n,
+                      const PackedRhs<at::opmath_type<scalar_t>>& w_cols,
+                      const at::opmath_type<scalar_t>* dz) {
+  const int64_t H4 = 4 * a.H;
+  if (a.lengths == nullptr) {
+    w_cols.multiply(dz, H4, a.dh + p0, a.P);
+    return;
+  }
+  w_cols.multiply(dz, H4, a.dh_new + p0, a.P);
+  for (int64_t b = 0; b < a.B; ++b)
+    if (a.active(b, t)) std::copy_n(a.dh_new + b * a.P + p0, n, a.dh + b * a.P + p0);
+}
+
 template <typename scalar_t>
 void run_backward(const BackwardArgs<scalar_t>& a) {
-  const int64_t grain = batch_grain(4 * a.H);
-  const int64_t H4 = 4 * a.H;
-  for (int64_t s = a.T - 1; s >= 0; --s) {
-    const int64_t t = time_at(s, a.T, a.reverse);
-    add_output_grad(a, t, 0, a.B);
-    if (a.has_proj) gemm(/*transpose_b=*/false, a.B, a.H, a.P, a.dh_tot, a.P, a.w_hr, a.H, a.dm, a.H);
-    at::parallel_for(0, a.B, grain, [&](int64_t b0, int64_t b1) { gate_grad_pass(a, s, b0, b1); });
-    if (a.lengths == nullptr) {
-      gemm(/*transpose_b=*/false, a.B, a.P, H4, a.dz, H4, a.w_hh, a.P, a.dh, a.P);
-      continue;
+#pragma omp parallel num_threads(a.units.threads)
+  {
+    const SingleThreadedBlas single_threaded;  // we are the parallelism now
+    const int k = omp_get_thread_num();
+    const int64_t j0 = a.units.begin(k), n = a.units.size(k);
+    const int64_t p0 = a.cols.begin(k), np = a.cols.size(k);
+    using acc_t = at::opmath_type<scalar_t>;
+    // This thread's weight columns, packed once for the T products they take part in.
+    const PackedRhs<acc_t> w_cols(/*transpose_b=*/false, a.B, np, 4 * a.H, a.w_hh + p0, a.P);
+    const PackedRhs<acc_t> w_proj(/*transpose_b=*/false, a.B, a.has_proj ? n : 0, a.P, a.w_hr ? a.w_hr + j0 : nullptr, a.H);
+    for (int64_t s = a.T - 1; s >= 0; --s) {
+      const int64_t t = time_at(s, a.T, a.reverse);
+      auto* dz = a.dz[s % 2];
+      if (a.has_proj) {
+        if (np > 0) output_grad_pass(a, t, p0, np);
+#pragma omp barrier
+        if (n > 0) w_proj.multiply(a.dh_tot, a.P, a.dm + j0, a.H);
+      }
+      if (n > 0) gate_grad_pass(a, s, j0, n, dz);
+#pragma omp barrier
+      if (np > 0) hidden_grad_pass(a, t, p0, np, w_cols, dz);
     }
-    gemm(/*transpose_b=*/false, a.B, a.P, H4, a.dz, H4, a.w_hh, a.P, a.dh_new, a.P);
-    for (int64_t b = 0; b < a.B; ++b)
-      if (a.active(b, t)) std::copy_n(a.dh_new + b * a.P, a.P, a.dh + b * a.P);
   }
 }
 
@@ -179,7 +230,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrenc
   at::Tensor dc = dc_n.to(acc, false, /*copy=*/true).contiguous();
   at::Tensor dh_tot = at::empty({B, P}, acc_opts);
   at::Tensor dm = s.has_proj ? at::empty({B, H}, acc_opts) : at::Tensor();
-  at::Tensor dz = at::empty({B, 4 * H}, acc_opts);
+  at::Tensor dz = at::empty({2, B, 4 * H}, acc_opts);
+  const WorkSplit units = WorkSplit::make(H, recurrence_threads(B, H, P));
+  const WorkSplit cols = s.has_proj ? WorkSplit::make_like(units, P) : units;
   at::Tensor dh_new = lengths.defined() ? at::empty({B, P}, acc_opts) : at::Tensor();
   const bool keep_dh_proj = s.has_proj && weight_grads;
   at::Tensor dh_proj_all = keep_dh_proj ? at::empty({T, B, P}, acc_opts) : at::Tensor();
@@ -190,6 +243,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrenc
     BackwardArgs<scalar_t> a;
     a.T = T, a.B = B, a.H = H, a.P = P;
     a.reverse = reverse, a.has_proj = s.has_proj;
+    a.units = units, a.cols = cols;
     a.dy = dy.data_ptr<scalar_t>();
     a.w_hh = w_hh.data_ptr<acc_t>();
     a.w_hr = s.has_proj ? w_hr.data_ptr<acc_t>() : nullptr;
@@ -201,7 +255,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrenc
     a.dc = dc.data_ptr<acc_t>();
     a.dh_tot = dh_tot.data_ptr<acc_t>();
     a.dm = s.has_proj ? dm.data_ptr<acc_t>() : nullptr;
-    a.dz = dz.data_ptr<acc_t>();
+    a.dz[0] = dz.data_ptr<acc_t>();
+    a.dz[1] = a.dz[0] + B * 4 * H;
     a.dh_new = lengths.defined() ? dh_new.data_ptr<acc_t>() : nullptr;
     a.dh_proj_all = keep_dh_proj ? dh_proj_all.data_ptr<acc_t>() : nullptr;
     a.dxproj = dxproj.data_ptr<scalar_t>();

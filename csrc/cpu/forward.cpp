@@ -1,13 +1,21 @@
-// CPU forward recurrence.
+// CPU forward recurrence: one persistent parallel region for the whole sequence.
 //
-// Per step: one GEMM  gates_mm = h_{t-1} @ W_hh^T  (B x 4H, fp32/fp64 accumulation), then one
-// fused pointwise pass over (batch row, hidden unit) that adds the precomputed input projection,
-// applies the gates, updates c and h, writes y_t and, when training, saves the activated gates
-// and c_t. With proj_size a second small GEMM projects h and a short pass publishes it.
+// Work split: thread k owns a block of hidden units [j0, j1) (and, with proj_size, a block of
+// projected units [p0, p1)). Before the loop its gate rows of W_hh (i, f, g, o for its units)
+// are gathered into one contiguous (4*hb, P) block, so each step it runs a single-threaded
+// GEMM  gates_k = h_{t-1} @ W_k^T  (B x 4hb) on weights that stay in its own cache, then the
+// fused pointwise pass for its units: input projection + gates + c + h, writing y_t and, when
+// training, the activated gates and c_t. Then one barrier: h_t is complete, step t+1 may read
+// it. h is double-buffered so nobody overwrites the h another thread is still multiplying.
+// With proj_size each thread also projects its block of output units (m @ W_hr^T), which needs
+// every thread's m: two barriers per step.
+//
+// Why not a threaded GEMM plus a parallel_for per step: at small batch a step is a few
+// microseconds of arithmetic and a fork/join per call costs about as much. One parallel region
+// and one barrier per step removes that, and keeps each thread's weights hot in its own cache.
+//
+// h and c live in fp32 (fp64 for fp64 input); bf16/fp16 weights are widened once up front.
 // Rows past a sequence's end keep their state and output zeros (lengths).
-//
-// h and c live in fp32 (fp64 for fp64 input) for the whole sequence; bf16/fp16 weights are
-// widened once up front so every per-step GEMM is an fp32 sgemm.
 
 #include "checks.h"
 #include "cpu/activations.h"
@@ -16,9 +24,10 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
+#include <ATen/ops/index_select.h>
+
+#include <omp.h>
 
 namespace lstm_fused::cpu {
 namespace {
@@ -28,40 +37,43 @@ struct ForwardArgs {
   using acc_t = at::opmath_type<scalar_t>;
   int64_t T, B, H, P;
   bool reverse, save, has_proj;
-  const scalar_t* xproj;    // (T, B, 4H)
-  const acc_t* w_hh;        // (4H, P)
-  const acc_t* w_hr;        // (P, H) or null
-  const int64_t* lengths;   // (B,) or null
-  acc_t* h;                 // (B, P) running hidden state
-  acc_t* c;                 // (B, H) running cell state
-  acc_t* gates_mm;          // (B, 4H) scratch: h @ W_hh^T
-  acc_t* m;                 // (B, H) scratch: o * tanh(c) before projection
-  acc_t* h_proj;            // (B, P) scratch: projected h
-  scalar_t* y;              // (T, B, P)
-  scalar_t* gates_out;      // (T, B, 4H) or null
-  acc_t* c_all;             // (T, B, H) or null
+  WorkSplit units, proj_units;  // hidden units per thread; projected units per thread
+  const scalar_t* xproj;        // (T, B, 4H)
+  const acc_t* w_blocks;        // per thread k: (4 * units.size(k), P) gate rows, gate-major
+  const acc_t* w_hr;            // (P, H) or null
+  const int64_t* lengths;       // (B,) or null
+  acc_t* h[2];                  // (B, P) double-buffered hidden state
+  acc_t* c;                     // (B, H) cell state
+  acc_t* gates_mm;              // per thread k: (B, 4 * units.size(k)) scratch
+  acc_t* m;                     // (B, H) o * tanh(c) before projection [proj]
+  acc_t* h_proj;                // (B, P) projected h [proj]
+  scalar_t* y;                  // (T, B, P)
+  scalar_t* gates_out;          // (T, B, 4H) or null
+  acc_t* c_all;                 // (T, B, H) or null
 
   bool active(int64_t b, int64_t t) const { return lengths == nullptr || t < lengths[b]; }
 };
 
-// One batch row of the gate pass. kWriteY: no projection, so m is the output; kSave: training.
-// Branch-free so the loop vectorizes (compile-time flags only).
+// The pointwise pass of one row for units [j0, j0 + n). kWriteY: no projection, so the new h
+// is the output; kSave: training. Compile-time flags only, so the loop vectorizes.
 template <typename scalar_t, bool kWriteY, bool kSave>
-inline void gate_row(int64_t H, const scalar_t* __restrict__ xp, const at::opmath_type<scalar_t>* __restrict__ mm,
-                     at::opmath_type<scalar_t>* __restrict__ c, at::opmath_type<scalar_t>* __restrict__ m_out,
-                     scalar_t* __restrict__ y, scalar_t* __restrict__ gates_out,
-                     at::opmath_type<scalar_t>* __restrict__ c_all) {
+inline void gate_row(int64_t n, int64_t H, const scalar_t* __restrict__ xp,
+                     const at::opmath_type<scalar_t>* __restrict__ mm,
+                     at::opmath_type<scalar_t>* __restrict__ c,
+                     at::opmath_type<scalar_t>* __restrict__ h_out, scalar_t* __restrict__ y,
+                     scalar_t* __restrict__ gates_out, at::opmath_type<scalar_t>* __restrict__ c_all) {
   using acc_t = at::opmath_type<scalar_t>;
+  // xp, gates_out: gate g of unit j at g * H + j. mm: gate g at g * n + j (the thread's block).
 #pragma omp simd
-  for (int64_t j = 0; j < H; ++j) {
+  for (int64_t j = 0; j < n; ++j) {
     const acc_t i = sigmoid(static_cast<acc_t>(xp[j]) + mm[j]);
-    const acc_t f = sigmoid(static_cast<acc_t>(xp[H + j]) + mm[H + j]);
-    const acc_t g = tanh_act(static_cast<acc_t>(xp[2 * H + j]) + mm[2 * H + j]);
-    const acc_t o = sigmoid(static_cast<acc_t>(xp[3 * H + j]) + mm[3 * H + j]);
+    const acc_t f = sigmoid(static_cast<acc_t>(xp[H + j]) + mm[n + j]);
+    const acc_t g = tanh_act(static_cast<acc_t>(xp[2 * H + j]) + mm[2 * n + j]);
+    const acc_t o = sigmoid(static_cast<acc_t>(xp[3 * H + j]) + mm[3 * n + j]);
     const acc_t c_new = f * c[j] + i * g;
     const acc_t h_new = o * tanh_act(c_new);
     c[j] = c_new;
-    m_out[j] = h_new;
+    h_out[j] = h_new;
     if constexpr (kWriteY) y[j] = static_cast<scalar_t>(h_new);
     if constexpr (kSave) {
       gates_out[j] = static_cast<scalar_t>(i);
@@ -73,66 +85,88 @@ inline void gate_row(int64_t H, const scalar_t* __restrict__ xp, const at::opmat
   }
 }
 
-// Gates, c and h for batch rows [b0, b1) at time t.
+// Gates, c and h of units [j0, j0 + n) for every batch row at time t.
 template <typename scalar_t>
-void gate_pass(const ForwardArgs<scalar_t>& a, int64_t t, int64_t b0, int64_t b1) {
+void gate_pass(const ForwardArgs<scalar_t>& a, int64_t t, int64_t j0, int64_t n,
+               const at::opmath_type<scalar_t>* mm_block, const at::opmath_type<scalar_t>* h_cur,
+               at::opmath_type<scalar_t>* h_next) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t H = a.H, H4 = 4 * a.H;
-  for (int64_t b = b0; b < b1; ++b) {
+  for (int64_t b = 0; b < a.B; ++b) {
     const int64_t row = t * a.B + b;  // (t, b) row of the (T, B, *) tensors
-    acc_t* c = a.c + b * H;
-    scalar_t* gates_out = a.save ? a.gates_out + row * H4 : nullptr;
-    acc_t* c_all = a.save ? a.c_all + row * H : nullptr;
+    acc_t* c = a.c + b * H + j0;
+    scalar_t* gates_out = a.save ? a.gates_out + row * H4 + j0 : nullptr;
+    acc_t* c_all = a.save ? a.c_all + row * H + j0 : nullptr;
+    scalar_t* y = a.y + row * a.P + j0;
     if (!a.active(b, t)) {
-      if (!a.has_proj) std::fill_n(a.y + row * a.P, a.P, scalar_t(0));
+      if (!a.has_proj) {
+        std::fill_n(y, n, scalar_t(0));
+        std::copy_n(h_cur + b * a.P + j0, n, h_next + b * a.P + j0);
+      }
       if (a.save) {
-        std::fill_n(gates_out, H4, scalar_t(0));
-        std::copy_n(c, H, c_all);
+        for (int g = 0; g < 4; ++g) std::fill_n(gates_out + g * H, n, scalar_t(0));
+        std::copy_n(c, n, c_all);
       }
       continue;
     }
-    const scalar_t* xp = a.xproj + row * H4;
-    const acc_t* mm = a.gates_mm + b * H4;
-    acc_t* m_out = a.has_proj ? a.m + b * H : a.h + b * H;
-    scalar_t* y = a.y + row * a.P;
+    const scalar_t* xp = a.xproj + row * H4 + j0;
+    const acc_t* mm = mm_block + b * 4 * n;
+    acc_t* h_out = a.has_proj ? a.m + b * H + j0 : h_next + b * a.P + j0;
     if (a.has_proj) {
-      if (a.save) gate_row<scalar_t, false, true>(H, xp, mm, c, m_out, y, gates_out, c_all);
-      else gate_row<scalar_t, false, false>(H, xp, mm, c, m_out, y, gates_out, c_all);
+      if (a.save) gate_row<scalar_t, false, true>(n, H, xp, mm, c, h_out, y, gates_out, c_all);
+      else gate_row<scalar_t, false, false>(n, H, xp, mm, c, h_out, y, gates_out, c_all);
     } else {
-      if (a.save) gate_row<scalar_t, true, true>(H, xp, mm, c, m_out, y, gates_out, c_all);
-      else gate_row<scalar_t, true, false>(H, xp, mm, c, m_out, y, gates_out, c_all);
+      if (a.save) gate_row<scalar_t, true, true>(n, H, xp, mm, c, h_out, y, gates_out, c_all);
+      else gate_row<scalar_t, true, false>(n, H, xp, mm, c, h_out, y, gates_out, c_all);
     }
   }
 }
 
-// With proj_size: publish the projected h of rows [b0, b1) as the new state and output.
+// With proj_size: project m onto output units [p0, p0 + n) and publish them as h_t and y_t.
 template <typename scalar_t>
-void projection_pass(const ForwardArgs<scalar_t>& a, int64_t t, int64_t b0, int64_t b1) {
-  for (int64_t b = b0; b < b1; ++b) {
-    scalar_t* y = a.y + (t * a.B + b) * a.P;
-    if (!a.active(b, t)) {
-      std::fill_n(y, a.P, scalar_t(0));
-      continue;
-    }
-    const auto* hp = a.h_proj + b * a.P;
-    auto* h = a.h + b * a.P;
-    for (int64_t j = 0; j < a.P; ++j) {
-      h[j] = hp[j];
-      y[j] = static_cast<scalar_t>(hp[j]);
+void projection_pass(const ForwardArgs<scalar_t>& a, int64_t t, int64_t p0, int64_t n,
+                     const PackedRhs<at::opmath_type<scalar_t>>& w_proj,
+                     const at::opmath_type<scalar_t>* h_cur, at::opmath_type<scalar_t>* h_next) {
+  w_proj.multiply(a.m, a.H, a.h_proj + p0, a.P);
+  for (int64_t b = 0; b < a.B; ++b) {
+    scalar_t* y = a.y + (t * a.B + b) * a.P + p0;
+    const auto* src = a.active(b, t) ? a.h_proj + b * a.P + p0 : h_cur + b * a.P + p0;
+    std::copy_n(src, n, h_next + b * a.P + p0);
+    if (a.active(b, t)) {
+      for (int64_t j = 0; j < n; ++j) y[j] = static_cast<scalar_t>(src[j]);
+    } else {
+      std::fill_n(y, n, scalar_t(0));
     }
   }
 }
 
 template <typename scalar_t>
 void run_forward(const ForwardArgs<scalar_t>& a) {
-  const int64_t grain = batch_grain(4 * a.H);
-  for (int64_t s = 0; s < a.T; ++s) {
-    const int64_t t = time_at(s, a.T, a.reverse);
-    gemm(/*transpose_b=*/true, a.B, 4 * a.H, a.P, a.h, a.P, a.w_hh, a.P, a.gates_mm, 4 * a.H);
-    at::parallel_for(0, a.B, grain, [&](int64_t b0, int64_t b1) { gate_pass(a, t, b0, b1); });
-    if (a.has_proj) {
-      gemm(/*transpose_b=*/true, a.B, a.P, a.H, a.m, a.H, a.w_hr, a.H, a.h_proj, a.P);
-      projection_pass(a, t, 0, a.B);
+  const int threads = a.units.threads;
+#pragma omp parallel num_threads(threads)
+  {
+    const SingleThreadedBlas single_threaded;  // we are the parallelism now
+    const int k = omp_get_thread_num();
+    const int64_t j0 = a.units.begin(k), n = a.units.size(k);
+    const int64_t p0 = a.proj_units.begin(k), np = a.proj_units.size(k);
+    using acc_t = at::opmath_type<scalar_t>;
+    // This thread's weights, packed once for the T products they take part in.
+    const PackedRhs<acc_t> w_block(/*transpose_b=*/true, a.B, 4 * n, a.P, a.w_blocks + 4 * j0 * a.P, a.P);
+    const PackedRhs<acc_t> w_proj(/*transpose_b=*/true, a.B, np, a.H, a.w_hr ? a.w_hr + p0 * a.H : nullptr, a.H);
+    auto* mm_block = a.gates_mm + 4 * j0 * a.B;
+    for (int64_t s = 0; s < a.T; ++s) {
+      const int64_t t = time_at(s, a.T, a.reverse);
+      const auto* h_cur = a.h[s % 2];
+      auto* h_next = a.h[(s + 1) % 2];
+      if (n > 0) {
+        w_block.multiply(h_cur, a.P, mm_block, 4 * n);
+        gate_pass(a, t, j0, n, mm_block, h_cur, h_next);
+      }
+      if (a.has_proj) {
+#pragma omp barrier
+        if (np > 0) projection_pass(a, t, p0, np, w_proj, h_cur, h_next);
+      }
+#pragma omp barrier
     }
   }
 }
@@ -149,12 +183,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrenc
   const auto opts = xproj_in.options();
   const auto acc_opts = opts.dtype(acc);
 
+  const WorkSplit units = WorkSplit::make(s.H, recurrence_threads(s.B, s.H, s.P));
+  const WorkSplit proj_units = WorkSplit::make_like(units, s.has_proj ? s.P : 0);
+
   const at::Tensor xproj = xproj_in.contiguous();
-  const at::Tensor w_hh = w_hh_in.to(acc).contiguous();
+  // Each thread's gate rows, contiguous: block k holds rows g*H + j for g in i,f,g,o, j in its units.
+  const at::Tensor w_blocks =
+      at::index_select(w_hh_in.to(acc), 0, units.gate_row_order(s.H)).contiguous();
   const at::Tensor w_hr = s.has_proj ? w_hr_in->to(acc).contiguous() : at::Tensor();
   const at::Tensor lengths = lengths_in.has_value() ? lengths_in->contiguous() : at::Tensor();
 
-  at::Tensor h = h0.to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  at::Tensor h = at::empty({2, s.B, s.P}, acc_opts);
+  h[0].copy_(h0);
   at::Tensor c = c0.to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
   at::Tensor gates_mm = at::empty({s.B, 4 * s.H}, acc_opts);
   at::Tensor m = s.has_proj ? at::empty({s.B, s.H}, acc_opts) : at::Tensor();
@@ -168,11 +208,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrenc
     ForwardArgs<scalar_t> a;
     a.T = s.T, a.B = s.B, a.H = s.H, a.P = s.P;
     a.reverse = reverse, a.save = save, a.has_proj = s.has_proj;
+    a.units = units, a.proj_units = proj_units;
     a.xproj = xproj.data_ptr<scalar_t>();
-    a.w_hh = w_hh.data_ptr<acc_t>();
+    a.w_blocks = w_blocks.data_ptr<acc_t>();
     a.w_hr = s.has_proj ? w_hr.data_ptr<acc_t>() : nullptr;
     a.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
-    a.h = h.data_ptr<acc_t>();
+    a.h[0] = h.data_ptr<acc_t>();
+    a.h[1] = a.h[0] + s.B * s.P;
     a.c = c.data_ptr<acc_t>();
     a.gates_mm = gates_mm.data_ptr<acc_t>();
     a.m = s.has_proj ? m.data_ptr<acc_t>() : nullptr;
@@ -182,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrenc
     a.c_all = save ? c_all.data_ptr<acc_t>() : nullptr;
     run_forward(a);
   });
-  return {y, h.to(dtype), c.to(dtype), gates, c_all};
+  return {y, h[s.T % 2].to(dtype, false, /*copy=*/true), c.to(dtype), gates, c_all};
 }
 
 }  // namespace lstm_fused::cpu

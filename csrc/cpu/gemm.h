@@ -15,6 +15,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
+#include <vector>
 #include <limits>
 
 extern "C" {
@@ -27,6 +29,14 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
             const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
 // MKL's per-thread thread count; returns the previous setting (0: none was set).
 int MKL_Set_Num_Threads_Local(int nthreads) __attribute__((weak));  // the by-value C entry
+// MKL's packed GEMM: a weight matrix reused for every step is laid out once in MKL's internal
+// format, so each step's product skips the repacking (which dominates at small batch).
+size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
+void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
+                      const float* src, int ld, float* dest) __attribute__((weak));
+void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a,
+                         int lda, const float* b, int ldb, float beta, float* c, int ldc)
+    __attribute__((weak));
 }
 
 namespace lstm_fused::cpu {
@@ -48,9 +58,6 @@ bool blas_symbol_present() {
   else return dgemm_ != nullptr;
 }
 
-// Products below this many multiply-adds run single-threaded (a few microseconds of work).
-constexpr int64_t kSmallGemmMacs = 1 << 18;
-
 // Column-major BLAS computing a row-major product: row-major C = A @ op(B) is column-major
 // C^T = op(B)^T @ A^T, and a row-major matrix read column-major is its transpose.
 template <typename T>
@@ -59,12 +66,7 @@ void blas_row_major(bool transpose_b, int64_t M, int64_t N, int64_t K, const T* 
   const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
   const int ldb_i = static_cast<int>(ldb), lda_i = static_cast<int>(lda), ldc_i = static_cast<int>(ldc);
   const T one = 1, zero = 0;
-  // A batch-1 step is a ~100k multiply-add GEMV: MKL's fork/join across threads costs more than
-  // the arithmetic, so small products run on the calling thread.
-  const bool small = M * N * K < kSmallGemmMacs;
-  const int previous = small && MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
   blas_gemm(transpose_b ? "T" : "N", "N", &m, &n, &k, &one, B, &ldb_i, A, &lda_i, &zero, C, &ldc_i);
-  if (small && MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
 }
 
 // One tiny product checked against a hand loop: guards against a BLAS whose integer width or
@@ -84,6 +86,21 @@ bool blas_self_check() {
     }
   return true;
 }
+
+// Inside our own parallel region every thread runs its own products: keep MKL from forking
+// threads of its own for the lifetime of this object (a per-thread MKL setting).
+class SingleThreadedBlas {
+ public:
+  SingleThreadedBlas() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_);
+  }
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+
+ private:
+  int previous_;
+};
 
 // LSTM_FUSED_CPU_GEMM=aten forces the at::mm_out path (tests use it to cover the fallback).
 inline bool blas_disabled_by_env() {
@@ -116,5 +133,48 @@ void gemm(bool transpose_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t
   at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
   at::mm_out(c, a, b);
 }
+
+// The B operand of  C[M,N] = A[M,K] @ op(B)  packed once and reused for many products with
+// the same M. Falls back to plain gemm() where MKL's packed API is missing (or for double).
+template <typename T>
+class PackedRhs {
+ public:
+  PackedRhs(bool transpose_b, int64_t M, int64_t N, int64_t K, const T* B, int64_t ldb)
+      : transpose_b_(transpose_b), M_(M), N_(N), K_(K), B_(B), ldb_(ldb) {
+    if constexpr (std::is_same_v<T, float>) {
+      constexpr int64_t int_max = std::numeric_limits<int>::max();
+      const bool fits = M <= int_max && N <= int_max && K <= int_max && ldb <= int_max;
+      if (fits && M > 0 && N > 0 && K > 0 && use_blas<float>() && cblas_sgemm_pack &&
+          cblas_sgemm_compute && cblas_sgemm_pack_get_size) {
+        const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, int(M), int(N), int(K));
+        packed_.resize((bytes + sizeof(float) - 1) / sizeof(float));
+        cblas_sgemm_pack(kRowMajor, kBMatrix, transpose_b ? kTrans : kNoTrans, int(M), int(N),
+                         int(K), 1.0f, B, int(ldb), packed_.data());
+      }
+    }
+  }
+
+  // C[M,N] = A[M,K] @ op(B)
+  void multiply(const T* A, int64_t lda, T* C, int64_t ldc) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (!packed_.empty()) {
+        cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, int(M_), int(N_), int(K_), A, int(lda),
+                            packed_.data(), int(N_), 0.0f, C, int(ldc));
+        return;
+      }
+    }
+    gemm(transpose_b_, M_, N_, K_, A, lda, B_, ldb_, C, ldc);
+  }
+
+ private:
+  // CBLAS enum values (mkl_cblas.h).
+  static constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151,
+                       kBMatrix = 162;
+  bool transpose_b_;
+  int64_t M_, N_, K_;
+  const T* B_;
+  int64_t ldb_;
+  std::vector<float> packed_;
+};
 
 }  // namespace lstm_fused::cpu

@@ -3,6 +3,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <optional>
 #include <tuple>
 
@@ -19,13 +21,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrenc
     const std::optional<at::Tensor>& lengths, bool reverse, const at::Tensor& y,
     const at::Tensor& gates, const at::Tensor& c_all, bool weight_grads);
 
-// Pointwise passes run in parallel over batch rows once a step has this many elements;
-// below it the fork/join costs more than it saves.
-constexpr int64_t kParallelElements = 16384;
+// How the hidden units (or projected units) are divided among the threads of a recurrence.
+// Blocks are multiples of 8 units so each thread's pointwise loop runs whole vectors.
+struct WorkSplit {
+  int threads = 1;
+  int64_t total = 0;
+  int64_t block = 0;
 
-inline int64_t batch_grain(int64_t row_elements) {
-  return std::max<int64_t>(1, kParallelElements / std::max<int64_t>(1, row_elements));
-}
+  int64_t begin(int k) const { return std::min<int64_t>(total, k * block); }
+  int64_t size(int k) const { return std::min<int64_t>(total, (k + 1) * block) - begin(k); }
+
+  static WorkSplit make(int64_t total, int threads) {
+    WorkSplit w;
+    w.threads = std::max(1, threads);
+    w.total = total;
+    const int64_t even = (total + w.threads - 1) / w.threads;
+    w.block = w.threads == 1 ? total : (even + 7) / 8 * 8;
+    return w;
+  }
+  // Same thread count, another extent (the projected units).
+  static WorkSplit make_like(const WorkSplit& other, int64_t total) {
+    WorkSplit w;
+    w.threads = other.threads;
+    w.total = total;
+    w.block = (total + w.threads - 1) / w.threads;
+    return w;
+  }
+  // Row order of W_hh that gives each thread its gate rows (i, f, g, o of its units) contiguously.
+  at::Tensor gate_row_order(int64_t H) const;
+};
+
+// Threads for one recurrence: the intra-op thread count, unless the step is too small to pay
+// for a barrier or the units too few to share.
+int recurrence_threads(int64_t B, int64_t H, int64_t P);
 
 // Time index of processing step s.
 inline int64_t time_at(int64_t s, int64_t T, bool reverse) { return reverse ? T - 1 - s : s; }

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Idempotent setup: a virtual environment in .venv with a CPU build of PyTorch, the test and
+# benchmark tools, and lstm_fused built in place (C++ CPU kernels; CUDA kernels when torch has
+# CUDA). Re-running it only rebuilds the extension.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+python -m pip install -q --upgrade pip >/dev/null
+# torch first and pinned: an unpinned requirement would pull a multi-GB CUDA build.
+python -c "import torch" 2>/dev/null || python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+python -m pip install -q numpy pytest ninja matplotlib tqdm triton
+# No build isolation: the extension must compile against the torch installed above.
+python -m pip install -q --no-build-isolation --no-deps -e .
+python -c "import lstm_fused; print('lstm_fused backends:', lstm_fused.available_backends())"
