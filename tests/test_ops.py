@@ -116,3 +116,27 @@ print("ok", err)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok")
+
+
+@pytest.mark.skipif("cpu" not in cpu_backends(), reason="C++ extension not built")
+@pytest.mark.parametrize("proj", [False, True], ids=["plain", "proj"])
+def test_cpu_thread_count_does_not_change_results(proj):
+    """The unit split over threads is an implementation detail: 1 and N threads agree."""
+    args = _args(T=6, B=16, H=72, P=40 if proj else 72, proj=proj, lengths=[6, 3] * 8,
+                 dtype=torch.float32, requires_grad=False)
+    fwd, bwd = _op("cpu", "forward"), _op("cpu", "backward")
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, max(2, before)):
+            torch.set_num_threads(threads)
+            y, h, c, gates, c_all = fwd(*args, True)
+            g = torch.Generator().manual_seed(0)
+            dy, dh, dc = (torch.randn(t.shape, generator=g) for t in (y, h, c))
+            xproj, w_hh, w_hr, h0, c0, lens, reverse = args
+            grads = bwd(dy, dh, dc, w_hh, w_hr, h0, c0, lens, reverse, y, gates, c_all, True)
+            results.append((y, h, c) + tuple(grads))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -11,6 +11,8 @@ CONFIGS = [
     ("uni", {}),
     ("bidir", {"bidirectional": True}),
     ("2layers_bidir_proj", {"num_layers": 2, "bidirectional": True, "proj_size": 3}),
+    ("threads_bidir", {"bidirectional": True, "hidden_size": 48}),
+    ("threads_proj", {"proj_size": 33, "hidden_size": 64}),
 ]
 
 
@@ -19,8 +21,8 @@ CONFIGS = [
 @pytest.mark.parametrize("config", CONFIGS, ids=[c[0] for c in CONFIGS])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_packed_parity(backend, enforce_sorted, config, dtype):
-    _, extra = config
-    I, H, B, T = 5, 7, 6, 9
+    extra = dict(config[1])
+    I, H, B, T = 5, extra.pop("hidden_size", 7), 6, 9
     oracle, fused = make_pair(dtype, backend, input_size=I, hidden_size=H, **extra)
     lengths = torch.tensor([9, 7, 7, 4, 2, 1]) if enforce_sorted else torch.tensor([4, 9, 1, 7, 2, 7])
     x = torch.randn(T, B, I, dtype=torch.float64)

@@ -24,6 +24,10 @@ SHAPES = [
     ("no_bias", 6, 2, 4, 5, {"bias": False}),
     ("batch_first", 7, 4, 3, 6, {"batch_first": True}),
     ("largerH", 16, 8, 32, 64, {}),
+    # Big enough that the CPU kernel splits the units over threads, with ragged blocks.
+    ("threads_oddH", 5, 9, 7, 33, {}),
+    ("threads_proj", 4, 8, 6, 40, {"proj_size": 29}),
+    ("threads_bidir_proj", 3, 12, 5, 72, {"bidirectional": True, "proj_size": 31}),
 ]
 
 # Bounds for full precision, relative to the float64 oracle.
