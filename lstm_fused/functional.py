@@ -44,9 +44,10 @@ def recurrence(
 
 
 def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
-    # nn.LSTM computes in the autocast dtype on CUDA (it is on autocast's lower-precision list).
-    if device.type == "cuda" and torch.is_autocast_enabled("cuda"):
-        return torch.get_autocast_dtype("cuda")
+    # nn.LSTM is on autocast's lower-precision list for CPU and CUDA: under autocast it computes
+    # in the autocast dtype whatever the dtype of its input and weights.
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
     return None
 
 

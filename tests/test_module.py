@@ -242,3 +242,18 @@ def test_nan_and_inf_behave_like_nn_lstm():
         assert torch.equal(torch.isnan(ours), torch.isnan(theirs))
         finite = torch.isfinite(theirs)
         torch.testing.assert_close(ours[finite], theirs[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_autocast_computes_in_autocast_dtype_like_nn_lstm():
+    m = lstm_fused.LSTM(4, 6, num_layers=2, backend=BACKEND)
+    native = nn.LSTM(4, 6, num_layers=2)
+    native.load_state_dict(m.state_dict())
+    x = torch.randn(5, 3, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, (h, c) = m(x)
+        yn, (hn, cn) = native(x)
+    assert y.dtype == yn.dtype == torch.bfloat16 and h.dtype == hn.dtype and c.dtype == cn.dtype
+    reference, _ = native(x)  # fp32
+    assert rel_error(y, reference) <= 2 * rel_error(yn, reference) + 2e-3
+    y.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters())
