@@ -171,8 +171,8 @@ void run_backward(const BackwardArgs<scalar_t>& a) {
     const int64_t p0 = a.cols.begin(k), np = a.cols.size(k);
     using acc_t = at::opmath_type<scalar_t>;
     // This thread's weight columns, packed once for the T products they take part in.
-    const PackedRhs<acc_t> w_cols(/*transpose_b=*/false, a.B, np, 4 * a.H, a.w_hh + p0, a.P);
-    const PackedRhs<acc_t> w_proj(/*transpose_b=*/false, a.B, a.has_proj ? n : 0, a.P, a.w_hr ? a.w_hr + j0 : nullptr, a.H);
+    const PackedRhs<acc_t> w_cols(/*slot=*/0, /*transpose_b=*/false, a.B, np, 4 * a.H, a.w_hh + p0, a.P);
+    const PackedRhs<acc_t> w_proj(/*slot=*/1, /*transpose_b=*/false, a.B, a.has_proj ? n : 0, a.P, a.w_hr ? a.w_hr + j0 : nullptr, a.H);
     for (int64_t s = a.T - 1; s >= 0; --s) {
       const int64_t t = time_at(s, a.T, a.reverse);
       auto* dz = a.dz[s % 2];

@@ -151,8 +151,8 @@ void run_forward(const ForwardArgs<scalar_t>& a) {
     const int64_t p0 = a.proj_units.begin(k), np = a.proj_units.size(k);
     using acc_t = at::opmath_type<scalar_t>;
     // This thread's weights, packed once for the T products they take part in.
-    const PackedRhs<acc_t> w_block(/*transpose_b=*/true, a.B, 4 * n, a.P, a.w_blocks + 4 * j0 * a.P, a.P);
-    const PackedRhs<acc_t> w_proj(/*transpose_b=*/true, a.B, np, a.H, a.w_hr ? a.w_hr + p0 * a.H : nullptr, a.H);
+    const PackedRhs<acc_t> w_block(/*slot=*/0, /*transpose_b=*/true, a.B, 4 * n, a.P, a.w_blocks + 4 * j0 * a.P, a.P);
+    const PackedRhs<acc_t> w_proj(/*slot=*/1, /*transpose_b=*/true, a.B, np, a.H, a.w_hr ? a.w_hr + p0 * a.H : nullptr, a.H);
     auto* mm_block = a.gates_mm + 4 * j0 * a.B;
     for (int64_t s = 0; s < a.T; ++s) {
       const int64_t t = time_at(s, a.T, a.reverse);

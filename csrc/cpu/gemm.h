@@ -16,8 +16,8 @@
 #include <cstdlib>
 #include <string>
 #include <type_traits>
-#include <vector>
 #include <limits>
+#include <memory>
 
 extern "C" {
 // Declared weak: resolved to MKL's symbols exported by libtorch_cpu when present, null if not.
@@ -134,22 +134,44 @@ void gemm(bool transpose_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t
   at::mm_out(c, a, b);
 }
 
+// MKL sizes a packed buffer at 8-10 MB whatever the matrix (its internal panels); allocating
+// and faulting that in on every call would cost more than the products it speeds up. Each
+// thread keeps one buffer per slot and reuses it across calls.
+inline float* reusable_pack_buffer(int slot, size_t floats) {
+  struct Buffer {
+    std::unique_ptr<float[]> data;
+    size_t size = 0;
+  };
+  thread_local Buffer buffers[2];
+  Buffer& b = buffers[slot];
+  if (b.size < floats) {
+    b.data.reset(new float[floats]);  // uninitialized: the pack writes what it uses
+    b.size = floats;
+  }
+  return b.data.get();
+}
+
 // The B operand of  C[M,N] = A[M,K] @ op(B)  packed once and reused for many products with
-// the same M. Falls back to plain gemm() where MKL's packed API is missing (or for double).
+// the same M. Packing pays only for weights larger than the caches it was going to be read
+// from anyway; smaller ones, double, and builds without MKL's packed API use plain gemm().
 template <typename T>
 class PackedRhs {
  public:
-  PackedRhs(bool transpose_b, int64_t M, int64_t N, int64_t K, const T* B, int64_t ldb)
+  // Weights smaller than this many elements (128 KB of fp32) are multiplied unpacked.
+  static constexpr int64_t kMinPackedElements = 32768;
+
+  PackedRhs(int slot, bool transpose_b, int64_t M, int64_t N, int64_t K, const T* B, int64_t ldb)
       : transpose_b_(transpose_b), M_(M), N_(N), K_(K), B_(B), ldb_(ldb) {
     if constexpr (std::is_same_v<T, float>) {
       constexpr int64_t int_max = std::numeric_limits<int>::max();
       const bool fits = M <= int_max && N <= int_max && K <= int_max && ldb <= int_max;
-      if (fits && M > 0 && N > 0 && K > 0 && use_blas<float>() && cblas_sgemm_pack &&
-          cblas_sgemm_compute && cblas_sgemm_pack_get_size) {
+      const bool worth_it = M > 0 && N * K >= kMinPackedElements;
+      if (fits && worth_it && use_blas<float>() && cblas_sgemm_pack && cblas_sgemm_compute &&
+          cblas_sgemm_pack_get_size) {
         const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, int(M), int(N), int(K));
-        packed_.resize((bytes + sizeof(float) - 1) / sizeof(float));
+        packed_ = reusable_pack_buffer(slot, (bytes + sizeof(float) - 1) / sizeof(float));
         cblas_sgemm_pack(kRowMajor, kBMatrix, transpose_b ? kTrans : kNoTrans, int(M), int(N),
-                         int(K), 1.0f, B, int(ldb), packed_.data());
+                         int(K), 1.0f, B, int(ldb), packed_);
       }
     }
   }
@@ -157,9 +179,9 @@ class PackedRhs {
   // C[M,N] = A[M,K] @ op(B)
   void multiply(const T* A, int64_t lda, T* C, int64_t ldc) const {
     if constexpr (std::is_same_v<T, float>) {
-      if (!packed_.empty()) {
+      if (packed_ != nullptr) {
         cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, int(M_), int(N_), int(K_), A, int(lda),
-                            packed_.data(), int(N_), 0.0f, C, int(ldc));
+                            packed_, int(N_), 0.0f, C, int(ldc));
         return;
       }
     }
@@ -174,7 +196,7 @@ class PackedRhs {
   int64_t M_, N_, K_;
   const T* B_;
   int64_t ldb_;
-  std::vector<float> packed_;
+  float* packed_ = nullptr;
 };
 
 }  // namespace lstm_fused::cpu

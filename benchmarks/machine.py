@@ -1,0 +1,141 @@
+"""What a run was measured on (the ``machine`` block of results.json) and the device slug that
+names the committed results folder, ``benchmarks/results/<slug>/``."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import os
+import platform
+import re
+import subprocess
+from typing import Optional
+
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown cpu"
+
+
+def device_name(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_model()
+
+
+def device_slug(name: str, device_type: str = "cuda") -> str:
+    """A folder name for a device: "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3",
+    "Intel(R) Xeon(R) Platinum 8480+ CPU @ 2.00GHz" -> "cpu-intel-xeon-platinum-8480"."""
+    s = name.lower()
+    s = re.sub(r"\((r|tm|c)\)", " ", s)
+    if device_type == "cpu":
+        s = re.sub(r"@.*$", " ", s)  # the clock
+        s = re.sub(r"\b(cpu|processor|\d+-core)\b", " ", s)
+    s = re.sub(r"[^a-z0-9]+", "-", s).strip("-")
+    if device_type == "cpu":
+        s = "cpu-" + s if s else "cpu"
+    return s or "unknown"
+
+
+def _version(dist: str) -> Optional[str]:
+    # From the installed metadata: importing triton or flashrnn just to read a version is slow.
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit() -> Optional[str]:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if not head:
+        return None
+    return head + ("-dirty" if dirty.strip() else "")
+
+
+def tf32_flags() -> dict:
+    return {"matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+            "cudnn": bool(torch.backends.cudnn.allow_tf32)}
+
+
+def tf32_enabled(device) -> bool:
+    """Whether fp32 GEMMs on ``device`` may run in TF32 (either torch switch; CUDA only)."""
+    return torch.device(device).type == "cuda" and any(tf32_flags().values())
+
+
+def machine_info(device) -> dict:
+    device = torch.device(device)
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "slug": device_slug(device_name(device), device.type),
+        "cpu": cpu_model(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": cudnn,
+        "triton": _version("triton") or _version("pytorch-triton"),
+        "lstm_fused": _version("lstm_fused"),
+        "flashrnn": _version("flashrnn"),
+        "python": platform.python_version(),
+        "git_commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "tf32": tf32_enabled(device),
+        "tf32_flags": tf32_flags(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        # Other processes on the machine skew CPU timings badly (OpenMP threads wait on cores
+        # someone else holds): keep the evidence with the numbers.
+        "load_avg": load_avg(),
+    }
+
+
+def load_avg() -> Optional[list]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+class OtherLoad:
+    """How much of the machine's CPU time other processes took between ``start()`` and
+    ``stop()`` (Linux; None elsewhere). On a shared box this, not the load average (a lagging
+    1-minute mean), says whether a run's CPU timings can be trusted."""
+
+    def _sample(self):
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        mine = sum(os.times()[:2]) * os.sysconf("SC_CLK_TCK")   # this process, all threads
+        return sum(fields), sum(fields) - idle, mine
+
+    def start(self) -> "OtherLoad":
+        self.begin = self._sample()
+        return self
+
+    def stop(self) -> Optional[float]:
+        """Fraction of all CPU time (0..1) that went to other processes."""
+        end = self._sample()
+        if self.begin is None or end is None or end[0] <= self.begin[0]:
+            return None
+        total, busy, mine = (e - b for e, b in zip(end, self.begin))
+        return round(max(0.0, busy - mine) / total, 3)
