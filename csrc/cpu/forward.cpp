@@ -25,7 +25,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/index_select.h>
 
 #include <omp.h>
 
@@ -188,8 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrenc
 
   const at::Tensor xproj = xproj_in.contiguous();
   // Each thread's gate rows, contiguous: block k holds rows g*H + j for g in i,f,g,o, j in its units.
-  const at::Tensor w_blocks =
-      at::index_select(w_hh_in.to(acc), 0, units.gate_row_order(s.H)).contiguous();
+  const at::Tensor w_blocks = units.gather_gate_rows(w_hh_in.to(acc));
   const at::Tensor w_hr = s.has_proj ? w_hr_in->to(acc).contiguous() : at::Tensor();
   const at::Tensor lengths = lengths_in.has_value() ? lengths_in->contiguous() : at::Tensor();
 

@@ -47,8 +47,9 @@ struct WorkSplit {
     w.block = (total + w.threads - 1) / w.threads;
     return w;
   }
-  // Row order of W_hh that gives each thread its gate rows (i, f, g, o of its units) contiguously.
-  at::Tensor gate_row_order(int64_t H) const;
+  // W_hh (4H, P) with its rows reordered so each thread's gate rows (i, f, g, o of its units)
+  // are one contiguous block, thread after thread.
+  at::Tensor gather_gate_rows(const at::Tensor& w_hh) const;
 };
 
 // Threads for one recurrence: the intra-op thread count, unless the step is too small to pay

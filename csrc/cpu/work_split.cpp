@@ -2,7 +2,9 @@
 #include "cpu/recurrence.h"
 
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+
+#include <cstring>
 
 namespace lstm_fused::cpu {
 
@@ -18,13 +20,22 @@ int recurrence_threads(int64_t B, int64_t H, int64_t P) {
   return static_cast<int>(std::max<int64_t>(1, threads));
 }
 
-at::Tensor WorkSplit::gate_row_order(int64_t H) const {
-  at::Tensor order = at::empty({4 * H}, at::TensorOptions().dtype(at::kLong));
-  int64_t* out = order.data_ptr<int64_t>();
+at::Tensor WorkSplit::gather_gate_rows(const at::Tensor& w_hh) const {
+  if (threads == 1) return w_hh.contiguous();  // one block: already in gate-major order
+  const at::Tensor w = w_hh.contiguous();
+  const int64_t H = w.size(0) / 4, P = w.size(1);
+  const int64_t row_bytes = P * static_cast<int64_t>(w.element_size());
+  at::Tensor out = at::empty_like(w);
+  const char* src = static_cast<const char*>(w.data_ptr());
+  char* dst = static_cast<char*>(out.data_ptr());
   for (int k = 0; k < threads; ++k)
-    for (int64_t g = 0; g < 4; ++g)
-      for (int64_t j = begin(k); j < begin(k) + size(k); ++j) *out++ = g * H + j;
-  return order;
+    for (int64_t g = 0; g < 4; ++g) {
+      // Rows g*H + [begin, begin + size) are contiguous in W_hh: one copy per gate per block.
+      const int64_t bytes = size(k) * row_bytes;
+      std::memcpy(dst, src + (g * H + begin(k)) * row_bytes, bytes);
+      dst += bytes;
+    }
+  return out;
 }
 
 }  // namespace lstm_fused::cpu
