@@ -18,10 +18,12 @@ The recurrence op contract (shared by every backend; see ``ops.py`` for the sche
   ``c_all`` (T, B, H): the cell *state* after step t (fp32, or fp64 for fp64 input; at an
   inactive step this is the carried state).
 
-``recurrence_backward(dy, dh_n, dc_n, w_hh, w_hr, h0, c0, lengths, reverse, y, gates, c_all)
-    -> (dxproj, dw_hh, dw_hr, dh0, dc0)``
+``recurrence_backward(dy, dh_n, dc_n, w_hh, w_hr, h0, c0, lengths, reverse, y, gates, c_all,
+    weight_grads) -> (dxproj, dw_hh, dw_hr, dh0, dc0)``
 
-``dw_hr`` is an empty tensor when ``w_hr`` is None. Arithmetic is done in fp32 (fp64 for fp64
+``dw_hr`` is an empty tensor when ``w_hr`` is None; with ``weight_grads=False`` both weight
+gradients are empty tensors (frozen weights: their T*B-row GEMMs are skipped). The functions
+below implement the math; ``ops.py`` wraps them as the ``reference_*`` ops. Arithmetic is done in fp32 (fp64 for fp64
 input) whatever the storage dtype, matching the kernels.
 """
 
