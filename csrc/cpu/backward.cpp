@@ -20,6 +20,7 @@
 #include "checks.h"
 #include "cpu/activations.h"
 #include "cpu/gemm.h"
+#include "cpu/huge_pages.h"
 #include "cpu/recurrence.h"
 
 #include <ATen/Dispatch.h>
@@ -237,6 +238,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrenc
   const bool keep_dh_proj = s.has_proj && weight_grads;
   at::Tensor dh_proj_all = keep_dh_proj ? at::empty({T, B, P}, acc_opts) : at::Tensor();
   at::Tensor dxproj = at::empty({T, B, 4 * H}, opts);
+  advise_huge_pages(dxproj);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "lstm_fused_cpu_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
