@@ -189,18 +189,32 @@ void run_backward(const BackwardArgs<scalar_t>& a) {
   }
 }
 
-// h_{t-1} as step t saw it, rebuilt from y (see reference.previous_hidden).
-at::Tensor previous_hidden(const at::Tensor& y, const at::Tensor& h0,
-                           const std::optional<at::Tensor>& lengths, bool reverse) {
-  const int64_t T = y.size(0);
-  if (!reverse) return at::cat({h0.unsqueeze(0), y.narrow(0, 0, T - 1)}, 0);
-  at::Tensor h_prev = at::cat({y.narrow(0, 1, T - 1), h0.unsqueeze(0)}, 0);
-  if (lengths.has_value()) {
+// dW_hh = sum over steps of dz_t^T h_{t-1}, as GEMMs over all T*B rows.
+// h_{t-1} is y at the previous step (see reference.previous_hidden): forward direction y[t-1]
+// (h0 at t = 0), reverse y[t+1] (h0 at t = T-1), so the sum is one GEMM over the shifted outputs
+// plus one over h0, with no copy of y. Reverse with lengths also restarts from h0 at each
+// sequence's own last element; there we build h_prev explicitly.
+at::Tensor recurrent_weight_grad(const at::Tensor& dxproj, const at::Tensor& y, const at::Tensor& h0,
+                                 const std::optional<at::Tensor>& lengths, bool reverse) {
+  const int64_t T = y.size(0), B = y.size(1), P = y.size(2), H4 = dxproj.size(2);
+  const auto rows = [&](const at::Tensor& t, int64_t from, int64_t n, int64_t width) {
+    return t.narrow(0, from, n).reshape({n * B, width});
+  };
+  if (reverse && lengths.has_value()) {
+    at::Tensor h_prev = at::cat({y.narrow(0, 1, T - 1), h0.unsqueeze(0)}, 0);
     at::Tensor t_next = at::arange(1, T + 1, lengths->options()).view({T, 1, 1});
     at::Tensor starts_here = at::ge(t_next, lengths->view({1, -1, 1}));
     h_prev = at::where(starts_here, h0.unsqueeze(0), h_prev);
+    return at::mm(dxproj.view({T * B, H4}).t(), h_prev.reshape({T * B, P}));
   }
-  return h_prev;
+  const int64_t first = reverse ? T - 1 : 0;  // the step that starts from h0
+  at::Tensor dw = at::mm(dxproj[first].t(), h0);
+  if (T > 1) {
+    const at::Tensor dz_rest = rows(dxproj, reverse ? 0 : 1, T - 1, H4);
+    const at::Tensor h_rest = rows(y, reverse ? 1 : 0, T - 1, P);
+    dw.addmm_(dz_rest.t(), h_rest);
+  }
+  return dw;
 }
 
 }  // namespace
@@ -267,8 +281,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrenc
 
   at::Tensor dw_hh = at::empty({0}, opts), dw_hr = at::empty({0}, opts);
   if (weight_grads) {
-    const at::Tensor h_prev = previous_hidden(y, h0, lengths_in, reverse);
-    dw_hh = at::mm(dxproj.view({T * B, 4 * H}).t(), h_prev.reshape({T * B, P}));
+    dw_hh = recurrent_weight_grad(dxproj, y, h0, lengths_in, reverse);
     if (s.has_proj) {
       const at::Tensor m_all = at::mul(gates.narrow(2, 3 * H, H).to(acc), at::tanh(c_all));
       dw_hr = at::mm(dh_proj_all.view({T * B, P}).t(), m_all.view({T * B, H})).to(dtype);
