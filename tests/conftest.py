@@ -2,8 +2,14 @@ import os
 import sys
 import zlib
 
-import pytest
 import torch
+
+# Without a GPU the Triton backend runs under its interpreter, which must be on before any
+# Triton kernel (or jit helper) is defined, i.e. before anything imports lstm_fused.triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 
