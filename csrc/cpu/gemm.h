@@ -160,12 +160,13 @@ class PackedRhs {
   // Weights smaller than this many elements (128 KB of fp32) are multiplied unpacked.
   static constexpr int64_t kMinPackedElements = 32768;
 
-  PackedRhs(int slot, bool transpose_b, int64_t M, int64_t N, int64_t K, const T* B, int64_t ldb)
+  PackedRhs(int slot, bool transpose_b, int64_t M, int64_t N, int64_t K, const T* B, int64_t ldb,
+            bool allow_packing = true)
       : transpose_b_(transpose_b), M_(M), N_(N), K_(K), B_(B), ldb_(ldb) {
     if constexpr (std::is_same_v<T, float>) {
       constexpr int64_t int_max = std::numeric_limits<int>::max();
       const bool fits = M <= int_max && N <= int_max && K <= int_max && ldb <= int_max;
-      const bool worth_it = M > 0 && N * K >= kMinPackedElements;
+      const bool worth_it = allow_packing && M > 0 && N * K >= kMinPackedElements;
       if (fits && worth_it && use_blas<float>() && cblas_sgemm_pack && cblas_sgemm_compute &&
           cblas_sgemm_pack_get_size) {
         const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, int(M), int(N), int(K));
