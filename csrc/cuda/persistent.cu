@@ -1,0 +1,260 @@
+// Planners and launchers of the persistent kernels (persistent.h). Torch-free: CUDA runtime only.
+//
+// Tile configurations are template instances compiled here, chosen at run time: the forward
+// takes the smallest UNITS (hidden units per block) whose grid fits on the device's SMs, which
+// spreads the per-step work over the most SMs. LSTM_FUSED_CUDA_UNITS=4|8|16 forces one (tuning).
+#include <cstdlib>
+#include <cstring>
+
+#include "cuda/persistent.h"
+#include "cuda/persistent_backward.cuh"
+#include "cuda/persistent_forward.cuh"
+
+namespace lstm_fused {
+namespace cuda {
+namespace {
+
+using persistent::BackwardLayout;
+using persistent::BackwardParams;
+using persistent::ForwardLayout;
+using persistent::ForwardParams;
+using persistent::kBackwardUnits;
+using persistent::kMaxTilesPerWarp;
+using persistent::kSkew;
+using persistent::kThreads;
+using persistent::kWarps;
+using persistent::round_up;
+using persistent::TileSplit;
+
+constexpr int kUnitChoices[] = {4, 8, 16};
+constexpr size_t kCounterBytes = 256;  // keeps the exchange buffer that follows 256-byte aligned
+
+struct DeviceLimits {
+  int sms = 0, smem_optin = 0, major = 0, cooperative = 0;
+};
+
+cudaError_t device_limits(int device, DeviceLimits* d) {
+  cudaError_t e;
+  if ((e = cudaDeviceGetAttribute(&d->sms, cudaDevAttrMultiProcessorCount, device))) return e;
+  if ((e = cudaDeviceGetAttribute(&d->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device)))
+    return e;
+  if ((e = cudaDeviceGetAttribute(&d->major, cudaDevAttrComputeCapabilityMajor, device))) return e;
+  return cudaDeviceGetAttribute(&d->cooperative, cudaDevAttrCooperativeLaunch, device);
+}
+
+int forced_units() {
+  const char* v = std::getenv("LSTM_FUSED_CUDA_UNITS");
+  return v ? std::atoi(v) : 0;
+}
+
+template <typename Scalar>
+const void* forward_kernel(int units) {
+  switch (units) {
+    case 4: return reinterpret_cast<const void*>(&persistent::lstm_forward_persistent<Scalar, 4>);
+    case 8: return reinterpret_cast<const void*>(&persistent::lstm_forward_persistent<Scalar, 8>);
+    case 16: return reinterpret_cast<const void*>(&persistent::lstm_forward_persistent<Scalar, 16>);
+    default: return nullptr;
+  }
+}
+
+template <typename Scalar>
+const void* backward_kernel() {
+  return reinterpret_cast<const void*>(&persistent::lstm_backward_persistent<Scalar>);
+}
+
+const void* forward_kernel_for(ScalarKind dtype, int units) {
+  return dtype == ScalarKind::kBFloat16 ? forward_kernel<__nv_bfloat16>(units)
+                                        : forward_kernel<__half>(units);
+}
+
+const void* backward_kernel_for(ScalarKind dtype) {
+  return dtype == ScalarKind::kBFloat16 ? backward_kernel<__nv_bfloat16>()
+                                        : backward_kernel<__half>();
+}
+
+// Largest staged column count (a multiple of 16, at most Kpad, as even as possible over the
+// chunks) such that `fixed + staging` fits; 0 when not even 16 columns fit.
+template <typename Layout>
+int choose_k_chunk(int Kpad, int Bpad, size_t smem_limit, Layout layout_for) {
+  for (int chunks = 1; chunks <= Kpad / 16; ++chunks) {
+    const int kc = static_cast<int>(round_up((Kpad + chunks - 1) / chunks, 16));
+    if (layout_for(kc).total <= smem_limit) return kc;
+  }
+  return 0;
+}
+
+// Common rejections; returns the reason or nullptr.
+const char* common_why_not(ScalarKind dtype, const void* w_hr, int64_t Scalar, int64_t B,
+                           const DeviceLimits& d) {
+  if (dtype == ScalarKind::kFloat32) return "float32 runs the general path (tensor-core MMA needs 16-bit storage)";
+  if (w_hr != nullptr) return "proj_size runs the general path";
+  if (d.major < 8) return "the persistent kernels need compute capability 8.0 or newer";
+  if (!d.cooperative) return "the device does not support cooperative launches";
+  // The barrier counter reaches Scalar * blocks; keep it far from unsigned overflow.
+  if (Scalar > (1 << 22)) return "too many time steps for one persistent launch";
+  if (B > 16 * kWarps * kMaxTilesPerWarp) return "the batch is too large for the persistent kernels";
+  return nullptr;
+}
+
+// Does the grid fit co-resident on the device with this shared memory?
+bool fits_resident(const void* kernel, int blocks, size_t smem, const DeviceLimits& d) {
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(smem)) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky-free error so later calls are not blamed
+    return false;
+  }
+  int per_sm = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return per_sm >= 1 && blocks <= per_sm * d.sms;
+}
+
+}  // namespace
+
+bool plan_persistent_forward(const ForwardArgs& a, int device, PersistentPlan* plan) {
+  *plan = PersistentPlan{};
+  DeviceLimits d;
+  if (device_limits(device, &d) != cudaSuccess) {
+    cudaGetLastError();
+    plan->why_not = "could not query the device";
+    return false;
+  }
+  if ((plan->why_not = common_why_not(a.dtype, a.w_hr, a.T, a.B, d))) return false;
+  const int B = static_cast<int>(a.B), H = static_cast<int>(a.H);
+  const int Bpad = static_cast<int>(round_up(B, 16)), Kpad = static_cast<int>(round_up(H, 16));
+  const int forced = forced_units();
+  plan->why_not = "W_hh does not fit in the shared memory of co-resident blocks";
+  for (int units : kUnitChoices) {
+    if (forced && units != forced) continue;
+    const int blocks = static_cast<int>((H + units - 1) / units);
+    if (blocks > d.sms) continue;
+    if (TileSplit(4 * units, Bpad).tiles_per_warp() > kMaxTilesPerWarp) continue;
+    auto layout_for = [&](int kc) { return ForwardLayout(units, B, Bpad, Kpad, kc, 2); };
+    const int kc = choose_k_chunk(Kpad, Bpad, static_cast<size_t>(d.smem_optin), layout_for);
+    if (kc == 0) continue;
+    const size_t smem = layout_for(kc).total;
+    if (!fits_resident(forward_kernel_for(a.dtype, units), blocks, smem, d)) continue;
+    plan->blocks = blocks;
+    plan->units_per_block = units;
+    plan->k_chunk = kc;
+    plan->smem_bytes = smem;
+    plan->workspace_bytes = kCounterBytes + 2 * static_cast<size_t>(B) * H * 2;
+    plan->why_not = nullptr;
+    return true;
+  }
+  if (forced) plan->why_not = "LSTM_FUSED_CUDA_UNITS names a configuration that does not fit";
+  return false;
+}
+
+bool plan_persistent_backward(const BackwardArgs& a, int device, PersistentPlan* plan) {
+  *plan = PersistentPlan{};
+  DeviceLimits d;
+  if (device_limits(device, &d) != cudaSuccess) {
+    cudaGetLastError();
+    plan->why_not = "could not query the device";
+    return false;
+  }
+  if ((plan->why_not = common_why_not(a.dtype, a.w_hr, a.T, a.B, d))) return false;
+  const int B = static_cast<int>(a.B), H = static_cast<int>(a.H);
+  const int Bpad = static_cast<int>(round_up(B, 16)), Kpad = static_cast<int>(round_up(4 * H, 16));
+  const int blocks = (H + kBackwardUnits - 1) / kBackwardUnits;
+  plan->why_not = "W_hh does not fit in the shared memory of co-resident blocks";
+  if (blocks > d.sms) return false;
+  if (TileSplit(kBackwardUnits, Bpad).tiles_per_warp() > kMaxTilesPerWarp) return false;
+  auto layout_for = [&](int kc) { return BackwardLayout(B, Bpad, Kpad, kc, 2); };
+  const int kc = choose_k_chunk(Kpad, Bpad, static_cast<size_t>(d.smem_optin), layout_for);
+  if (kc == 0) return false;
+  const size_t smem = layout_for(kc).total;
+  if (!fits_resident(backward_kernel_for(a.dtype), blocks, smem, d)) return false;
+  plan->blocks = blocks;
+  plan->units_per_block = kBackwardUnits;
+  plan->k_chunk = kc;
+  plan->smem_bytes = smem;
+  plan->workspace_bytes = kCounterBytes + 2 * static_cast<size_t>(B) * 4 * H * 2;
+  plan->why_not = nullptr;
+  return true;
+}
+
+namespace {
+
+template <typename Scalar>
+cudaError_t launch_forward(const ForwardArgs& a, const PersistentPlan& plan, void* workspace,
+                           cudaStream_t stream) {
+  ForwardParams<Scalar> p;
+  p.steps = static_cast<int>(a.T);
+  p.B = static_cast<int>(a.B);
+  p.H = static_cast<int>(a.H);
+  p.Kpad = static_cast<int>(round_up(a.H, 16));
+  p.KC = plan.k_chunk;
+  p.Bpad = static_cast<int>(round_up(a.B, 16));
+  p.reverse = a.reverse;
+  p.xproj = static_cast<const Scalar*>(a.xproj);
+  p.w_hh = static_cast<const Scalar*>(a.w_hh);
+  p.h0 = static_cast<const Scalar*>(a.h0);
+  p.c0 = static_cast<const Scalar*>(a.c0);
+  p.lengths = a.lengths;
+  p.y = static_cast<Scalar*>(a.y);
+  p.h_n = static_cast<Scalar*>(a.h_n);
+  p.c_n = static_cast<Scalar*>(a.c_n);
+  p.gates = static_cast<Scalar*>(a.gates);
+  p.c_all = a.c_all;
+  p.counter = static_cast<unsigned*>(workspace);
+  p.hbuf = reinterpret_cast<Scalar*>(static_cast<char*>(workspace) + kCounterBytes);
+  cudaError_t e = cudaMemsetAsync(p.counter, 0, sizeof(unsigned), stream);
+  if (e != cudaSuccess) return e;
+  void* kernel_args[] = {&p};
+  return cudaLaunchCooperativeKernel(forward_kernel<Scalar>(plan.units_per_block), dim3(plan.blocks),
+                                     dim3(kThreads), kernel_args, plan.smem_bytes, stream);
+}
+
+template <typename Scalar>
+cudaError_t launch_backward(const BackwardArgs& a, const PersistentPlan& plan, void* workspace,
+                            cudaStream_t stream) {
+  BackwardParams<Scalar> p;
+  p.steps = static_cast<int>(a.T);
+  p.B = static_cast<int>(a.B);
+  p.H = static_cast<int>(a.H);
+  p.Kpad = static_cast<int>(round_up(4 * a.H, 16));
+  p.KC = plan.k_chunk;
+  p.Bpad = static_cast<int>(round_up(a.B, 16));
+  p.reverse = a.reverse;
+  p.dy = static_cast<const Scalar*>(a.dy);
+  p.dh_n = static_cast<const Scalar*>(a.dh_n);
+  p.dc_n = static_cast<const Scalar*>(a.dc_n);
+  p.w_hh = static_cast<const Scalar*>(a.w_hh);
+  p.c0 = static_cast<const Scalar*>(a.c0);
+  p.lengths = a.lengths;
+  p.gates = static_cast<const Scalar*>(a.gates);
+  p.c_all = a.c_all;
+  p.dxproj = static_cast<Scalar*>(a.dxproj);
+  p.dh0 = static_cast<Scalar*>(a.dh0);
+  p.dc0 = static_cast<Scalar*>(a.dc0);
+  p.counter = static_cast<unsigned*>(workspace);
+  p.zbuf = reinterpret_cast<Scalar*>(static_cast<char*>(workspace) + kCounterBytes);
+  cudaError_t e = cudaMemsetAsync(p.counter, 0, sizeof(unsigned), stream);
+  if (e != cudaSuccess) return e;
+  void* kernel_args[] = {&p};
+  return cudaLaunchCooperativeKernel(backward_kernel<Scalar>(), dim3(plan.blocks), dim3(kThreads),
+                                     kernel_args, plan.smem_bytes, stream);
+}
+
+}  // namespace
+
+cudaError_t launch_persistent_forward(const ForwardArgs& a, const PersistentPlan& plan,
+                                      void* workspace, cudaStream_t stream) {
+  if (a.T == 0) return cudaSuccess;
+  return a.dtype == ScalarKind::kBFloat16 ? launch_forward<__nv_bfloat16>(a, plan, workspace, stream)
+                                          : launch_forward<__half>(a, plan, workspace, stream);
+}
+
+cudaError_t launch_persistent_backward(const BackwardArgs& a, const PersistentPlan& plan,
+                                       void* workspace, cudaStream_t stream) {
+  if (a.T == 0) return cudaSuccess;
+  return a.dtype == ScalarKind::kBFloat16 ? launch_backward<__nv_bfloat16>(a, plan, workspace, stream)
+                                          : launch_backward<__half>(a, plan, workspace, stream);
+}
+
+}  // namespace cuda
+}  // namespace lstm_fused

@@ -1,0 +1,158 @@
+// Persistent LSTM backward: the reverse-time loop in one cooperative launch. Torch-free.
+//
+// The mirror image of persistent_forward.cuh. Block `blk` owns hidden units
+// j0 = blk * kBackwardUnits .. + kBackwardUnits - 1 and keeps the matching *columns* of W_hh,
+// transposed (Wt[u][r] = W_hh[r][j0 + u], r over all 4H gate rows), in shared memory. Phase s
+// (s = T-1 .. 0 in processing order, then a final phase -1):
+//   1. waits until every block published the gate gradients dz of the phase before,
+//   2. dh_rec[b, u] = sum_r dz[b, r] * W_hh[r, j0 + u] on the tensor cores; dh for its units is
+//      that where the step before was active and carried unchanged through padding,
+//   3. from dh + dy[t], dc, the saved gates and cell states: dz for its units, written to dxproj
+//      and published to the exchange buffer,
+//   4. arrives at the grid barrier.
+// The final phase only does 1-2 and writes dh0/dc0. dW_hh is not computed here: the binding
+// does it afterwards as one GEMM over all Scalar*B rows of dxproj.
+#pragma once
+
+#include "cuda/persistent_common.cuh"
+
+namespace lstm_fused {
+namespace cuda {
+namespace persistent {
+
+// Hidden units per backward block: one 16-row wmma tile of the transposed W slice.
+constexpr int kBackwardUnits = 16;
+
+template <typename Scalar>
+struct BackwardParams {
+  int steps, B, H;
+  int Kpad, KC, Bpad;  // 4H rounded up to 16; columns staged at once; B rounded up to 16
+  bool reverse;
+  const Scalar* dy;         // (Scalar, B, H)
+  const Scalar* dh_n;       // (B, H)
+  const Scalar* dc_n;       // (B, H)
+  const Scalar* w_hh;       // (4H, H)
+  const Scalar* c0;         // (B, H)
+  const int64_t* lengths;  // (B,) or nullptr
+  const Scalar* gates;      // (Scalar, B, 4H) activated gates saved by the forward
+  const float* c_all;  // (Scalar, B, H)
+  Scalar* dxproj;           // (Scalar, B, 4H)
+  Scalar* dh0;              // (B, H)
+  Scalar* dc0;              // (B, H)
+  Scalar* zbuf;             // workspace: (2, B, 4H) exchange buffer of dz
+  unsigned* counter;   // workspace: barrier counter, zero at launch
+};
+
+struct BackwardLayout {
+  size_t w, hs, acc, dh, dc, len, total;
+  __host__ __device__ BackwardLayout(int B, int Bpad, int Kpad, int KC, int elem) {
+    const int rows = kBackwardUnits;
+    const TileSplit split(rows, Bpad);
+    SmemCursor c;
+    w = c.take(static_cast<size_t>(rows) * (Kpad + kSkew) * elem);
+    hs = c.take(static_cast<size_t>(Bpad) * (KC + kSkew) * elem);
+    acc = c.take(static_cast<size_t>(split.ksplit) * Bpad * rows * sizeof(float));
+    dh = c.take(static_cast<size_t>(B) * rows * sizeof(float));
+    dc = c.take(static_cast<size_t>(B) * rows * sizeof(float));
+    len = c.take(static_cast<size_t>(B) * sizeof(int));
+    total = c.offset;
+  }
+};
+
+template <typename Scalar>
+__global__ void __launch_bounds__(kThreads, 1) lstm_backward_persistent(BackwardParams<Scalar> p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  constexpr int U = kBackwardUnits;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const BackwardLayout L(p.B, p.Bpad, p.Kpad, p.KC, sizeof(Scalar));
+  Scalar* Wt = reinterpret_cast<Scalar*>(smem + L.w);
+  Scalar* Hs = reinterpret_cast<Scalar*>(smem + L.hs);
+  float* Acc = reinterpret_cast<float*>(smem + L.acc);
+  float* DH = reinterpret_cast<float*>(smem + L.dh);
+  float* DC = reinterpret_cast<float*>(smem + L.dc);
+  int* Len = reinterpret_cast<int*>(smem + L.len);
+
+  const int B = p.B, H = p.H, tid = threadIdx.x;
+  const int64_t H4 = 4 * static_cast<int64_t>(H);
+  const int j0 = blockIdx.x * U;
+  const int ldw = p.Kpad + kSkew;
+  const int ksplit = TileSplit(U, p.Bpad).ksplit;
+  const Scalar zero = from_float<Scalar>(0.0f);
+  auto step_at = [&](int s) { return p.reverse ? p.steps - 1 - s : s; };
+
+  // Transposed W columns: consecutive threads read consecutive units of one gate row.
+  for (int idx = tid; idx < p.Kpad * U; idx += kThreads) {
+    const int r = idx / U, u = idx - r * U, j = j0 + u;
+    Wt[u * ldw + r] = (j < H && r < H4) ? p.w_hh[static_cast<int64_t>(r) * H + j] : zero;
+  }
+  for (int idx = tid; idx < p.Bpad * (p.KC + kSkew); idx += kThreads) Hs[idx] = zero;
+  for (int idx = tid; idx < B * U; idx += kThreads) {
+    const int b = idx / U, j = j0 + idx % U;
+    DH[idx] = j < H ? to_float(p.dh_n[static_cast<int64_t>(b) * H + j]) : 0.0f;
+    DC[idx] = j < H ? to_float(p.dc_n[static_cast<int64_t>(b) * H + j]) : 0.0f;
+  }
+  for (int b = tid; b < B; b += kThreads) {
+    const int64_t len = p.lengths ? p.lengths[b] : p.steps;
+    Len[b] = static_cast<int>(len < 0 ? 0 : (len > p.steps ? p.steps : len));
+  }
+  __syncthreads();
+
+  for (int s = p.steps - 1; s >= -1; --s) {
+    if (s < p.steps - 1) {
+      grid_wait(p.counter, static_cast<unsigned>(p.steps - 1 - s) * gridDim.x);
+      const Scalar* dz_prev = p.zbuf + static_cast<int64_t>((s + 1) & 1) * B * H4;
+      block_matmul(Wt, ldw, U, dz_prev, B, static_cast<int>(H4), p.Kpad, p.KC, p.Bpad, Hs, Acc);
+      const int t_prev = step_at(s + 1);
+      for (int idx = tid; idx < B * U; idx += kThreads) {
+        const int b = idx / U;
+        if (t_prev < Len[b]) DH[idx] = acc_sum(Acc, ksplit, p.Bpad, U, b, idx - b * U);
+      }
+    }
+    if (s < 0) break;
+
+    const int t = step_at(s);
+    Scalar* dz_out = p.zbuf + static_cast<int64_t>(s & 1) * B * H4;
+    for (int idx = tid; idx < B * U; idx += kThreads) {
+      const int b = idx / U, j = j0 + idx % U;
+      if (j >= H) continue;
+      const int64_t row = static_cast<int64_t>(t) * B + b;
+      float dz[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      if (t < Len[b]) {  // inactive steps pass dh and dc through and ignore dy
+        const Scalar* gt = p.gates + row * H4 + j;
+        const float ig = to_float(gt[0]), fg = to_float(gt[H]);
+        const float gg = to_float(gt[2 * static_cast<int64_t>(H)]);
+        const float og = to_float(gt[3 * static_cast<int64_t>(H)]);
+        const float c = p.c_all[row * H + j];
+        const float c_prev = s > 0 ? p.c_all[(static_cast<int64_t>(step_at(s - 1)) * B + b) * H + j]
+                                   : to_float(p.c0[static_cast<int64_t>(b) * H + j]);
+        const float dh = DH[idx] + to_float(p.dy[row * H + j]);
+        const float tc = tanhf(c);
+        const float dc = DC[idx] + dh * og * (1.0f - tc * tc);
+        dz[0] = dc * gg * ig * (1.0f - ig);
+        dz[1] = dc * c_prev * fg * (1.0f - fg);
+        dz[2] = dc * ig * (1.0f - gg * gg);
+        dz[3] = dh * tc * og * (1.0f - og);
+        DC[idx] = dc * fg;
+      }
+#pragma unroll
+      for (int g = 0; g < 4; ++g) {
+        const Scalar v = from_float<Scalar>(dz[g]);
+        p.dxproj[row * H4 + g * static_cast<int64_t>(H) + j] = v;
+        dz_out[static_cast<int64_t>(b) * H4 + g * static_cast<int64_t>(H) + j] = v;
+      }
+    }
+    grid_arrive(p.counter);  // the next phase (the final one included) reads dz_out
+  }
+
+  for (int idx = tid; idx < B * U; idx += kThreads) {
+    const int b = idx / U, j = j0 + idx % U;
+    if (j >= H) continue;
+    p.dh0[static_cast<int64_t>(b) * H + j] = from_float<Scalar>(DH[idx]);
+    p.dc0[static_cast<int64_t>(b) * H + j] = from_float<Scalar>(DC[idx]);
+  }
+#endif
+}
+
+}  // namespace persistent
+}  // namespace cuda
+}  // namespace lstm_fused

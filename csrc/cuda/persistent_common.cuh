@@ -1,0 +1,210 @@
+// Building blocks shared by the persistent forward and backward kernels. Torch-free.
+//
+// Both kernels have the same shape of work per time step: every block owns a few hidden units,
+// keeps the matching slice of W_hh in shared memory for the whole launch, and multiplies it by
+// a state that all blocks wrote together in the previous step (h_{t-1} forward, the gate
+// gradients dz_{t+1} backward):
+//
+//     out^T[rows x B] = W_slice[rows x K] @ state^T[K x B]
+//
+// The state travels through a small double-buffered exchange area in global memory, read with
+// L1-bypassing loads (other SMs wrote it during this launch, so an L1 copy could be stale), and
+// a counter in global memory acts as the per-step grid barrier. All blocks are co-resident
+// because the launcher uses a cooperative launch, which refuses to start otherwise.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <cstdint>
+
+namespace lstm_fused {
+namespace cuda {
+namespace persistent {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+// Accumulator tiles one warp may hold; the planner rejects shapes that need more.
+constexpr int kMaxTilesPerWarp = 4;
+// Extra elements per shared-memory row: spreads consecutive rows over the banks. Keeps the row
+// stride a multiple of 16 bytes, as wmma loads and the 16-byte staging stores need.
+constexpr int kSkew = 8;
+
+__host__ __device__ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// ---------------------------------------------------------------------------------------------
+// Grid barrier on a monotonically increasing arrival counter (zeroed by the launcher).
+// arrive() publishes this block's writes of the step; wait() returns once `target` arrivals
+// happened. They are split so a block can prefetch the next step's inputs in between.
+
+__device__ inline unsigned load_acquire(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ inline void grid_arrive(unsigned* counter) {
+  __syncthreads();  // every thread of the block has written its part of the step
+  if (threadIdx.x == 0) {
+    __threadfence();  // ... and those writes are visible device-wide before we count ourselves
+    atomicAdd(counter, 1u);
+  }
+}
+
+__device__ inline void grid_wait(const unsigned* counter, unsigned target) {
+  if (threadIdx.x == 0) {
+    while (load_acquire(counter) < target) {
+    }
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Storage types <-> fp32.
+
+template <typename Scalar>
+__device__ inline float to_float(Scalar v);
+template <>
+__device__ inline float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <>
+__device__ inline float to_float<__half>(__half v) { return __half2float(v); }
+
+template <typename Scalar>
+__device__ inline Scalar from_float(float v);
+template <>
+__device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+template <>
+__device__ inline __half from_float<__half>(float v) { return __float2half(v); }
+
+// Accurate activations (the build must not use --use_fast_math for fp32 parity elsewhere).
+__device__ inline float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+// ---------------------------------------------------------------------------------------------
+// Stage columns [c0, c0 + kc) of a (B x K) row-major state into shared memory as Hs[b][ldh],
+// zero-filling columns past K (W is zero there too, but uninitialised smem could hold NaNs).
+// Rows b >= B of Hs are zeroed once by the kernel and never written here.
+
+template <typename Scalar>
+__device__ inline void stage_state(const Scalar* __restrict__ src, int B, int K, int c0, int kc,
+                                   Scalar* __restrict__ Hs, int ldh) {
+  static_assert(sizeof(Scalar) == 2, "16-bit storage");
+  const bool vector = (K % 8 == 0) && ((reinterpret_cast<uintptr_t>(src) & 15) == 0);
+  if (vector) {
+    const int per_row = kc / 8;  // kc is a multiple of 16
+    for (int idx = threadIdx.x; idx < B * per_row; idx += kThreads) {
+      const int b = idx / per_row;
+      const int k = c0 + (idx - b * per_row) * 8;
+      int4 v = make_int4(0, 0, 0, 0);
+      if (k < K) v = __ldcg(reinterpret_cast<const int4*>(src + static_cast<int64_t>(b) * K + k));
+      *reinterpret_cast<int4*>(Hs + b * ldh + (k - c0)) = v;
+    }
+  } else {
+    const unsigned short* s = reinterpret_cast<const unsigned short*>(src);
+    unsigned short* d = reinterpret_cast<unsigned short*>(Hs);
+    for (int idx = threadIdx.x; idx < B * kc; idx += kThreads) {
+      const int b = idx / kc;
+      const int kk = idx - b * kc;
+      const int k = c0 + kk;
+      d[b * ldh + kk] = k < K ? __ldcg(s + static_cast<int64_t>(b) * K + k) : (unsigned short)0;
+    }
+  }
+}
+
+// How the warps of a block share the (rows/16) x (Bpad/16) output tiles: with at least one
+// tile per warp each warp owns whole tiles; with fewer tiles than warps, the warps split the K
+// loop of each tile (ksplit partial sums, added up in the pointwise pass). Small batches
+// therefore still keep all eight warps' tensor cores busy.
+struct TileSplit {
+  int tiles, ksplit;
+  __host__ __device__ TileSplit(int rows, int bpad) {
+    tiles = (rows / 16) * (bpad / 16);
+    ksplit = tiles >= kWarps ? 1 : kWarps / tiles;
+  }
+  __host__ __device__ int tiles_per_warp() const {
+    return ksplit == 1 ? (tiles + kWarps - 1) / kWarps : 1;
+  }
+};
+
+// out^Scalar = W_slice @ state^Scalar for one step, accumulated in fp32 and left in shared memory as
+// Acc[ks][b][rows] (column-major tiles, so the pointwise pass reads consecutive units of one
+// batch row from consecutive words). `state` is the (B x K) row-major exchange buffer.
+template <typename Scalar>
+__device__ inline void block_matmul(const Scalar* __restrict__ Wsm, int ldw, int rows,
+                                    const Scalar* __restrict__ state, int B, int K, int Kpad, int KC,
+                                    int Bpad, Scalar* __restrict__ Hs, float* __restrict__ Acc) {
+  using namespace nvcuda;
+  const int ldh = KC + kSkew;
+  const TileSplit split(rows, Bpad);
+  const int warp = threadIdx.x / 32;
+  const int ks = split.ksplit == 1 ? 0 : warp / split.tiles;
+  const bool busy = ks < split.ksplit;
+  const int n_mine = split.ksplit == 1 ? (split.tiles - warp + kWarps - 1) / kWarps : (busy ? 1 : 0);
+  const int m_tiles = rows / 16;
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kMaxTilesPerWarp];
+#pragma unroll
+  for (int i = 0; i < kMaxTilesPerWarp; ++i) wmma::fill_fragment(acc[i], 0.0f);
+
+  for (int c0 = 0; c0 < Kpad; c0 += KC) {
+    const int kc = min(KC, Kpad - c0);
+    stage_state(state, B, K, c0, kc, Hs, ldh);
+    __syncthreads();
+    if (busy) {
+      for (int kk = ks * 16; kk < kc; kk += 16 * split.ksplit) {
+#pragma unroll
+        for (int i = 0; i < kMaxTilesPerWarp; ++i) {
+          if (i < n_mine) {
+            const int tile = split.ksplit == 1 ? warp + i * kWarps : warp % split.tiles;
+            const int m0 = (tile % m_tiles) * 16;
+            const int n0 = (tile / m_tiles) * 16;
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, Scalar, wmma::row_major> a;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, Scalar, wmma::col_major> b;
+            wmma::load_matrix_sync(a, Wsm + m0 * ldw + c0 + kk, ldw);
+            wmma::load_matrix_sync(b, Hs + n0 * ldh + kk, ldh);
+            wmma::mma_sync(acc[i], a, b, acc[i]);
+          }
+        }
+      }
+    }
+    __syncthreads();  // Hs is restaged by the next chunk
+  }
+
+  if (busy) {
+#pragma unroll
+    for (int i = 0; i < kMaxTilesPerWarp; ++i) {
+      if (i < n_mine) {
+        const int tile = split.ksplit == 1 ? warp + i * kWarps : warp % split.tiles;
+        const int m0 = (tile % m_tiles) * 16;
+        const int n0 = (tile / m_tiles) * 16;
+        float* dst = Acc + static_cast<int64_t>(ks) * Bpad * rows + n0 * rows + m0;
+        wmma::store_matrix_sync(dst, acc[i], rows, wmma::mem_col_major);
+      }
+    }
+  }
+  __syncthreads();
+}
+
+// Sum of the ksplit partial products for output row r, batch b.
+__device__ inline float acc_sum(const float* __restrict__ Acc, int ksplit, int Bpad, int rows,
+                                int b, int r) {
+  float s = 0.0f;
+  for (int ks = 0; ks < ksplit; ++ks) s += Acc[(static_cast<int64_t>(ks) * Bpad + b) * rows + r];
+  return s;
+}
+
+// Shared-memory carving with 128-byte aligned segments.
+struct SmemCursor {
+  size_t offset = 0;
+  __host__ __device__ size_t take(size_t bytes) {
+    const size_t at = offset;
+    offset = static_cast<size_t>(round_up(static_cast<int64_t>(offset + bytes), 128));
+    return at;
+  }
+};
+
+}  // namespace persistent
+}  // namespace cuda
+}  // namespace lstm_fused

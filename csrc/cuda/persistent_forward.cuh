@@ -1,0 +1,161 @@
+// Persistent LSTM forward: all Scalar steps in one cooperative launch. Torch-free.
+//
+// Block `blk` owns hidden units j0 = blk * UNITS .. j0 + UNITS - 1, i.e. 4 * UNITS rows of W_hh
+// (gate-major: row g * UNITS + u is W_hh row g * H + j0 + u), resident in shared memory for the
+// whole launch. Per step it
+//   1. prefetches its slice of xproj[t] (independent of h, so it overlaps the barrier wait),
+//   2. waits until every block published h_{t-1},
+//   3. multiplies its W slice by h_{t-1} on the tensor cores (block_matmul),
+//   4. applies the gates in fp32 (cell state stays in shared memory), writes y, the saved gates
+//      and c, and publishes its units of h_t to the exchange buffer,
+//   5. arrives at the grid barrier.
+// One barrier per step: the exchange buffer is double-buffered, and a block reads the buffer
+// of step t-1 only before it arrives at step t's barrier, which every writer of step t+1 waits
+// for.
+#pragma once
+
+#include "cuda/persistent_common.cuh"
+
+namespace lstm_fused {
+namespace cuda {
+namespace persistent {
+
+template <typename Scalar>
+struct ForwardParams {
+  int steps, B, H;
+  int Kpad, KC, Bpad;  // H rounded up to 16; state columns staged at once; B rounded up to 16
+  bool reverse;
+  const Scalar* xproj;      // (Scalar, B, 4H)
+  const Scalar* w_hh;       // (4H, H)
+  const Scalar* h0;         // (B, H)
+  const Scalar* c0;         // (B, H)
+  const int64_t* lengths;  // (B,) or nullptr
+  Scalar* y;                // (Scalar, B, H)
+  Scalar* h_n;              // (B, H)
+  Scalar* c_n;              // (B, H)
+  Scalar* gates;            // (Scalar, B, 4H) or nullptr
+  float* c_all;        // (Scalar, B, H) or nullptr
+  Scalar* hbuf;             // workspace: (2, B, H) exchange buffer
+  unsigned* counter;   // workspace: barrier counter, zero at launch
+};
+
+// Shared-memory layout; the planner sizes the launch with the same function.
+struct ForwardLayout {
+  size_t w, hs, acc, xs, cs, hown, len, total;
+  __host__ __device__ ForwardLayout(int units, int B, int Bpad, int Kpad, int KC, int elem) {
+    const int rows = 4 * units;
+    const TileSplit split(rows, Bpad);
+    SmemCursor c;
+    w = c.take(static_cast<size_t>(rows) * (Kpad + kSkew) * elem);
+    hs = c.take(static_cast<size_t>(Bpad) * (KC + kSkew) * elem);
+    acc = c.take(static_cast<size_t>(split.ksplit) * Bpad * rows * sizeof(float));
+    xs = c.take(static_cast<size_t>(B) * rows * elem);
+    cs = c.take(static_cast<size_t>(B) * units * sizeof(float));
+    hown = c.take(static_cast<size_t>(B) * units * elem);
+    len = c.take(static_cast<size_t>(B) * sizeof(int));
+    total = c.offset;
+  }
+};
+
+template <typename Scalar, int UNITS>
+__global__ void __launch_bounds__(kThreads, 1) lstm_forward_persistent(ForwardParams<Scalar> p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  constexpr int rows = 4 * UNITS;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const ForwardLayout L(UNITS, p.B, p.Bpad, p.Kpad, p.KC, sizeof(Scalar));
+  Scalar* Wsm = reinterpret_cast<Scalar*>(smem + L.w);
+  Scalar* Hs = reinterpret_cast<Scalar*>(smem + L.hs);
+  float* Acc = reinterpret_cast<float*>(smem + L.acc);
+  Scalar* Xs = reinterpret_cast<Scalar*>(smem + L.xs);
+  float* Cs = reinterpret_cast<float*>(smem + L.cs);
+  Scalar* Hown = reinterpret_cast<Scalar*>(smem + L.hown);
+  int* Len = reinterpret_cast<int*>(smem + L.len);
+
+  const int B = p.B, H = p.H, tid = threadIdx.x;
+  const int64_t H4 = 4 * static_cast<int64_t>(H);
+  const int j0 = blockIdx.x * UNITS;
+  const int ldw = p.Kpad + kSkew;
+  const int ksplit = TileSplit(rows, p.Bpad).ksplit;
+  const Scalar zero = from_float<Scalar>(0.0f);
+
+  // W slice, zero past H (units of a ragged last block, and the K padding).
+  for (int idx = tid; idx < rows * p.Kpad; idx += kThreads) {
+    const int r = idx / p.Kpad, k = idx - r * p.Kpad;
+    const int g = r / UNITS, j = j0 + r % UNITS;
+    Wsm[r * ldw + k] = (j < H && k < H) ? p.w_hh[(g * static_cast<int64_t>(H) + j) * H + k] : zero;
+  }
+  // Staging rows past B stay zero for the whole launch.
+  for (int idx = tid; idx < p.Bpad * (p.KC + kSkew); idx += kThreads) Hs[idx] = zero;
+  for (int idx = tid; idx < B * UNITS; idx += kThreads) {
+    const int b = idx / UNITS, j = j0 + idx % UNITS;
+    Cs[idx] = j < H ? to_float(p.c0[static_cast<int64_t>(b) * H + j]) : 0.0f;
+    Hown[idx] = j < H ? p.h0[static_cast<int64_t>(b) * H + j] : zero;
+  }
+  for (int b = tid; b < B; b += kThreads) {
+    const int64_t len = p.lengths ? p.lengths[b] : p.steps;
+    Len[b] = static_cast<int>(len < 0 ? 0 : (len > p.steps ? p.steps : len));
+  }
+  __syncthreads();
+
+  for (int s = 0; s < p.steps; ++s) {
+    const int t = p.reverse ? p.steps - 1 - s : s;
+    const Scalar* xt = p.xproj + static_cast<int64_t>(t) * B * H4;
+    for (int idx = tid; idx < B * rows; idx += kThreads) {
+      const int b = idx / rows, r = idx - b * rows;
+      const int g = r / UNITS, j = j0 + r % UNITS;
+      Xs[idx] = j < H ? xt[b * H4 + g * static_cast<int64_t>(H) + j] : zero;
+    }
+    if (s > 0) {
+      grid_wait(p.counter, static_cast<unsigned>(s) * gridDim.x);
+    } else {
+      __syncthreads();
+    }
+
+    const Scalar* h_prev = s == 0 ? p.h0 : p.hbuf + static_cast<int64_t>((s - 1) & 1) * B * H;
+    block_matmul(Wsm, ldw, rows, h_prev, B, H, p.Kpad, p.KC, p.Bpad, Hs, Acc);
+
+    Scalar* h_out = p.hbuf + static_cast<int64_t>(s & 1) * B * H;
+    for (int idx = tid; idx < B * UNITS; idx += kThreads) {
+      const int b = idx / UNITS, u = idx - b * UNITS, j = j0 + u;
+      if (j >= H) continue;
+      float z[4];
+#pragma unroll
+      for (int g = 0; g < 4; ++g) {
+        z[g] = acc_sum(Acc, ksplit, p.Bpad, rows, b, g * UNITS + u) +
+               to_float(Xs[b * rows + g * UNITS + u]);
+      }
+      const float ig = sigmoid(z[0]), fg = sigmoid(z[1]), gg = tanhf(z[2]), og = sigmoid(z[3]);
+      const bool active = t < Len[b];
+      const int64_t row = static_cast<int64_t>(t) * B + b;
+      if (active) {
+        const float c = fg * Cs[idx] + ig * gg;
+        Cs[idx] = c;
+        Hown[idx] = from_float<Scalar>(og * tanhf(c));
+      }
+      p.y[row * H + j] = active ? Hown[idx] : zero;
+      h_out[static_cast<int64_t>(b) * H + j] = Hown[idx];
+      if (p.gates) {
+        Scalar* gt = p.gates + row * H4 + j;
+        gt[0] = active ? from_float<Scalar>(ig) : zero;
+        gt[H] = active ? from_float<Scalar>(fg) : zero;
+        gt[2 * static_cast<int64_t>(H)] = active ? from_float<Scalar>(gg) : zero;
+        gt[3 * static_cast<int64_t>(H)] = active ? from_float<Scalar>(og) : zero;
+      }
+      if (p.c_all) p.c_all[row * H + j] = Cs[idx];
+    }
+    if (s + 1 < p.steps) grid_arrive(p.counter);
+  }
+
+  // Same thread <-> (b, u) mapping as the steps, so no barrier is needed before the final state.
+  for (int idx = tid; idx < B * UNITS; idx += kThreads) {
+    const int b = idx / UNITS, j = j0 + idx % UNITS;
+    if (j >= H) continue;
+    p.h_n[static_cast<int64_t>(b) * H + j] = Hown[idx];
+    p.c_n[static_cast<int64_t>(b) * H + j] = from_float<Scalar>(Cs[idx]);
+  }
+#endif
+}
+
+}  // namespace persistent
+}  // namespace cuda
+}  // namespace lstm_fused
