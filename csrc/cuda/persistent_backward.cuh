@@ -61,9 +61,9 @@ struct BackwardLayout {
 
 template <typename Scalar>
 __global__ void __launch_bounds__(kThreads, 1) lstm_backward_persistent(BackwardParams<Scalar> p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(LSTM_FUSED_SIMT_EMULATION) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
   constexpr int U = kBackwardUnits;
-  extern __shared__ __align__(128) unsigned char smem[];
+  LSTM_FUSED_DYNAMIC_SMEM(smem);
   const BackwardLayout L(p.B, p.Bpad, p.Kpad, p.KC, sizeof(Scalar));
   Scalar* Wt = reinterpret_cast<Scalar*>(smem + L.w);
   Scalar* Hs = reinterpret_cast<Scalar*>(smem + L.hs);

@@ -13,12 +13,18 @@
 // because the launcher uses a cooperative launch, which refuses to start otherwise.
 #pragma once
 
+#include <cstdint>
+
+#ifdef LSTM_FUSED_SIMT_EMULATION
+// tests/cuda_emulation/simt_emulator.h runs these kernels on CPU threads (CI has no GPU); it
+// provides the CUDA types, intrinsics and wmma used below.
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
-
-#include <cstdint>
+#define LSTM_FUSED_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+#endif
 
 namespace lstm_fused {
 namespace cuda {
@@ -39,11 +45,13 @@ __host__ __device__ inline int64_t round_up(int64_t x, int64_t m) { return (x + 
 // arrive() publishes this block's writes of the step; wait() returns once `target` arrivals
 // happened. They are split so a block can prefetch the next step's inputs in between.
 
+#ifndef LSTM_FUSED_SIMT_EMULATION
 __device__ inline unsigned load_acquire(const unsigned* p) {
   unsigned v;
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
   return v;
 }
+#endif
 
 __device__ inline void grid_arrive(unsigned* counter) {
   __syncthreads();  // every thread of the block has written its part of the step

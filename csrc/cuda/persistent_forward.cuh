@@ -59,9 +59,9 @@ struct ForwardLayout {
 
 template <typename Scalar, int UNITS>
 __global__ void __launch_bounds__(kThreads, 1) lstm_forward_persistent(ForwardParams<Scalar> p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(LSTM_FUSED_SIMT_EMULATION) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
   constexpr int rows = 4 * UNITS;
-  extern __shared__ __align__(128) unsigned char smem[];
+  LSTM_FUSED_DYNAMIC_SMEM(smem);
   const ForwardLayout L(UNITS, p.B, p.Bpad, p.Kpad, p.KC, sizeof(Scalar));
   Scalar* Wsm = reinterpret_cast<Scalar*>(smem + L.w);
   Scalar* Hs = reinterpret_cast<Scalar*>(smem + L.hs);
