@@ -1,6 +1,6 @@
 // Op schemas of the recurrence ops and the Python module init of lstm_fused._C.
 //
-// Kernels register per device in csrc/cpu/register.cpp and csrc/cuda/*_binding.cu. The fake
+// Kernels register per device in csrc/cpu/register.cpp and csrc/cuda/binding.cu. The fake
 // (meta) kernels and autograd are attached in Python (lstm_fused/ops.py), so there is no
 // autograd.Function and torch.compile(fullgraph=True) traces straight through.
 

@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# One command for a GPU session: rebuild, test, sanitize and benchmark the CUDA backend.
+#
+#   bash scripts/gpu_cuda_check.sh
+#
+# 1. pip install --no-build-isolation --no-deps -e .   (the installed torch; no network needed)
+# 2. pytest tests/test_cuda.py tests/test_parity.py tests/test_module.py
+# 3. compute-sanitizer memcheck, racecheck and synccheck on a small forward + backward of both
+#    paths (general: fp32, bf16 with projection and lengths; persistent: bf16/fp16, lengths,
+#    reverse), with torch's caching allocator off so out-of-bounds accesses hit real allocation
+#    boundaries.
+# 4. benchmarks/cuda/grid_sync_latency.cu: per-step cost of the grid barrier options.
+# 5. python -m benchmarks.run --suite headline --providers nn.LSTM,lstm_fused:cuda (bf16) into
+#    bench_out/cuda_headline (the committed headline comes from benchmarks/gpu_all.sh, which runs
+#    every provider), then the same with the general path forced, to compare the two paths.
+#
+# Knobs: PYTHON (default python), SKIP_BUILD=1, SKIP_TESTS=1, SKIP_SANITIZER=1, SKIP_BENCH=1,
+# STEP_TIMEOUT=seconds per step (default 420: a hung persistent kernel must not eat a whole
+# session), EXTRA_BENCH_ARGS="..." (e.g. "--budget 0.5"). Logs: bench_out/gpu_cuda_check/*.log.
+# Exits non-zero if any step fails (every step still runs).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+LOGS=bench_out/gpu_cuda_check
+mkdir -p "$LOGS"
+status=0
+fail() { echo "== FAILED: $*" >&2; status=1; }
+step() { echo; echo "== $*"; }
+
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
+    || { echo "gpu_cuda_check.sh: torch sees no CUDA device" >&2; exit 1; }
+
+if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
+    step "build"
+    "$PY" -m pip install --no-build-isolation --no-deps -e . 2>&1 | tee "$LOGS/build.log"
+    [[ ${PIPESTATUS[0]} == 0 ]] || { echo "build failed (see $LOGS/build.log)" >&2; exit 1; }
+fi
+"$PY" - <<'EOF' 2>&1 | tee "$LOGS/backends.log"
+import torch, lstm_fused
+from lstm_fused import dispatch
+print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__, "cuda", torch.version.cuda)
+print("lstm_fused backends:", lstm_fused.available_backends())
+reason = dispatch.unavailable_reason("cuda")
+raise SystemExit(f"the cuda backend is unavailable: {reason}" if reason else 0)
+EOF
+[[ ${PIPESTATUS[0]} == 0 ]] || { echo "gpu_cuda_check.sh: no cuda backend, nothing to check" >&2; exit 1; }
+
+LIMIT=${STEP_TIMEOUT:-420}
+if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
+step "tests"
+timeout "$LIMIT" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_parity.py tests/test_module.py \
+    2>&1 | tee "$LOGS/pytest.log"
+[[ ${PIPESTATUS[0]} == 0 ]] || fail "pytest (see $LOGS/pytest.log)"
+fi
+
+# A small forward + backward through every kernel of both paths, for the sanitizer.
+SANITIZE_CASE=$(cat <<'EOF'
+import os, torch
+torch.manual_seed(0)
+dev = "cuda"
+FWD, BWD = torch.ops.lstm_fused.recurrence_forward, torch.ops.lstm_fused.recurrence_backward
+
+def run(path, dtype, T, B, H, P=None, lengths=None, reverse=False):
+    os.environ["LSTM_FUSED_CUDA_PATH"] = path
+    P_ = P or H
+    xproj = torch.randn(T, B, 4 * H, device=dev, dtype=dtype)
+    w_hh = (torch.randn(4 * H, P_, device=dev) / P_**0.5).to(dtype)
+    w_hr = (torch.randn(P_, H, device=dev) / H**0.5).to(dtype) if P else None
+    h0, c0 = torch.randn(B, P_, device=dev, dtype=dtype), torch.randn(B, H, device=dev, dtype=dtype)
+    lens = None if lengths is None else torch.tensor(lengths, device=dev)
+    y, h_n, c_n, gates, c_all = FWD(xproj, w_hh, w_hr, h0, c0, lens, reverse, True)
+    grads = BWD(torch.randn_like(y), torch.randn_like(h_n), torch.randn_like(c_n), w_hh, w_hr,
+                h0, c0, lens, reverse, y, gates, c_all, True)
+    torch.cuda.synchronize()
+    finite = all(torch.isfinite(t).all() for t in (y, h_n, c_n, *grads) if t.numel())
+    print(f"{path:10s} {str(dtype):15s} T={T} B={B} H={H} P={P} lengths={lengths} reverse={reverse}:",
+          "ok" if finite else "NON-FINITE")
+    assert finite
+
+run("general", torch.float32, 5, 3, 33, lengths=[5, 0, 2], reverse=True)
+run("general", torch.bfloat16, 4, 5, 24, P=9, lengths=[4, 1, 3, 0, 2])
+run("general", torch.float16, 3, 2, 16)
+run("persistent", torch.bfloat16, 5, 3, 33, lengths=[5, 0, 2], reverse=True)
+run("persistent", torch.float16, 4, 20, 64)
+run("persistent", torch.bfloat16, 3, 17, 40, lengths=[3] * 10 + [1] * 7)
+EOF
+)
+
+if [[ "${SKIP_SANITIZER:-0}" != 1 ]]; then
+    SANITIZER=$(command -v compute-sanitizer || true)
+    if [[ -z "$SANITIZER" ]]; then
+        CUDA_ROOT=$("$PY" -c "from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME or '')")
+        for cand in "$CUDA_ROOT/bin/compute-sanitizer" /usr/local/cuda/bin/compute-sanitizer; do
+            [[ -x "$cand" ]] && { SANITIZER=$cand; break; }
+        done
+    fi
+    if [[ -z "$SANITIZER" ]]; then
+        fail "compute-sanitizer not found (SKIP_SANITIZER=1 to skip this step)"
+    else
+        for tool in memcheck racecheck synccheck; do
+            step "compute-sanitizer --tool $tool"
+            PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$LIMIT" "$SANITIZER" --tool "$tool" --error-exitcode 1 \
+                "$PY" -c "$SANITIZE_CASE" 2>&1 | tee "$LOGS/sanitizer_$tool.log"
+            [[ ${PIPESTATUS[0]} == 0 ]] || fail "compute-sanitizer $tool (see $LOGS/sanitizer_$tool.log)"
+        done
+    fi
+fi
+
+if [[ "${SKIP_BENCH:-0}" != 1 ]]; then
+    step "grid barrier options (benchmarks/cuda/grid_sync_latency.cu)"
+    NVCC=$(command -v nvcc || echo "$("$PY" -c "from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME)")/bin/nvcc")
+    ARCH=$("$PY" -c "import torch; print(''.join(map(str, torch.cuda.get_device_capability())))")
+    { "$NVCC" -std=c++17 -O3 -arch="sm_$ARCH" benchmarks/cuda/grid_sync_latency.cu -o "$LOGS/grid_sync_latency" \
+        && timeout "$LIMIT" "$LOGS/grid_sync_latency"; } 2>&1 | tee "$LOGS/grid_sync_latency.md"
+    [[ ${PIPESTATUS[0]} == 0 ]] || fail "grid sync microbenchmark (see $LOGS/grid_sync_latency.md)"
+
+    step "benchmark: headline, nn.LSTM vs lstm_fused:cuda (auto path), bf16"
+    # shellcheck disable=SC2086  # EXTRA_BENCH_ARGS is meant to split
+    timeout "$LIMIT" "$PY" -m benchmarks.run --suite headline --providers nn.LSTM,lstm_fused:cuda --dtypes bfloat16 \
+        --out bench_out/cuda_headline --no-progress ${EXTRA_BENCH_ARGS:-} \
+        2>&1 | tee "$LOGS/bench_headline.log"
+    [[ ${PIPESTATUS[0]} == 0 ]] || fail "benchmark headline (see $LOGS/bench_headline.log)"
+
+    step "benchmark: headline with LSTM_FUSED_CUDA_PATH=general (not saved)"
+    # shellcheck disable=SC2086
+    LSTM_FUSED_CUDA_PATH=general timeout "$LIMIT" "$PY" -m benchmarks.run --suite headline \
+        --providers nn.LSTM,lstm_fused:cuda --dtypes bfloat16 --out bench_out/cuda_headline_general \
+        --no-progress ${EXTRA_BENCH_ARGS:-} 2>&1 | tee "$LOGS/bench_headline_general.log"
+    [[ ${PIPESTATUS[0]} == 0 ]] || fail "benchmark headline, general path (see $LOGS/bench_headline_general.log)"
+fi
+
+echo
+if [[ $status == 0 ]]; then echo "== gpu_cuda_check: all steps passed"; else echo "== gpu_cuda_check: FAILED (logs in $LOGS/)"; fi
+exit $status
