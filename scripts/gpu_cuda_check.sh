@@ -83,6 +83,8 @@ run("general", torch.float16, 3, 2, 16)
 run("persistent", torch.bfloat16, 5, 3, 33, lengths=[5, 0, 2], reverse=True)
 run("persistent", torch.float16, 4, 20, 64)
 run("persistent", torch.bfloat16, 3, 17, 40, lengths=[3] * 10 + [1] * 7)
+torch.backends.cudnn.allow_tf32 = True  # fp32 on the persistent kernels multiplies in TF32
+run("persistent", torch.float32, 4, 5, 48, lengths=[4, 2, 0, 1, 3], reverse=True)
 EOF
 )
 

@@ -275,10 +275,14 @@ def test_op_parity_gpu_shapes(monkeypatch, name, dtype, path):
     _compare_on_path(monkeypatch, name, GPU_CASES[name], dtype, path)
 
 
+@pytest.mark.parametrize("path", ["general", "persistent"])
 @pytest.mark.parametrize("name", ["h256_b16_rev", "h512_b16_proj_lengths_rev"])
-def test_tf32_follows_cudnn_switch(monkeypatch, name):
-    """With cuDNN TF32 allowed (as nn.LSTM's cuDNN path would use it) fp32 stays close."""
-    _use_path(monkeypatch, "general")
+def test_tf32_follows_cudnn_switch(monkeypatch, name, path):
+    """With cuDNN TF32 allowed (as nn.LSTM's cuDNN path would use it) fp32 stays close; the
+    persistent kernels then take fp32 too (TF32 tensor-core MMA), except with projection."""
+    if path == "persistent" and GPU_CASES[name][3] is not None:
+        pytest.skip("projection runs the general path")
+    _use_path(monkeypatch, path)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     T, B, H, P, lengths, reverse = GPU_CASES[name]
     inputs, lens, cot = _draw(T, B, H, P, lengths)
@@ -300,6 +304,7 @@ def test_tf32_follows_cudnn_switch(monkeypatch, name):
 )
 def test_persistent_refuses_with_reason(monkeypatch, dtype, proj, reason):
     _use_path(monkeypatch, "persistent")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 persistent needs TF32
     (xproj, w_hh, w_hr, h0, c0), lens, _ = _draw(3, 2, 16, 8 if proj else None, None)
     args = [None if t is None else t.to(dtype) for t in (xproj, w_hh, w_hr, h0, c0)]
     with pytest.raises(RuntimeError, match=f"{PATH_ENV}=persistent.*{reason}"):

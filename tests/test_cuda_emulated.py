@@ -31,10 +31,13 @@ SOURCES = [
     ROOT / "csrc/cuda/persistent_forward.cuh",
     ROOT / "csrc/cuda/persistent_backward.cuh",
 ]
-DTYPE_CODE = {torch.bfloat16: 1, torch.float16: 2}
+DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+DTYPE_IDS = ["bf16", "fp16", "fp32_tf32"]
 # Relative error bounds against float64 on the same rounded inputs. The kernels round h (and dz)
-# to the storage dtype every step, as cuDNN does; an indexing mistake gives errors of order 1.
-TOL = {torch.bfloat16: 3e-2, torch.float16: 4e-3}
+# to the storage dtype every step, as cuDNN does, and fp32 multiplies in TF32 (10 mantissa bits,
+# like fp16); an indexing mistake gives errors of order 1.
+TOL = {torch.bfloat16: 3e-2, torch.float16: 4e-3, torch.float32: 4e-3}
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +93,7 @@ FORWARD_CASES = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("case", list(FORWARD_CASES), ids=list(FORWARD_CASES))
 def test_persistent_forward(lib, case, dtype):
     T, B, H, units, kc, lengths, reverse = FORWARD_CASES[case]
@@ -119,7 +122,7 @@ BACKWARD_CASES = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("case", list(BACKWARD_CASES), ids=list(BACKWARD_CASES))
 def test_persistent_backward(lib, case, dtype):
     T, B, H, kc, lengths, reverse = BACKWARD_CASES[case]

@@ -106,20 +106,25 @@ T* ptr(const at::Tensor& t) {
   return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr;
 }
 
+// Whether fp32 recurrences may multiply in TF32: the switch nn.LSTM's cuDNN path obeys
+// (torch.backends.cudnn.allow_tf32, or the cudnn rnn fp32 precision on newer torch).
+bool rnn_allows_tf32() {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
+  return at::globalContext().allowTF32CuDNN(at::Float32Op::RNN);
+#else  // before the per-op fp32 precision API
+  return at::globalContext().allowTF32CuDNN();
+#endif
+}
+
 // ------------------------------------------------------------------------------------------
 // cuBLAS. Row-major tensors are handed to column-major cuBLAS as their transposes.
 
 class Blas {
  public:
   explicit Blas(at::ScalarType storage) : handle_(at::cuda::getCurrentCUDABlasHandle()) {
-    // fp32 storage may use TF32 exactly when nn.LSTM's cuDNN path would
-    // (torch.backends.cudnn.allow_tf32 / the cudnn rnn fp32 precision); else exact fp32.
+    // fp32 storage may use TF32 exactly when nn.LSTM's cuDNN path would; else exact fp32.
     // 16-bit storage: fp32 accumulation, tensor cores as usual.
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
-    const bool tf32 = storage == at::kFloat && at::globalContext().allowTF32CuDNN(at::Float32Op::RNN);
-#else  // before the per-op fp32 precision API
-    const bool tf32 = storage == at::kFloat && at::globalContext().allowTF32CuDNN();
-#endif
+    const bool tf32 = storage == at::kFloat && rnn_allows_tf32();
     compute_ = tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
     // The handle's math mode follows torch.backends.cuda.matmul (it can also turn TF32 on for
     // CUBLAS_COMPUTE_32F); set the default mode for our calls so only compute_ decides.
@@ -381,6 +386,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrenc
 
   ForwardArgs a;
   a.T = T, a.B = B, a.H = H, a.P = P, a.dtype = kind;
+  a.allow_tf32 = dtype == at::kFloat && rnn_allows_tf32();
   a.xproj = f.xproj.data_ptr();
   a.w_hh = f.w_hh.data_ptr();
   a.w_hr = s.has_proj ? f.w_hr.data_ptr() : nullptr;
@@ -448,6 +454,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrenc
 
   BackwardArgs a;
   a.T = T, a.B = B, a.H = H, a.P = P, a.dtype = kind;
+  a.allow_tf32 = dtype == at::kFloat && rnn_allows_tf32();
   a.dy = g.dy.data_ptr();
   const at::Tensor dh_n_c = dh_n.contiguous(), dc_n_c = dc_n.contiguous();
   a.dh_n = dh_n_c.data_ptr();

@@ -63,14 +63,22 @@ const void* backward_kernel() {
 }
 
 const void* forward_kernel_for(ScalarKind dtype, int units) {
-  return dtype == ScalarKind::kBFloat16 ? forward_kernel<__nv_bfloat16>(units)
-                                        : forward_kernel<__half>(units);
+  switch (dtype) {
+    case ScalarKind::kBFloat16: return forward_kernel<__nv_bfloat16>(units);
+    case ScalarKind::kFloat16: return forward_kernel<__half>(units);
+    default: return forward_kernel<float>(units);
+  }
 }
 
 const void* backward_kernel_for(ScalarKind dtype) {
-  return dtype == ScalarKind::kBFloat16 ? backward_kernel<__nv_bfloat16>()
-                                        : backward_kernel<__half>();
+  switch (dtype) {
+    case ScalarKind::kBFloat16: return backward_kernel<__nv_bfloat16>();
+    case ScalarKind::kFloat16: return backward_kernel<__half>();
+    default: return backward_kernel<float>();
+  }
 }
+
+int element_bytes(ScalarKind dtype) { return dtype == ScalarKind::kFloat32 ? 4 : 2; }
 
 // Largest staged column count (a multiple of 16, at most Kpad, as even as possible over the
 // chunks) such that `fixed + staging` fits; 0 when not even 16 columns fit.
@@ -84,14 +92,15 @@ int choose_k_chunk(int Kpad, int Bpad, size_t smem_limit, Layout layout_for) {
 }
 
 // Common rejections; returns the reason or nullptr.
-const char* common_why_not(ScalarKind dtype, const void* w_hr, int64_t Scalar, int64_t B,
-                           const DeviceLimits& d) {
-  if (dtype == ScalarKind::kFloat32) return "float32 runs the general path (tensor-core MMA needs 16-bit storage)";
+const char* common_why_not(ScalarKind dtype, bool allow_tf32, const void* w_hr, int64_t steps,
+                           int64_t B, const DeviceLimits& d) {
+  if (dtype == ScalarKind::kFloat32 && !allow_tf32)
+    return "float32 without TF32 (torch.backends.cudnn.allow_tf32 is off) runs the general path";
   if (w_hr != nullptr) return "proj_size runs the general path";
   if (d.major < 8) return "the persistent kernels need compute capability 8.0 or newer";
   if (!d.cooperative) return "the device does not support cooperative launches";
-  // The barrier counter reaches Scalar * blocks; keep it far from unsigned overflow.
-  if (Scalar > (1 << 22)) return "too many time steps for one persistent launch";
+  // The barrier counter reaches steps * blocks; keep it far from unsigned overflow.
+  if (steps > (1 << 22)) return "too many time steps for one persistent launch";
   if (B > 16 * kWarps * kMaxTilesPerWarp) return "the batch is too large for the persistent kernels";
   return nullptr;
 }
@@ -121,8 +130,8 @@ bool plan_persistent_forward(const ForwardArgs& a, int device, PersistentPlan* p
     plan->why_not = "could not query the device";
     return false;
   }
-  if ((plan->why_not = common_why_not(a.dtype, a.w_hr, a.T, a.B, d))) return false;
-  const int B = static_cast<int>(a.B), H = static_cast<int>(a.H);
+  if ((plan->why_not = common_why_not(a.dtype, a.allow_tf32, a.w_hr, a.T, a.B, d))) return false;
+  const int B = static_cast<int>(a.B), H = static_cast<int>(a.H), elem = element_bytes(a.dtype);
   const int Bpad = static_cast<int>(round_up(B, 16)), Kpad = static_cast<int>(round_up(H, 16));
   const int forced = forced_units();
   plan->why_not = "W_hh does not fit in the shared memory of co-resident blocks";
@@ -131,7 +140,7 @@ bool plan_persistent_forward(const ForwardArgs& a, int device, PersistentPlan* p
     const int blocks = static_cast<int>((H + units - 1) / units);
     if (blocks > d.sms) continue;
     if (TileSplit(4 * units, Bpad).tiles_per_warp() > kMaxTilesPerWarp) continue;
-    auto layout_for = [&](int kc) { return ForwardLayout(units, B, Bpad, Kpad, kc, 2); };
+    auto layout_for = [&](int kc) { return ForwardLayout(units, B, Bpad, Kpad, kc, elem); };
     const int kc = choose_k_chunk(Kpad, Bpad, static_cast<size_t>(d.smem_optin), layout_for);
     if (kc == 0) continue;
     const size_t smem = layout_for(kc).total;
@@ -140,7 +149,7 @@ bool plan_persistent_forward(const ForwardArgs& a, int device, PersistentPlan* p
     plan->units_per_block = units;
     plan->k_chunk = kc;
     plan->smem_bytes = smem;
-    plan->workspace_bytes = kCounterBytes + 2 * static_cast<size_t>(B) * H * 2;
+    plan->workspace_bytes = kCounterBytes + 2 * static_cast<size_t>(B) * H * elem;
     plan->why_not = nullptr;
     return true;
   }
@@ -156,14 +165,14 @@ bool plan_persistent_backward(const BackwardArgs& a, int device, PersistentPlan*
     plan->why_not = "could not query the device";
     return false;
   }
-  if ((plan->why_not = common_why_not(a.dtype, a.w_hr, a.T, a.B, d))) return false;
-  const int B = static_cast<int>(a.B), H = static_cast<int>(a.H);
+  if ((plan->why_not = common_why_not(a.dtype, a.allow_tf32, a.w_hr, a.T, a.B, d))) return false;
+  const int B = static_cast<int>(a.B), H = static_cast<int>(a.H), elem = element_bytes(a.dtype);
   const int Bpad = static_cast<int>(round_up(B, 16)), Kpad = static_cast<int>(round_up(4 * H, 16));
   const int blocks = (H + kBackwardUnits - 1) / kBackwardUnits;
   plan->why_not = "W_hh does not fit in the shared memory of co-resident blocks";
   if (blocks > d.sms) return false;
   if (TileSplit(kBackwardUnits, Bpad).tiles_per_warp() > kMaxTilesPerWarp) return false;
-  auto layout_for = [&](int kc) { return BackwardLayout(B, Bpad, Kpad, kc, 2); };
+  auto layout_for = [&](int kc) { return BackwardLayout(B, Bpad, Kpad, kc, elem); };
   const int kc = choose_k_chunk(Kpad, Bpad, static_cast<size_t>(d.smem_optin), layout_for);
   if (kc == 0) return false;
   const size_t smem = layout_for(kc).total;
@@ -172,7 +181,7 @@ bool plan_persistent_backward(const BackwardArgs& a, int device, PersistentPlan*
   plan->units_per_block = kBackwardUnits;
   plan->k_chunk = kc;
   plan->smem_bytes = smem;
-  plan->workspace_bytes = kCounterBytes + 2 * static_cast<size_t>(B) * 4 * H * 2;
+  plan->workspace_bytes = kCounterBytes + 2 * static_cast<size_t>(B) * 4 * H * elem;
   plan->why_not = nullptr;
   return true;
 }
@@ -245,15 +254,21 @@ cudaError_t launch_backward(const BackwardArgs& a, const PersistentPlan& plan, v
 cudaError_t launch_persistent_forward(const ForwardArgs& a, const PersistentPlan& plan,
                                       void* workspace, cudaStream_t stream) {
   if (a.T == 0) return cudaSuccess;
-  return a.dtype == ScalarKind::kBFloat16 ? launch_forward<__nv_bfloat16>(a, plan, workspace, stream)
-                                          : launch_forward<__half>(a, plan, workspace, stream);
+  switch (a.dtype) {
+    case ScalarKind::kBFloat16: return launch_forward<__nv_bfloat16>(a, plan, workspace, stream);
+    case ScalarKind::kFloat16: return launch_forward<__half>(a, plan, workspace, stream);
+    default: return launch_forward<float>(a, plan, workspace, stream);
+  }
 }
 
 cudaError_t launch_persistent_backward(const BackwardArgs& a, const PersistentPlan& plan,
                                        void* workspace, cudaStream_t stream) {
   if (a.T == 0) return cudaSuccess;
-  return a.dtype == ScalarKind::kBFloat16 ? launch_backward<__nv_bfloat16>(a, plan, workspace, stream)
-                                          : launch_backward<__half>(a, plan, workspace, stream);
+  switch (a.dtype) {
+    case ScalarKind::kBFloat16: return launch_backward<__nv_bfloat16>(a, plan, workspace, stream);
+    case ScalarKind::kFloat16: return launch_backward<__half>(a, plan, workspace, stream);
+    default: return launch_backward<float>(a, plan, workspace, stream);
+  }
 }
 
 }  // namespace cuda

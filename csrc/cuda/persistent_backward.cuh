@@ -11,7 +11,7 @@
 //      and published to the exchange buffer,
 //   4. arrives at the grid barrier.
 // The final phase only does 1-2 and writes dh0/dc0. dW_hh is not computed here: the binding
-// does it afterwards as one GEMM over all Scalar*B rows of dxproj.
+// does it afterwards as one GEMM over all T*B rows of dxproj.
 #pragma once
 
 #include "cuda/persistent_common.cuh"
@@ -28,19 +28,19 @@ struct BackwardParams {
   int steps, B, H;
   int Kpad, KC, Bpad;  // 4H rounded up to 16; columns staged at once; B rounded up to 16
   bool reverse;
-  const Scalar* dy;         // (Scalar, B, H)
-  const Scalar* dh_n;       // (B, H)
-  const Scalar* dc_n;       // (B, H)
-  const Scalar* w_hh;       // (4H, H)
-  const Scalar* c0;         // (B, H)
-  const int64_t* lengths;  // (B,) or nullptr
-  const Scalar* gates;      // (Scalar, B, 4H) activated gates saved by the forward
-  const float* c_all;  // (Scalar, B, H)
-  Scalar* dxproj;           // (Scalar, B, 4H)
-  Scalar* dh0;              // (B, H)
-  Scalar* dc0;              // (B, H)
-  Scalar* zbuf;             // workspace: (2, B, 4H) exchange buffer of dz
-  unsigned* counter;   // workspace: barrier counter, zero at launch
+  const Scalar* dy;           // (T, B, H)
+  const Scalar* dh_n;         // (B, H)
+  const Scalar* dc_n;         // (B, H)
+  const Scalar* w_hh;         // (4H, H)
+  const Scalar* c0;           // (B, H)
+  const int64_t* lengths;     // (B,) or nullptr
+  const Scalar* gates;        // (T, B, 4H) activated gates saved by the forward
+  const float* c_all;         // (T, B, H)
+  Scalar* dxproj;             // (T, B, 4H)
+  Scalar* dh0;                // (B, H)
+  Scalar* dc0;                // (B, H)
+  Scalar* zbuf;               // workspace: (2, B, 4H) exchange buffer of dz
+  unsigned* counter;          // workspace: barrier counter, zero at launch
 };
 
 struct BackwardLayout {

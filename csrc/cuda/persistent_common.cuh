@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #ifdef LSTM_FUSED_SIMT_EMULATION
 // tests/cuda_emulation/simt_emulator.h runs these kernels on CPU threads (CI has no GPU); it
@@ -76,6 +77,8 @@ __device__ inline void grid_wait(const unsigned* counter, unsigned target) {
 template <typename Scalar>
 __device__ inline float to_float(Scalar v);
 template <>
+__device__ inline float to_float<float>(float v) { return v; }
+template <>
 __device__ inline float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
 template <>
 __device__ inline float to_float<__half>(__half v) { return __half2float(v); }
@@ -83,9 +86,32 @@ __device__ inline float to_float<__half>(__half v) { return __half2float(v); }
 template <typename Scalar>
 __device__ inline Scalar from_float(float v);
 template <>
+__device__ inline float from_float<float>(float v) { return v; }
+template <>
 __device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 template <>
 __device__ inline __half from_float<__half>(float v) { return __float2half(v); }
+
+// The tensor-core instruction per storage type: m16n16k16 on 16-bit storage; m16n16k8 TF32 on
+// fp32 storage (operands rounded to TF32 after loading; the launcher only runs it where the
+// user allows TF32, as nn.LSTM's cuDNN path does).
+template <typename Scalar>
+struct Mma {
+  static constexpr int kK = 16;
+  using Operand = Scalar;
+  template <typename Fragment>
+  __device__ static void round(Fragment&) {}
+};
+template <>
+struct Mma<float> {
+  static constexpr int kK = 8;
+  using Operand = nvcuda::wmma::precision::tf32;
+  template <typename Fragment>
+  __device__ static void round(Fragment& f) {
+#pragma unroll
+    for (int i = 0; i < f.num_elements; ++i) f.x[i] = nvcuda::wmma::__float_to_tf32(f.x[i]);
+  }
+};
 
 // Accurate activations (the build must not use --use_fast_math for fp32 parity elsewhere).
 __device__ inline float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
@@ -98,25 +124,27 @@ __device__ inline float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 template <typename Scalar>
 __device__ inline void stage_state(const Scalar* __restrict__ src, int B, int K, int c0, int kc,
                                    Scalar* __restrict__ Hs, int ldh) {
-  static_assert(sizeof(Scalar) == 2, "16-bit storage");
-  const bool vector = (K % 8 == 0) && ((reinterpret_cast<uintptr_t>(src) & 15) == 0);
+  static_assert(sizeof(Scalar) == 2 || sizeof(Scalar) == 4, "16- or 32-bit storage");
+  constexpr int kVec = 16 / sizeof(Scalar);  // elements per 16-byte load
+  const bool vector = (K % kVec == 0) && ((reinterpret_cast<uintptr_t>(src) & 15) == 0);
   if (vector) {
-    const int per_row = kc / 8;  // kc is a multiple of 16
+    const int per_row = kc / kVec;  // kc is a multiple of 16
     for (int idx = threadIdx.x; idx < B * per_row; idx += kThreads) {
       const int b = idx / per_row;
-      const int k = c0 + (idx - b * per_row) * 8;
+      const int k = c0 + (idx - b * per_row) * kVec;
       int4 v = make_int4(0, 0, 0, 0);
       if (k < K) v = __ldcg(reinterpret_cast<const int4*>(src + static_cast<int64_t>(b) * K + k));
       *reinterpret_cast<int4*>(Hs + b * ldh + (k - c0)) = v;
     }
   } else {
-    const unsigned short* s = reinterpret_cast<const unsigned short*>(src);
-    unsigned short* d = reinterpret_cast<unsigned short*>(Hs);
+    using Bits = typename std::conditional<sizeof(Scalar) == 2, unsigned short, unsigned>::type;
+    const Bits* s = reinterpret_cast<const Bits*>(src);
+    Bits* d = reinterpret_cast<Bits*>(Hs);
     for (int idx = threadIdx.x; idx < B * kc; idx += kThreads) {
       const int b = idx / kc;
       const int kk = idx - b * kc;
       const int k = c0 + kk;
-      d[b * ldh + kk] = k < K ? __ldcg(s + static_cast<int64_t>(b) * K + k) : (unsigned short)0;
+      d[b * ldh + kk] = k < K ? __ldcg(s + static_cast<int64_t>(b) * K + k) : Bits(0);
     }
   }
 }
@@ -136,7 +164,7 @@ struct TileSplit {
   }
 };
 
-// out^Scalar = W_slice @ state^Scalar for one step, accumulated in fp32 and left in shared memory as
+// out^T = W_slice @ state^T for one step, accumulated in fp32 and left in shared memory as
 // Acc[ks][b][rows] (column-major tiles, so the pointwise pass reads consecutive units of one
 // batch row from consecutive words). `state` is the (B x K) row-major exchange buffer.
 template <typename Scalar>
@@ -152,7 +180,8 @@ __device__ inline void block_matmul(const Scalar* __restrict__ Wsm, int ldw, int
   const int n_mine = split.ksplit == 1 ? (split.tiles - warp + kWarps - 1) / kWarps : (busy ? 1 : 0);
   const int m_tiles = rows / 16;
 
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kMaxTilesPerWarp];
+  using M = Mma<Scalar>;
+  wmma::fragment<wmma::accumulator, 16, 16, M::kK, float> acc[kMaxTilesPerWarp];
 #pragma unroll
   for (int i = 0; i < kMaxTilesPerWarp; ++i) wmma::fill_fragment(acc[i], 0.0f);
 
@@ -161,17 +190,19 @@ __device__ inline void block_matmul(const Scalar* __restrict__ Wsm, int ldw, int
     stage_state(state, B, K, c0, kc, Hs, ldh);
     __syncthreads();
     if (busy) {
-      for (int kk = ks * 16; kk < kc; kk += 16 * split.ksplit) {
+      for (int kk = ks * M::kK; kk < kc; kk += M::kK * split.ksplit) {
 #pragma unroll
         for (int i = 0; i < kMaxTilesPerWarp; ++i) {
           if (i < n_mine) {
             const int tile = split.ksplit == 1 ? warp + i * kWarps : warp % split.tiles;
             const int m0 = (tile % m_tiles) * 16;
             const int n0 = (tile / m_tiles) * 16;
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, Scalar, wmma::row_major> a;
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, Scalar, wmma::col_major> b;
+            wmma::fragment<wmma::matrix_a, 16, 16, M::kK, typename M::Operand, wmma::row_major> a;
+            wmma::fragment<wmma::matrix_b, 16, 16, M::kK, typename M::Operand, wmma::col_major> b;
             wmma::load_matrix_sync(a, Wsm + m0 * ldw + c0 + kk, ldw);
             wmma::load_matrix_sync(b, Hs + n0 * ldh + kk, ldh);
+            M::round(a);
+            M::round(b);
             wmma::mma_sync(acc[i], a, b, acc[i]);
           }
         }

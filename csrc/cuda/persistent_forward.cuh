@@ -1,4 +1,4 @@
-// Persistent LSTM forward: all Scalar steps in one cooperative launch. Torch-free.
+// Persistent LSTM forward: all T steps in one cooperative launch. Torch-free.
 //
 // Block `blk` owns hidden units j0 = blk * UNITS .. j0 + UNITS - 1, i.e. 4 * UNITS rows of W_hh
 // (gate-major: row g * UNITS + u is W_hh row g * H + j0 + u), resident in shared memory for the
@@ -25,18 +25,18 @@ struct ForwardParams {
   int steps, B, H;
   int Kpad, KC, Bpad;  // H rounded up to 16; state columns staged at once; B rounded up to 16
   bool reverse;
-  const Scalar* xproj;      // (Scalar, B, 4H)
-  const Scalar* w_hh;       // (4H, H)
-  const Scalar* h0;         // (B, H)
-  const Scalar* c0;         // (B, H)
-  const int64_t* lengths;  // (B,) or nullptr
-  Scalar* y;                // (Scalar, B, H)
-  Scalar* h_n;              // (B, H)
-  Scalar* c_n;              // (B, H)
-  Scalar* gates;            // (Scalar, B, 4H) or nullptr
-  float* c_all;        // (Scalar, B, H) or nullptr
-  Scalar* hbuf;             // workspace: (2, B, H) exchange buffer
-  unsigned* counter;   // workspace: barrier counter, zero at launch
+  const Scalar* xproj;        // (T, B, 4H)
+  const Scalar* w_hh;         // (4H, H)
+  const Scalar* h0;           // (B, H)
+  const Scalar* c0;           // (B, H)
+  const int64_t* lengths;     // (B,) or nullptr
+  Scalar* y;                  // (T, B, H)
+  Scalar* h_n;                // (B, H)
+  Scalar* c_n;                // (B, H)
+  Scalar* gates;              // (T, B, 4H) or nullptr
+  float* c_all;               // (T, B, H) or nullptr
+  Scalar* hbuf;               // workspace: (2, B, H) exchange buffer
+  unsigned* counter;          // workspace: barrier counter, zero at launch
 };
 
 // Shared-memory layout; the planner sizes the launch with the same function.

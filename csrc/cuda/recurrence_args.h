@@ -14,6 +14,7 @@ enum class ScalarKind : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 struct ForwardArgs {
   int64_t T = 0, B = 0, H = 0, P = 0;  // P == H without projection
   ScalarKind dtype = ScalarKind::kFloat32;
+  bool allow_tf32 = false;         // fp32 storage: may the recurrent product round to TF32?
   const void* xproj = nullptr;     // (T, B, 4H): x @ W_ih^T + biases, gate order i, f, g, o
   const void* w_hh = nullptr;      // (4H, P)
   const void* w_hr = nullptr;      // (P, H), or nullptr without projection
@@ -31,6 +32,7 @@ struct ForwardArgs {
 struct BackwardArgs {
   int64_t T = 0, B = 0, H = 0, P = 0;
   ScalarKind dtype = ScalarKind::kFloat32;
+  bool allow_tf32 = false;
   const void* dy = nullptr;        // (T, B, P)
   const void* dh_n = nullptr;      // (B, P)
   const void* dc_n = nullptr;      // (B, H)

@@ -90,7 +90,7 @@ int forward_units(int units, int T, int B, int H, int KC, bool reverse, const vo
 
 extern "C" {
 
-// dtype: 1 = bfloat16, 2 = float16 (ScalarKind). Returns 0 on success.
+// dtype: 0 = float32 (TF32 products), 1 = bfloat16, 2 = float16 (ScalarKind). 0 on success.
 int emulated_forward(int dtype, int units, int T, int B, int H, int KC, int reverse,
                      const void* xproj, const void* w_hh, const void* h0, const void* c0,
                      const int64_t* lengths, void* y, void* h_n, void* c_n, void* gates,
@@ -102,6 +102,9 @@ int emulated_forward(int dtype, int units, int T, int B, int H, int KC, int reve
   if (dtype == 2)
     return forward_units<__half>(units, T, B, H, KC, reverse, xproj, w_hh, h0, c0, lengths, y, h_n,
                                  c_n, gates, c_all);
+  if (dtype == 0)
+    return forward_units<float>(units, T, B, H, KC, reverse, xproj, w_hh, h0, c0, lengths, y, h_n,
+                                c_n, gates, c_all);
   return 3;
 }
 
@@ -116,6 +119,9 @@ int emulated_backward(int dtype, int T, int B, int H, int KC, int reverse, const
   else if (dtype == 2)
     backward<__half>(T, B, H, KC, reverse, dy, dh_n, dc_n, w_hh, c0, lengths, gates, c_all, dxproj,
                      dh0, dc0);
+  else if (dtype == 0)
+    backward<float>(T, B, H, KC, reverse, dy, dh_n, dc_n, w_hh, c0, lengths, gates, c_all, dxproj,
+                    dh0, dc0);
   else
     return 3;
   return 0;

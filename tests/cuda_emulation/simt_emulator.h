@@ -3,10 +3,10 @@
 // double buffering and grid barrier. One std::thread per CUDA thread, a std::barrier per block
 // for __syncthreads, std::atomic for the grid counter.
 //
-// wmma is emulated per thread: every lane of a warp holds the whole 16x16 tile and does the
-// whole product (the lanes agree, since they see the same shared memory); lane 0 alone stores.
-// 16-bit products are exact in fp32 and accumulation is fp32, as on the tensor cores, though the
-// order of additions differs. What this cannot show: timing, memory-model subtleties of the real
+// wmma is emulated per thread: every lane of a warp holds the whole tile and does the whole
+// product (the lanes agree, since they see the same shared memory); lane 0 alone stores.
+// 16-bit and TF32 products are exact in fp32 and accumulation is fp32, as on the tensor cores,
+// though the order of additions differs. What this cannot show: timing, memory-model subtleties of the real
 // hardware beyond what the C++ model enforces, and register/shared-memory limits; those need a GPU.
 #pragma once
 
@@ -20,6 +20,7 @@
 #include <functional>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #define __global__
@@ -107,44 +108,65 @@ struct accumulator {};
 struct row_major {};
 struct col_major {};
 enum layout_t { mem_row_major, mem_col_major };
+namespace precision {
+struct tf32 {};  // operands stored as float, rounded by __float_to_tf32
+}  // namespace precision
 
+// m16n16k16 (16-bit operands) and m16n16k8 (TF32). A is M x K, B is K x N, C is M x N; each is
+// kept row-major in x[] with a row stride of 16.
 template <typename Use, int M, int N, int K, typename T, typename Layout = void>
 struct fragment {
-  static_assert(M == 16 && N == 16 && K == 16, "the emulator knows m16n16k16 only");
-  float x[16 * 16];  // element (r, c) at x[r * 16 + c]
+  static_assert(M == 16 && N == 16 && (K == 16 || K == 8), "m16n16k16 and m16n16k8 only");
+  static constexpr int num_elements = 16 * 16;
+  static constexpr int rows = std::is_same<Use, matrix_b>::value ? K : 16;
+  static constexpr int cols = std::is_same<Use, matrix_a>::value ? K : 16;
+  float x[16 * 16] = {};
 };
 
-template <typename Use, typename T, typename L>
-inline void fill_fragment(fragment<Use, 16, 16, 16, T, L>& f, float v) {
+template <typename Use, int K, typename T, typename L>
+inline void fill_fragment(fragment<Use, 16, 16, K, T, L>& f, float v) {
   std::fill(f.x, f.x + 256, v);
 }
 
 inline float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
 inline float to_f(__half v) { return __half2float(v); }
+inline float to_f(float v) { return v; }
 
-template <typename Use, typename T, typename L>
-inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, L>& f, const T* p, unsigned ld) {
-  const bool row = std::is_same<L, row_major>::value;
-  for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = to_f(row ? p[r * ld + c] : p[c * ld + r]);
+// Round to nearest, ties away from zero, keeping 10 mantissa bits (cvt.rna.tf32.f32).
+inline float __float_to_tf32(float f) {
+  if (!std::isfinite(f)) return f;
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u = (u + 0x1000u) & 0xffffe000u;
+  std::memcpy(&f, &u, 4);
+  return f;
 }
 
-template <typename TA, typename TB>
-inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
-                     const fragment<matrix_a, 16, 16, 16, TA, row_major>& a,
-                     const fragment<matrix_b, 16, 16, 16, TB, col_major>& b,
-                     const fragment<accumulator, 16, 16, 16, float>& c) {
+template <typename Use, int K, typename T, typename L, typename P>
+inline void load_matrix_sync(fragment<Use, 16, 16, K, T, L>& f, const P* p, unsigned ld) {
+  using F = fragment<Use, 16, 16, K, T, L>;
+  const bool row = std::is_same<L, row_major>::value;
+  for (int r = 0; r < F::rows; ++r)
+    for (int c = 0; c < F::cols; ++c) f.x[r * 16 + c] = to_f(row ? p[r * ld + c] : p[c * ld + r]);
+}
+
+template <int K, typename TA, typename TB>
+inline void mma_sync(fragment<accumulator, 16, 16, K, float>& d,
+                     const fragment<matrix_a, 16, 16, K, TA, row_major>& a,
+                     const fragment<matrix_b, 16, 16, K, TB, col_major>& b,
+                     const fragment<accumulator, 16, 16, K, float>& c) {
   float out[256];
   for (int i = 0; i < 16; ++i)
     for (int j = 0; j < 16; ++j) {
       float s = c.x[i * 16 + j];
-      for (int k = 0; k < 16; ++k) s += a.x[i * 16 + k] * b.x[k * 16 + j];
+      for (int k = 0; k < K; ++k) s += a.x[i * 16 + k] * b.x[k * 16 + j];
       out[i * 16 + j] = s;
     }
   std::memcpy(d.x, out, sizeof(out));
 }
 
-inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f,
+template <int K>
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, K, float>& f,
                               unsigned ld, layout_t layout) {
   if (threadIdx.x % 32 != 0) return;
   for (int r = 0; r < 16; ++r)
