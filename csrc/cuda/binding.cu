@@ -353,6 +353,19 @@ bool use_persistent(const Args& args, int device, PersistentPlan* plan, Plan pla
   return fits;
 }
 
+// Whether a persistent launch ran. The planner checked co-residency on an idle device, but
+// other work on the GPU (another process, MPS limits) can still make the cooperative launch too
+// large; `auto` then runs the general path instead, an explicit `persistent` reports the error.
+bool persistent_launched(cudaError_t err) {
+  if (err == cudaSuccess) return true;
+  if (err == cudaErrorCooperativeLaunchTooLarge && path_choice() == PathChoice::kAuto) {
+    (void)cudaGetLastError();  // not sticky; clear it so later checks do not see it
+    return false;
+  }
+  C10_CUDA_CHECK(err);
+  return false;
+}
+
 at::Tensor workspace_for(const PersistentPlan& plan, const at::Tensor& like) {
   return at::empty({static_cast<int64_t>(plan.workspace_bytes)}, like.options().dtype(at::kByte));
 }
@@ -405,9 +418,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrenc
     a.h_n = h_n.data_ptr();
     a.c_n = c_n.data_ptr();
     const at::Tensor workspace = workspace_for(plan, f.xproj);
-    C10_CUDA_CHECK(launch_persistent_forward(
-        a, plan, plan.workspace_bytes > 0 ? workspace.data_ptr() : nullptr, stream));
-    return {f.y, h_n, c_n, gates, c_all};
+    if (persistent_launched(launch_persistent_forward(
+            a, plan, plan.workspace_bytes > 0 ? workspace.data_ptr() : nullptr, stream))) {
+      return {f.y, h_n, c_n, gates, c_all};
+    }
   }
 
   f.h = h0.clone();                                      // becomes h_n
@@ -470,6 +484,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrenc
 
   at::Tensor dh0, dc0;
   PersistentPlan plan;
+  bool done = false;
   if (use_persistent(a, gates_in.device().index(), &plan, plan_persistent_backward, "backward")) {
     TORCH_INTERNAL_ASSERT(!s.has_proj, "lstm_fused: the persistent backward has no projection");
     dh0 = at::empty({B, P}, opts);
@@ -478,9 +493,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrenc
     a.dh0 = dh0.data_ptr();
     a.dc0 = dc0.data_ptr();
     const at::Tensor workspace = workspace_for(plan, g.gates);
-    C10_CUDA_CHECK(launch_persistent_backward(
+    done = persistent_launched(launch_persistent_backward(
         a, plan, plan.workspace_bytes > 0 ? workspace.data_ptr() : nullptr, stream));
-  } else {
+  }
+  if (!done) {
     g.dh = dh_n.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
     g.dc = dc_n.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
     if (s.has_proj && weight_grads) g.dh_tot_all = at::empty({T, B, P}, f32);
