@@ -3,6 +3,13 @@
 // Tile configurations are template instances compiled here, chosen at run time: the forward
 // takes the smallest UNITS (hidden units per block) whose grid fits on the device's SMs, which
 // spreads the per-step work over the most SMs. LSTM_FUSED_CUDA_UNITS=4|8|16 forces one (tuning).
+//
+// Every block reads the whole exchanged state (B x H forward, B x 4H backward) each step. When
+// that does not fit in shared memory next to W, it is staged in column chunks, each costing a
+// round of L2 loads and two block barriers; past a few chunks per step (large batch) the
+// per-step cuBLAS GEMM of the general path should win. The planner therefore declines shapes
+// needing more than kMaxChunks chunks: an estimate from that cost, not yet a GPU measurement;
+// LSTM_FUSED_CUDA_MAX_CHUNKS=n overrides it for tuning.
 #include <cstdlib>
 #include <cstring>
 
@@ -40,6 +47,14 @@ cudaError_t device_limits(int device, DeviceLimits* d) {
     return e;
   if ((e = cudaDeviceGetAttribute(&d->major, cudaDevAttrComputeCapabilityMajor, device))) return e;
   return cudaDeviceGetAttribute(&d->cooperative, cudaDevAttrCooperativeLaunch, device);
+}
+
+constexpr int kMaxChunks = 2;
+
+int max_chunks() {
+  const char* v = std::getenv("LSTM_FUSED_CUDA_MAX_CHUNKS");
+  const int n = v ? std::atoi(v) : 0;
+  return n > 0 ? n : kMaxChunks;
 }
 
 int forced_units() {
@@ -81,10 +96,10 @@ const void* backward_kernel_for(ScalarKind dtype) {
 int element_bytes(ScalarKind dtype) { return dtype == ScalarKind::kFloat32 ? 4 : 2; }
 
 // Largest staged column count (a multiple of 16, at most Kpad, as even as possible over the
-// chunks) such that `fixed + staging` fits; 0 when not even 16 columns fit.
+// chunks) such that `fixed + staging` fits in at most max_chunks() chunks; 0 when none does.
 template <typename Layout>
 int choose_k_chunk(int Kpad, int Bpad, size_t smem_limit, Layout layout_for) {
-  for (int chunks = 1; chunks <= Kpad / 16; ++chunks) {
+  for (int chunks = 1; chunks <= Kpad / 16 && chunks <= max_chunks(); ++chunks) {
     const int kc = static_cast<int>(round_up((Kpad + chunks - 1) / chunks, 16));
     if (layout_for(kc).total <= smem_limit) return kc;
   }
@@ -134,7 +149,8 @@ bool plan_persistent_forward(const ForwardArgs& a, int device, PersistentPlan* p
   const int B = static_cast<int>(a.B), H = static_cast<int>(a.H), elem = element_bytes(a.dtype);
   const int Bpad = static_cast<int>(round_up(B, 16)), Kpad = static_cast<int>(round_up(H, 16));
   const int forced = forced_units();
-  plan->why_not = "W_hh does not fit in the shared memory of co-resident blocks";
+  plan->why_not =
+      "W_hh and the per-step state do not fit in the shared memory of co-resident blocks";
   for (int units : kUnitChoices) {
     if (forced && units != forced) continue;
     const int blocks = static_cast<int>((H + units - 1) / units);
@@ -169,7 +185,8 @@ bool plan_persistent_backward(const BackwardArgs& a, int device, PersistentPlan*
   const int B = static_cast<int>(a.B), H = static_cast<int>(a.H), elem = element_bytes(a.dtype);
   const int Bpad = static_cast<int>(round_up(B, 16)), Kpad = static_cast<int>(round_up(4 * H, 16));
   const int blocks = (H + kBackwardUnits - 1) / kBackwardUnits;
-  plan->why_not = "W_hh does not fit in the shared memory of co-resident blocks";
+  plan->why_not =
+      "W_hh and the per-step state do not fit in the shared memory of co-resident blocks";
   if (blocks > d.sms) return false;
   if (TileSplit(kBackwardUnits, Bpad).tiles_per_warp() > kMaxTilesPerWarp) return false;
   auto layout_for = [&](int kc) { return BackwardLayout(B, Bpad, Kpad, kc, elem); };
