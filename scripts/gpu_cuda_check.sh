@@ -9,7 +9,8 @@
 #    paths (general: fp32, bf16 with projection and lengths; persistent: bf16/fp16, lengths,
 #    reverse), with torch's caching allocator off so out-of-bounds accesses hit real allocation
 #    boundaries.
-# 4. benchmarks/cuda/grid_sync_latency.cu: per-step cost of the grid barrier options.
+# 4. benchmarks/cuda/grid_sync_latency.cu: per-step cost of the grid barrier options, and
+#    scripts/cuda_paths.py: which path (persistent/general) each headline shape takes.
 # 5. python -m benchmarks.run --suite headline --providers nn.LSTM,lstm_fused:cuda (bf16) into
 #    bench_out/cuda_headline (the committed headline comes from benchmarks/gpu_all.sh, which runs
 #    every provider), then the same with the general path forced, to compare the two paths.
@@ -115,6 +116,10 @@ if [[ "${SKIP_BENCH:-0}" != 1 ]]; then
     { "$NVCC" -std=c++17 -O3 -arch="sm_$ARCH" benchmarks/cuda/grid_sync_latency.cu -o "$LOGS/grid_sync_latency" \
         && timeout "$LIMIT" "$LOGS/grid_sync_latency"; } 2>&1 | tee "$LOGS/grid_sync_latency.md"
     [[ ${PIPESTATUS[0]} == 0 ]] || fail "grid sync microbenchmark (see $LOGS/grid_sync_latency.md)"
+
+    step "which path each headline shape takes"
+    timeout "$LIMIT" "$PY" scripts/cuda_paths.py headline 2>&1 | tee "$LOGS/paths.log"
+    [[ ${PIPESTATUS[0]} == 0 ]] || fail "scripts/cuda_paths.py (see $LOGS/paths.log)"
 
     step "benchmark: headline, nn.LSTM vs lstm_fused:cuda (auto path), bf16"
     # shellcheck disable=SC2086  # EXTRA_BENCH_ARGS is meant to split
