@@ -6,7 +6,7 @@
 # 1. pip install --no-build-isolation --no-deps -e .   (the installed torch; no network needed)
 # 2. pytest tests/test_cuda.py tests/test_parity.py tests/test_module.py
 # 3. compute-sanitizer memcheck, racecheck and synccheck on a small forward + backward of both
-#    paths (general: fp32, bf16 with projection and lengths; persistent: bf16/fp16, lengths,
+#    paths (general: fp32, bf16 with projection and lengths; persistent: bf16/fp16/fp32, lengths,
 #    reverse), with torch's caching allocator off so out-of-bounds accesses hit real allocation
 #    boundaries.
 # 4. benchmarks/cuda/grid_sync_latency.cu: per-step cost of the grid barrier options, and
@@ -84,7 +84,9 @@ run("general", torch.float16, 3, 2, 16)
 run("persistent", torch.bfloat16, 5, 3, 33, lengths=[5, 0, 2], reverse=True)
 run("persistent", torch.float16, 4, 20, 64)
 run("persistent", torch.bfloat16, 3, 17, 40, lengths=[3] * 10 + [1] * 7)
-torch.backends.cudnn.allow_tf32 = True  # fp32 on the persistent kernels multiplies in TF32
+torch.backends.cudnn.allow_tf32 = False  # fp32 persistent: exact FMAs
+run("persistent", torch.float32, 4, 5, 48, lengths=[4, 2, 0, 1, 3], reverse=True)
+torch.backends.cudnn.allow_tf32 = True  # fp32 persistent: TF32 tensor cores
 run("persistent", torch.float32, 4, 5, 48, lengths=[4, 2, 0, 1, 3], reverse=True)
 EOF
 )

@@ -93,7 +93,7 @@ GPU_CASES = {
     "h1024_b64_proj": (16, 64, 1024, 512, None, False),
 }
 ALL_CASES = {**CASES, **ZERO_LENGTH_CASES, **GPU_CASES}
-# Shapes the persistent kernels must accept in 16-bit (no projection, small W_hh): refusing one of
+# Shapes the persistent kernels must accept in every dtype (no projection, small W_hh): refusing one of
 # these is a failure, not a skip. Larger ones may legitimately not fit a given GPU.
 MUST_FIT_PERSISTENT = {"T1", "B1", "oddH", "B10_rev", "B3_oddH_rev", "lengths", "lengths_rev",
                        "h256_b1", "h256_b16_rev"}
@@ -212,11 +212,12 @@ def _compare(case, dtype):
 
 
 def _compare_on_path(monkeypatch, name, case, dtype, path):
-    """Run on `path`; a persistent refusal is expected for fp32 / proj (tested separately) and
-    tolerated (skip) only for shapes that may not fit the device."""
+    """Run on `path`; a persistent refusal is expected with projection (tested separately) and
+    tolerated (skip) only for shapes that may not fit the device. fp32 here has TF32 off, so the
+    persistent kernels multiply with exact fp32 FMAs and must meet the fp32 bound."""
     _use_path(monkeypatch, path)
-    if path == "persistent" and (dtype == torch.float32 or case[3] is not None):
-        pytest.skip("the persistent kernels are 16-bit without projection (refusal tested below)")
+    if path == "persistent" and case[3] is not None:
+        pytest.skip("the persistent kernels have no projection (refusal tested below)")
     try:
         _compare(case, dtype)
     except RuntimeError as exc:
@@ -279,7 +280,7 @@ def test_op_parity_gpu_shapes(monkeypatch, name, dtype, path):
 @pytest.mark.parametrize("name", ["h256_b16_rev", "h512_b16_proj_lengths_rev"])
 def test_tf32_follows_cudnn_switch(monkeypatch, name, path):
     """With cuDNN TF32 allowed (as nn.LSTM's cuDNN path would use it) fp32 stays close; the
-    persistent kernels then take fp32 too (TF32 tensor-core MMA), except with projection."""
+    persistent kernels then multiply fp32 in TF32 on the tensor cores (no projection there)."""
     if path == "persistent" and GPU_CASES[name][3] is not None:
         pytest.skip("projection runs the general path")
     _use_path(monkeypatch, path)
@@ -299,12 +300,11 @@ def test_tf32_follows_cudnn_switch(monkeypatch, name, path):
 
 @pytest.mark.parametrize(
     "dtype,proj,reason",
-    [(torch.float32, False, "float32"), (torch.bfloat16, True, "proj_size"), (torch.float16, True, "proj_size")],
-    ids=["fp32", "bf16_proj", "fp16_proj"],
+    [(torch.float32, True, "proj_size"), (torch.bfloat16, True, "proj_size"), (torch.float16, True, "proj_size")],
+    ids=["fp32_proj", "bf16_proj", "fp16_proj"],
 )
 def test_persistent_refuses_with_reason(monkeypatch, dtype, proj, reason):
     _use_path(monkeypatch, "persistent")
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 persistent needs TF32
     (xproj, w_hh, w_hr, h0, c0), lens, _ = _draw(3, 2, 16, 8 if proj else None, None)
     args = [None if t is None else t.to(dtype) for t in (xproj, w_hh, w_hr, h0, c0)]
     with pytest.raises(RuntimeError, match=f"{PATH_ENV}=persistent.*{reason}"):

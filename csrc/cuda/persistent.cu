@@ -62,34 +62,36 @@ int forced_units() {
   return v ? std::atoi(v) : 0;
 }
 
-template <typename Scalar>
+// kExact: fp32 storage multiplied with exact fp32 FMAs (TF32 not allowed) instead of TF32 MMA.
+template <typename Scalar, bool kExact = false>
 const void* forward_kernel(int units) {
+  using persistent::lstm_forward_persistent;
   switch (units) {
-    case 4: return reinterpret_cast<const void*>(&persistent::lstm_forward_persistent<Scalar, 4>);
-    case 8: return reinterpret_cast<const void*>(&persistent::lstm_forward_persistent<Scalar, 8>);
-    case 16: return reinterpret_cast<const void*>(&persistent::lstm_forward_persistent<Scalar, 16>);
+    case 4: return reinterpret_cast<const void*>(&lstm_forward_persistent<Scalar, 4, kExact>);
+    case 8: return reinterpret_cast<const void*>(&lstm_forward_persistent<Scalar, 8, kExact>);
+    case 16: return reinterpret_cast<const void*>(&lstm_forward_persistent<Scalar, 16, kExact>);
     default: return nullptr;
   }
 }
 
-template <typename Scalar>
+template <typename Scalar, bool kExact = false>
 const void* backward_kernel() {
-  return reinterpret_cast<const void*>(&persistent::lstm_backward_persistent<Scalar>);
+  return reinterpret_cast<const void*>(&persistent::lstm_backward_persistent<Scalar, kExact>);
 }
 
-const void* forward_kernel_for(ScalarKind dtype, int units) {
+const void* forward_kernel_for(ScalarKind dtype, bool allow_tf32, int units) {
   switch (dtype) {
     case ScalarKind::kBFloat16: return forward_kernel<__nv_bfloat16>(units);
     case ScalarKind::kFloat16: return forward_kernel<__half>(units);
-    default: return forward_kernel<float>(units);
+    default: return allow_tf32 ? forward_kernel<float>(units) : forward_kernel<float, true>(units);
   }
 }
 
-const void* backward_kernel_for(ScalarKind dtype) {
+const void* backward_kernel_for(ScalarKind dtype, bool allow_tf32) {
   switch (dtype) {
     case ScalarKind::kBFloat16: return backward_kernel<__nv_bfloat16>();
     case ScalarKind::kFloat16: return backward_kernel<__half>();
-    default: return backward_kernel<float>();
+    default: return allow_tf32 ? backward_kernel<float>() : backward_kernel<float, true>();
   }
 }
 
@@ -107,10 +109,7 @@ int choose_k_chunk(int Kpad, int Bpad, size_t smem_limit, Layout layout_for) {
 }
 
 // Common rejections; returns the reason or nullptr.
-const char* common_why_not(ScalarKind dtype, bool allow_tf32, const void* w_hr, int64_t steps,
-                           int64_t B, const DeviceLimits& d) {
-  if (dtype == ScalarKind::kFloat32 && !allow_tf32)
-    return "float32 without TF32 (torch.backends.cudnn.allow_tf32 is off) runs the general path";
+const char* common_why_not(const void* w_hr, int64_t steps, int64_t B, const DeviceLimits& d) {
   if (w_hr != nullptr) return "proj_size runs the general path";
   if (d.major < 8) return "the persistent kernels need compute capability 8.0 or newer";
   if (!d.cooperative) return "the device does not support cooperative launches";
@@ -145,7 +144,7 @@ bool plan_persistent_forward(const ForwardArgs& a, int device, PersistentPlan* p
     plan->why_not = "could not query the device";
     return false;
   }
-  if ((plan->why_not = common_why_not(a.dtype, a.allow_tf32, a.w_hr, a.T, a.B, d))) return false;
+  if ((plan->why_not = common_why_not(a.w_hr, a.T, a.B, d))) return false;
   const int B = static_cast<int>(a.B), H = static_cast<int>(a.H), elem = element_bytes(a.dtype);
   const int Bpad = static_cast<int>(round_up(B, 16)), Kpad = static_cast<int>(round_up(H, 16));
   const int forced = forced_units();
@@ -160,7 +159,7 @@ bool plan_persistent_forward(const ForwardArgs& a, int device, PersistentPlan* p
     const int kc = choose_k_chunk(Kpad, Bpad, static_cast<size_t>(d.smem_optin), layout_for);
     if (kc == 0) continue;
     const size_t smem = layout_for(kc).total;
-    if (!fits_resident(forward_kernel_for(a.dtype, units), blocks, smem, d)) continue;
+    if (!fits_resident(forward_kernel_for(a.dtype, a.allow_tf32, units), blocks, smem, d)) continue;
     plan->blocks = blocks;
     plan->units_per_block = units;
     plan->k_chunk = kc;
@@ -181,7 +180,7 @@ bool plan_persistent_backward(const BackwardArgs& a, int device, PersistentPlan*
     plan->why_not = "could not query the device";
     return false;
   }
-  if ((plan->why_not = common_why_not(a.dtype, a.allow_tf32, a.w_hr, a.T, a.B, d))) return false;
+  if ((plan->why_not = common_why_not(a.w_hr, a.T, a.B, d))) return false;
   const int B = static_cast<int>(a.B), H = static_cast<int>(a.H), elem = element_bytes(a.dtype);
   const int Bpad = static_cast<int>(round_up(B, 16)), Kpad = static_cast<int>(round_up(4 * H, 16));
   const int blocks = (H + kBackwardUnits - 1) / kBackwardUnits;
@@ -193,7 +192,7 @@ bool plan_persistent_backward(const BackwardArgs& a, int device, PersistentPlan*
   const int kc = choose_k_chunk(Kpad, Bpad, static_cast<size_t>(d.smem_optin), layout_for);
   if (kc == 0) return false;
   const size_t smem = layout_for(kc).total;
-  if (!fits_resident(backward_kernel_for(a.dtype), blocks, smem, d)) return false;
+  if (!fits_resident(backward_kernel_for(a.dtype, a.allow_tf32), blocks, smem, d)) return false;
   plan->blocks = blocks;
   plan->units_per_block = kBackwardUnits;
   plan->k_chunk = kc;
@@ -205,7 +204,7 @@ bool plan_persistent_backward(const BackwardArgs& a, int device, PersistentPlan*
 
 namespace {
 
-template <typename Scalar>
+template <typename Scalar, bool kExact = false>
 cudaError_t launch_forward(const ForwardArgs& a, const PersistentPlan& plan, void* workspace,
                            cudaStream_t stream) {
   ForwardParams<Scalar> p;
@@ -231,11 +230,11 @@ cudaError_t launch_forward(const ForwardArgs& a, const PersistentPlan& plan, voi
   cudaError_t e = cudaMemsetAsync(p.counter, 0, sizeof(unsigned), stream);
   if (e != cudaSuccess) return e;
   void* kernel_args[] = {&p};
-  return cudaLaunchCooperativeKernel(forward_kernel<Scalar>(plan.units_per_block), dim3(plan.blocks),
+  return cudaLaunchCooperativeKernel(forward_kernel<Scalar, kExact>(plan.units_per_block), dim3(plan.blocks),
                                      dim3(kThreads), kernel_args, plan.smem_bytes, stream);
 }
 
-template <typename Scalar>
+template <typename Scalar, bool kExact = false>
 cudaError_t launch_backward(const BackwardArgs& a, const PersistentPlan& plan, void* workspace,
                             cudaStream_t stream) {
   BackwardParams<Scalar> p;
@@ -262,7 +261,7 @@ cudaError_t launch_backward(const BackwardArgs& a, const PersistentPlan& plan, v
   cudaError_t e = cudaMemsetAsync(p.counter, 0, sizeof(unsigned), stream);
   if (e != cudaSuccess) return e;
   void* kernel_args[] = {&p};
-  return cudaLaunchCooperativeKernel(backward_kernel<Scalar>(), dim3(plan.blocks), dim3(kThreads),
+  return cudaLaunchCooperativeKernel(backward_kernel<Scalar, kExact>(), dim3(plan.blocks), dim3(kThreads),
                                      kernel_args, plan.smem_bytes, stream);
 }
 
@@ -274,7 +273,9 @@ cudaError_t launch_persistent_forward(const ForwardArgs& a, const PersistentPlan
   switch (a.dtype) {
     case ScalarKind::kBFloat16: return launch_forward<__nv_bfloat16>(a, plan, workspace, stream);
     case ScalarKind::kFloat16: return launch_forward<__half>(a, plan, workspace, stream);
-    default: return launch_forward<float>(a, plan, workspace, stream);
+    default:
+      return a.allow_tf32 ? launch_forward<float>(a, plan, workspace, stream)
+                          : launch_forward<float, true>(a, plan, workspace, stream);
   }
 }
 
@@ -284,7 +285,9 @@ cudaError_t launch_persistent_backward(const BackwardArgs& a, const PersistentPl
   switch (a.dtype) {
     case ScalarKind::kBFloat16: return launch_backward<__nv_bfloat16>(a, plan, workspace, stream);
     case ScalarKind::kFloat16: return launch_backward<__half>(a, plan, workspace, stream);
-    default: return launch_backward<float>(a, plan, workspace, stream);
+    default:
+      return a.allow_tf32 ? launch_backward<float>(a, plan, workspace, stream)
+                          : launch_backward<float, true>(a, plan, workspace, stream);
   }
 }
 

@@ -4,9 +4,9 @@
 //
 // Usage: plan_*() says whether the shape fits on chip of a device and how big the workspace is;
 // the caller allocates `workspace_bytes` of device memory (contents need not be initialised)
-// and calls launch_*() on its stream. Without projection only (proj_size runs the general path);
-// bf16/fp16 storage, and fp32 storage where allow_tf32 is set (TF32 tensor-core MMA); exact
-// fp32 runs the general path.
+// and calls launch_*() on its stream. Without projection only (proj_size runs the general path).
+// bf16/fp16 multiply on the tensor cores; fp32 on the tensor cores in TF32 where allow_tf32 is
+// set, else with exact fp32 FMAs on the CUDA cores.
 #pragma once
 
 #include <cuda_runtime.h>

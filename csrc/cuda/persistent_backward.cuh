@@ -59,7 +59,7 @@ struct BackwardLayout {
   }
 };
 
-template <typename Scalar>
+template <typename Scalar, bool kExactFp32 = false>
 __global__ void __launch_bounds__(kThreads, 1) lstm_backward_persistent(BackwardParams<Scalar> p) {
 #if defined(LSTM_FUSED_SIMT_EMULATION) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
   constexpr int U = kBackwardUnits;
@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_backward_persistent(Backward
     if (s < p.steps - 1) {
       grid_wait(p.counter, static_cast<unsigned>(p.steps - 1 - s) * gridDim.x);
       const Scalar* dz_prev = p.zbuf + static_cast<int64_t>((s + 1) & 1) * B * H4;
-      block_matmul(Wt, ldw, U, dz_prev, B, static_cast<int>(H4), p.Kpad, p.KC, p.Bpad, Hs, Acc);
+      block_matmul<Scalar, kExactFp32>(Wt, ldw, U, dz_prev, B, static_cast<int>(H4), p.Kpad, p.KC, p.Bpad, Hs, Acc);
       const int t_prev = step_at(s + 1);
       for (int idx = tid; idx < B * U; idx += kThreads) {
         const int b = idx / U;

@@ -92,28 +92,7 @@ __device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __fl
 template <>
 __device__ inline __half from_float<__half>(float v) { return __float2half(v); }
 
-// The tensor-core instruction per storage type: m16n16k16 on 16-bit storage; m16n16k8 TF32 on
-// fp32 storage (operands rounded to TF32 after loading; the launcher only runs it where the
-// user allows TF32, as nn.LSTM's cuDNN path does).
-template <typename Scalar>
-struct Mma {
-  static constexpr int kK = 16;
-  using Operand = Scalar;
-  template <typename Fragment>
-  __device__ static void round(Fragment&) {}
-};
-template <>
-struct Mma<float> {
-  static constexpr int kK = 8;
-  using Operand = nvcuda::wmma::precision::tf32;
-  template <typename Fragment>
-  __device__ static void round(Fragment& f) {
-#pragma unroll
-    for (int i = 0; i < f.num_elements; ++i) f.x[i] = nvcuda::wmma::__float_to_tf32(f.x[i]);
-  }
-};
-
-// Accurate activations (the build must not use --use_fast_math for fp32 parity elsewhere).
+// Accurate activations (the build must not use --use_fast_math for fp32 parity).
 __device__ inline float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 // ---------------------------------------------------------------------------------------------
@@ -164,14 +143,93 @@ struct TileSplit {
   }
 };
 
-// out^T = W_slice @ state^T for one step, accumulated in fp32 and left in shared memory as
-// Acc[ks][b][rows] (column-major tiles, so the pointwise pass reads consecutive units of one
-// batch row from consecutive words). `state` is the (B x K) row-major exchange buffer.
+// The per-warp multiply engines. Each owns up to kMaxTilesPerWarp 16x16 output tiles of
+// out^T = W_slice @ state^T, accumulates kK columns at a time from shared memory, and stores its
+// tiles to Acc[ks][b][row] (column-major, so the pointwise pass reads consecutive units of one
+// batch row from consecutive words).
+//
+// TensorCoreTiles: wmma m16n16k16 on 16-bit storage; m16n16k8 TF32 on fp32 storage (operands
+// rounded to TF32 after loading; used only where the user allows TF32, as nn.LSTM's cuDNN path).
 template <typename Scalar>
+struct TensorCoreTiles {
+  static constexpr bool kTf32 = sizeof(Scalar) == 4;
+  static constexpr int kK = kTf32 ? 8 : 16;
+  using Operand = typename std::conditional<kTf32, nvcuda::wmma::precision::tf32, Scalar>::type;
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, kK, float> acc[kMaxTilesPerWarp];
+
+  __device__ void zero() {
+#pragma unroll
+    for (int i = 0; i < kMaxTilesPerWarp; ++i) nvcuda::wmma::fill_fragment(acc[i], 0.0f);
+  }
+  // acc[i] += W[m0.., k0..k0+kK) @ Hs[n0.., kk..kk+kK)^T
+  __device__ void step(int i, const Scalar* w, int ldw, const Scalar* h, int ldh) {
+    using namespace nvcuda;
+    wmma::fragment<wmma::matrix_a, 16, 16, kK, Operand, wmma::row_major> a;
+    wmma::fragment<wmma::matrix_b, 16, 16, kK, Operand, wmma::col_major> b;
+    wmma::load_matrix_sync(a, w, ldw);
+    wmma::load_matrix_sync(b, h, ldh);
+    if constexpr (kTf32) {
+#pragma unroll
+      for (int e = 0; e < a.num_elements; ++e) a.x[e] = wmma::__float_to_tf32(a.x[e]);
+#pragma unroll
+      for (int e = 0; e < b.num_elements; ++e) b.x[e] = wmma::__float_to_tf32(b.x[e]);
+    }
+    wmma::mma_sync(acc[i], a, b, acc[i]);
+  }
+  __device__ void store(int i, float* dst, int ld) const {
+    nvcuda::wmma::store_matrix_sync(dst, acc[i], ld, nvcuda::wmma::mem_col_major);
+  }
+};
+
+// SimtTiles: exact fp32 with CUDA-core FMAs, for fp32 storage when TF32 is not allowed. Same
+// tiles and split as the tensor-core engine; lane l owns rows 2*(l%8)+{0,1} and batch columns
+// 4*(l/8)+{0..3} of each tile.
+struct SimtTiles {
+  static constexpr int kK = 8;
+  float acc[kMaxTilesPerWarp][2][4];
+
+  __device__ void zero() {
+#pragma unroll
+    for (int i = 0; i < kMaxTilesPerWarp; ++i)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[i][r][c] = 0.0f;
+  }
+  __device__ void step(int i, const float* w, int ldw, const float* h, int ldh) {
+    const int lane = threadIdx.x % 32, r0 = 2 * (lane % 8), c0 = 4 * (lane / 8);
+#pragma unroll
+    for (int k = 0; k < kK; ++k) {
+      const float w0 = w[r0 * ldw + k], w1 = w[(r0 + 1) * ldw + k];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const float hv = h[(c0 + c) * ldh + k];
+        acc[i][0][c] = fmaf(w0, hv, acc[i][0][c]);
+        acc[i][1][c] = fmaf(w1, hv, acc[i][1][c]);
+      }
+    }
+  }
+  __device__ void store(int i, float* dst, int ld) const {
+    const int lane = threadIdx.x % 32, r0 = 2 * (lane % 8), c0 = 4 * (lane / 8);
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) dst[(c0 + c) * ld + r0 + r] = acc[i][r][c];
+  }
+};
+
+// The engine for a storage type: tensor cores, except exact fp32 (kExactFp32).
+template <typename Scalar, bool kExactFp32>
+using TilesFor = typename std::conditional<kExactFp32, SimtTiles, TensorCoreTiles<Scalar>>::type;
+
+// out^T = W_slice @ state^T for one step, accumulated in fp32 and left in shared memory as
+// Acc[ks][b][rows]. `state` is the (B x K) row-major exchange buffer.
+template <typename Scalar, bool kExactFp32>
 __device__ inline void block_matmul(const Scalar* __restrict__ Wsm, int ldw, int rows,
                                     const Scalar* __restrict__ state, int B, int K, int Kpad, int KC,
                                     int Bpad, Scalar* __restrict__ Hs, float* __restrict__ Acc) {
-  using namespace nvcuda;
+  static_assert(!kExactFp32 || sizeof(Scalar) == 4, "the exact engine is for fp32 storage");
+  using Tiles = TilesFor<Scalar, kExactFp32>;
   const int ldh = KC + kSkew;
   const TileSplit split(rows, Bpad);
   const int warp = threadIdx.x / 32;
@@ -179,31 +237,21 @@ __device__ inline void block_matmul(const Scalar* __restrict__ Wsm, int ldw, int
   const bool busy = ks < split.ksplit;
   const int n_mine = split.ksplit == 1 ? (split.tiles - warp + kWarps - 1) / kWarps : (busy ? 1 : 0);
   const int m_tiles = rows / 16;
+  auto tile_of = [&](int i) { return split.ksplit == 1 ? warp + i * kWarps : warp % split.tiles; };
 
-  using M = Mma<Scalar>;
-  wmma::fragment<wmma::accumulator, 16, 16, M::kK, float> acc[kMaxTilesPerWarp];
-#pragma unroll
-  for (int i = 0; i < kMaxTilesPerWarp; ++i) wmma::fill_fragment(acc[i], 0.0f);
-
+  Tiles tiles;
+  tiles.zero();
   for (int c0 = 0; c0 < Kpad; c0 += KC) {
     const int kc = min(KC, Kpad - c0);
     stage_state(state, B, K, c0, kc, Hs, ldh);
     __syncthreads();
     if (busy) {
-      for (int kk = ks * M::kK; kk < kc; kk += M::kK * split.ksplit) {
+      for (int kk = ks * Tiles::kK; kk < kc; kk += Tiles::kK * split.ksplit) {
 #pragma unroll
         for (int i = 0; i < kMaxTilesPerWarp; ++i) {
           if (i < n_mine) {
-            const int tile = split.ksplit == 1 ? warp + i * kWarps : warp % split.tiles;
-            const int m0 = (tile % m_tiles) * 16;
-            const int n0 = (tile / m_tiles) * 16;
-            wmma::fragment<wmma::matrix_a, 16, 16, M::kK, typename M::Operand, wmma::row_major> a;
-            wmma::fragment<wmma::matrix_b, 16, 16, M::kK, typename M::Operand, wmma::col_major> b;
-            wmma::load_matrix_sync(a, Wsm + m0 * ldw + c0 + kk, ldw);
-            wmma::load_matrix_sync(b, Hs + n0 * ldh + kk, ldh);
-            M::round(a);
-            M::round(b);
-            wmma::mma_sync(acc[i], a, b, acc[i]);
+            const int m0 = (tile_of(i) % m_tiles) * 16, n0 = (tile_of(i) / m_tiles) * 16;
+            tiles.step(i, Wsm + m0 * ldw + c0 + kk, ldw, Hs + n0 * ldh + kk, ldh);
           }
         }
       }
@@ -215,11 +263,8 @@ __device__ inline void block_matmul(const Scalar* __restrict__ Wsm, int ldw, int
 #pragma unroll
     for (int i = 0; i < kMaxTilesPerWarp; ++i) {
       if (i < n_mine) {
-        const int tile = split.ksplit == 1 ? warp + i * kWarps : warp % split.tiles;
-        const int m0 = (tile % m_tiles) * 16;
-        const int n0 = (tile / m_tiles) * 16;
-        float* dst = Acc + static_cast<int64_t>(ks) * Bpad * rows + n0 * rows + m0;
-        wmma::store_matrix_sync(dst, acc[i], rows, wmma::mem_col_major);
+        const int m0 = (tile_of(i) % m_tiles) * 16, n0 = (tile_of(i) / m_tiles) * 16;
+        tiles.store(i, Acc + static_cast<int64_t>(ks) * Bpad * rows + n0 * rows + m0, rows);
       }
     }
   }

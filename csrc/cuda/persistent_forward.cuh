@@ -57,7 +57,7 @@ struct ForwardLayout {
   }
 };
 
-template <typename Scalar, int UNITS>
+template <typename Scalar, int UNITS, bool kExactFp32 = false>
 __global__ void __launch_bounds__(kThreads, 1) lstm_forward_persistent(ForwardParams<Scalar> p) {
 #if defined(LSTM_FUSED_SIMT_EMULATION) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
   constexpr int rows = 4 * UNITS;
@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_forward_persistent(ForwardPa
     }
 
     const Scalar* h_prev = s == 0 ? p.h0 : p.hbuf + static_cast<int64_t>((s - 1) & 1) * B * H;
-    block_matmul(Wsm, ldw, rows, h_prev, B, H, p.Kpad, p.KC, p.Bpad, Hs, Acc);
+    block_matmul<Scalar, kExactFp32>(Wsm, ldw, rows, h_prev, B, H, p.Kpad, p.KC, p.Bpad, Hs, Acc);
 
     Scalar* h_out = p.hbuf + static_cast<int64_t>(s & 1) * B * H;
     for (int idx = tid; idx < B * UNITS; idx += kThreads) {

@@ -11,7 +11,7 @@ using namespace lstm_fused::cuda::persistent;
 
 namespace {
 
-template <typename Scalar, int UNITS>
+template <typename Scalar, int UNITS, bool kExact>
 void forward(int T, int B, int H, int KC, bool reverse, const void* xproj, const void* w_hh,
              const void* h0, const void* c0, const int64_t* lengths, void* y, void* h_n, void* c_n,
              void* gates, float* c_all) {
@@ -39,10 +39,10 @@ void forward(int T, int B, int H, int KC, bool reverse, const void* xproj, const
   p.counter = &counter;
   const ForwardLayout layout(UNITS, B, p.Bpad, p.Kpad, KC, sizeof(Scalar));
   emu::launch((H + UNITS - 1) / UNITS, kThreads, layout.total,
-              [&] { lstm_forward_persistent<Scalar, UNITS>(p); });
+              [&] { lstm_forward_persistent<Scalar, UNITS, kExact>(p); });
 }
 
-template <typename Scalar>
+template <typename Scalar, bool kExact>
 void backward(int T, int B, int H, int KC, bool reverse, const void* dy, const void* dh_n,
               const void* dc_n, const void* w_hh, const void* c0, const int64_t* lengths,
               const void* gates, const float* c_all, void* dxproj, void* dh0, void* dc0) {
@@ -71,17 +71,17 @@ void backward(int T, int B, int H, int KC, bool reverse, const void* dy, const v
   p.counter = &counter;
   const BackwardLayout layout(B, p.Bpad, p.Kpad, KC, sizeof(Scalar));
   emu::launch((H + kBackwardUnits - 1) / kBackwardUnits, kThreads, layout.total,
-              [&] { lstm_backward_persistent<Scalar>(p); });
+              [&] { lstm_backward_persistent<Scalar, kExact>(p); });
 }
 
-template <typename Scalar>
+template <typename Scalar, bool kExact = false>
 int forward_units(int units, int T, int B, int H, int KC, bool reverse, const void* xproj,
                   const void* w_hh, const void* h0, const void* c0, const int64_t* lengths, void* y,
                   void* h_n, void* c_n, void* gates, float* c_all) {
   switch (units) {
-    case 4: forward<Scalar, 4>(T, B, H, KC, reverse, xproj, w_hh, h0, c0, lengths, y, h_n, c_n, gates, c_all); return 0;
-    case 8: forward<Scalar, 8>(T, B, H, KC, reverse, xproj, w_hh, h0, c0, lengths, y, h_n, c_n, gates, c_all); return 0;
-    case 16: forward<Scalar, 16>(T, B, H, KC, reverse, xproj, w_hh, h0, c0, lengths, y, h_n, c_n, gates, c_all); return 0;
+    case 4: forward<Scalar, 4, kExact>(T, B, H, KC, reverse, xproj, w_hh, h0, c0, lengths, y, h_n, c_n, gates, c_all); return 0;
+    case 8: forward<Scalar, 8, kExact>(T, B, H, KC, reverse, xproj, w_hh, h0, c0, lengths, y, h_n, c_n, gates, c_all); return 0;
+    case 16: forward<Scalar, 16, kExact>(T, B, H, KC, reverse, xproj, w_hh, h0, c0, lengths, y, h_n, c_n, gates, c_all); return 0;
     default: return 1;
   }
 }
@@ -90,7 +90,8 @@ int forward_units(int units, int T, int B, int H, int KC, bool reverse, const vo
 
 extern "C" {
 
-// dtype: 0 = float32 (TF32 products), 1 = bfloat16, 2 = float16 (ScalarKind). 0 on success.
+// dtype: 0 = float32 with TF32 products, 1 = bfloat16, 2 = float16 (as ScalarKind), 3 = float32
+// with exact fp32 FMAs. Returns 0 on success.
 int emulated_forward(int dtype, int units, int T, int B, int H, int KC, int reverse,
                      const void* xproj, const void* w_hh, const void* h0, const void* c0,
                      const int64_t* lengths, void* y, void* h_n, void* c_n, void* gates,
@@ -105,6 +106,9 @@ int emulated_forward(int dtype, int units, int T, int B, int H, int KC, int reve
   if (dtype == 0)
     return forward_units<float>(units, T, B, H, KC, reverse, xproj, w_hh, h0, c0, lengths, y, h_n,
                                 c_n, gates, c_all);
+  if (dtype == 3)
+    return forward_units<float, true>(units, T, B, H, KC, reverse, xproj, w_hh, h0, c0, lengths, y,
+                                      h_n, c_n, gates, c_all);
   return 3;
 }
 
@@ -114,13 +118,16 @@ int emulated_backward(int dtype, int T, int B, int H, int KC, int reverse, const
                       void* dh0, void* dc0) {
   if (KC % 16 != 0 || KC <= 0) return 2;
   if (dtype == 1)
-    backward<__nv_bfloat16>(T, B, H, KC, reverse, dy, dh_n, dc_n, w_hh, c0, lengths, gates, c_all,
+    backward<__nv_bfloat16, false>(T, B, H, KC, reverse, dy, dh_n, dc_n, w_hh, c0, lengths, gates, c_all,
                             dxproj, dh0, dc0);
   else if (dtype == 2)
-    backward<__half>(T, B, H, KC, reverse, dy, dh_n, dc_n, w_hh, c0, lengths, gates, c_all, dxproj,
+    backward<__half, false>(T, B, H, KC, reverse, dy, dh_n, dc_n, w_hh, c0, lengths, gates, c_all, dxproj,
                      dh0, dc0);
+  else if (dtype == 3)
+    backward<float, true>(T, B, H, KC, reverse, dy, dh_n, dc_n, w_hh, c0, lengths, gates, c_all,
+                          dxproj, dh0, dc0);
   else if (dtype == 0)
-    backward<float>(T, B, H, KC, reverse, dy, dh_n, dc_n, w_hh, c0, lengths, gates, c_all, dxproj,
+    backward<float, false>(T, B, H, KC, reverse, dy, dh_n, dc_n, w_hh, c0, lengths, gates, c_all, dxproj,
                     dh0, dc0);
   else
     return 3;
