@@ -71,20 +71,24 @@ def _inputs(T, B, H, dtype, lengths, seed):
     return xproj, w_hh, h0, c0, lens
 
 
-def run_forward(lib, code, units, kc, T, B, H, reverse, xproj, w_hh, h0, c0, lens):
+def run_forward(lib, code, units, kc, groups, T, B, H, reverse, xproj, w_hh, h0, c0, lens):
     dtype = xproj.dtype
     y = torch.empty(T, B, H, dtype=dtype)
     h_n, c_n = torch.empty(B, H, dtype=dtype), torch.empty(B, H, dtype=dtype)
     gates = torch.empty(T, B, 4 * H, dtype=dtype)
     c_all = torch.empty(T, B, H, dtype=torch.float32)
     rc = lib.emulated_forward(
-        code, units, T, B, H, kc, int(reverse), _ptr(xproj), _ptr(w_hh), _ptr(h0),
+        code, units, T, B, H, kc, groups, int(reverse), _ptr(xproj), _ptr(w_hh), _ptr(h0),
         _ptr(c0), _ptr(lens), _ptr(y), _ptr(h_n), _ptr(c_n), _ptr(gates), _ptr(c_all))
     assert rc == 0
     return y, h_n, c_n, gates, c_all
 
 
-# id: T, B, H, units, staged columns (KC), lengths, reverse
+# Lengths for every row of a larger batch, drawn once (0 and T included).
+_LENGTHS_70 = [(7 * i) % 5 for i in range(70)]
+_LENGTHS_33 = [(3 * i) % 5 for i in range(33)]
+
+# id: T, B, H, units, staged columns (KC), lengths, reverse[, batch groups]
 FORWARD_CASES = {
     "T1_B1": (1, 1, 16, 4, 16, None, False),
     "h20_split_k": (4, 3, 20, 4, 32, None, False),          # 1 tile per block: 8-way split K
@@ -94,6 +98,9 @@ FORWARD_CASES = {
     "h33_scalar_staging": (4, 3, 33, 4, 48, None, False),   # H % 8 != 0, ragged last block
     "lengths": (6, 4, 17, 4, 32, [6, 1, 3, 0], False),
     "lengths_rev": (6, 4, 24, 8, 16, [2, 6, 5, 1], True),
+    "b20_two_groups": (3, 20, 24, 8, 32, None, False, 2),
+    "b70_three_groups_lengths_rev": (4, 70, 20, 4, 32, _LENGTHS_70, True, 3),
+    "b5_one_row_groups": (3, 5, 16, 4, 16, [3, 1, 0, 2, 3], False, 5),
 }
 
 
@@ -101,9 +108,10 @@ FORWARD_CASES = {
 @pytest.mark.parametrize("case", list(FORWARD_CASES), ids=list(FORWARD_CASES))
 def test_persistent_forward(lib, case, variant):
     dtype, code, tol = VARIANTS[variant]
-    T, B, H, units, kc, lengths, reverse = FORWARD_CASES[case]
+    T, B, H, units, kc, lengths, reverse, *groups = FORWARD_CASES[case]
     xproj, w_hh, h0, c0, lens = _inputs(T, B, H, dtype, lengths, seed=zlib.crc32(case.encode()))
-    got = run_forward(lib, code, units, kc, T, B, H, reverse, xproj, w_hh, h0, c0, lens)
+    got = run_forward(lib, code, units, kc, (groups or [1])[0], T, B, H, reverse, xproj, w_hh, h0,
+                      c0, lens)
     want = reference.recurrence_forward_ref(
         xproj.double(), w_hh.double(), None, h0.double(), c0.double(), lens, reverse, True)
     for name, g, w in zip(("y", "h_n", "c_n", "gates", "c_all"), got, want):
@@ -115,7 +123,7 @@ def test_persistent_forward(lib, case, variant):
                 assert torch.all(got[0][t, b] == 0) and torch.all(got[3][t, b] == 0)
 
 
-# id: T, B, H, staged columns (KC), lengths, reverse
+# id: T, B, H, staged columns (KC), lengths, reverse[, batch groups]
 BACKWARD_CASES = {
     "T1_B1": (1, 1, 16, 64, None, False),
     "h20_three_chunks": (4, 3, 20, 32, None, False),       # K = 4H = 80 staged 32 at a time
@@ -124,6 +132,8 @@ BACKWARD_CASES = {
     "h33_scalar_staging": (3, 2, 33, 144, None, False),   # 4H = 132: 16-bit staging, 2 blocks
     "lengths": (6, 4, 17, 80, [6, 1, 3, 0], False),
     "lengths_rev": (6, 4, 24, 48, [2, 6, 5, 1], True),
+    "b40_two_groups_rev": (3, 40, 24, 96, None, True, 2),
+    "b33_three_groups_lengths": (4, 33, 17, 80, _LENGTHS_33, False, 3),
 }
 
 
@@ -131,7 +141,7 @@ BACKWARD_CASES = {
 @pytest.mark.parametrize("case", list(BACKWARD_CASES), ids=list(BACKWARD_CASES))
 def test_persistent_backward(lib, case, variant):
     dtype, code, tol = VARIANTS[variant]
-    T, B, H, kc, lengths, reverse = BACKWARD_CASES[case]
+    T, B, H, kc, lengths, reverse, *groups = BACKWARD_CASES[case]
     xproj, w_hh, h0, c0, lens = _inputs(T, B, H, dtype, lengths, seed=zlib.crc32(case.encode()) + 1)
     # Saved tensors from the reference forward, rounded as the kernels store them.
     y, _, _, gates, c_all = reference.recurrence_forward_ref(
@@ -144,7 +154,7 @@ def test_persistent_backward(lib, case, variant):
     dxproj = torch.empty(T, B, 4 * H, dtype=dtype)
     dh0, dc0 = torch.empty(B, H, dtype=dtype), torch.empty(B, H, dtype=dtype)
     rc = lib.emulated_backward(
-        code, T, B, H, kc, int(reverse), _ptr(dy), _ptr(dh_n), _ptr(dc_n),
+        code, T, B, H, kc, (groups or [1])[0], int(reverse), _ptr(dy), _ptr(dh_n), _ptr(dc_n),
         _ptr(w_hh), _ptr(c0), _ptr(lens), _ptr(gates), _ptr(c_all), _ptr(dxproj), _ptr(dh0),
         _ptr(dc0))
     assert rc == 0

@@ -1,17 +1,20 @@
 // Planners and launchers of the persistent kernels (persistent.h). Torch-free: CUDA runtime only.
 //
-// Tile configurations are template instances compiled here, chosen at run time: the forward
-// takes the smallest UNITS (hidden units per block) whose grid fits on the device's SMs, which
-// spreads the per-step work over the most SMs. LSTM_FUSED_CUDA_UNITS=4|8|16 forces one (tuning).
+// Tile configurations are template instances compiled here (storage type x hidden units per
+// block), chosen at run time together with the grid: unit slices x batch groups. The planner
+// prefers the layout with the most co-resident blocks, then the fewest batch rows per block,
+// then the fewest units per block. LSTM_FUSED_CUDA_UNITS=4|8|16 forces the forward's units.
 //
-// Every block reads the whole exchanged state (B x H forward, B x 4H backward) each step. When
-// that does not fit in shared memory next to W, it is staged in column chunks, each costing a
-// round of L2 loads and two block barriers; past a few chunks per step (large batch) the
-// per-step cuBLAS GEMM of the general path should win. The planner therefore declines shapes
-// needing more than kMaxChunks chunks: an estimate from that cost, not yet a GPU measurement;
-// LSTM_FUSED_CUDA_MAX_CHUNKS=n overrides it for tuning.
+// Every block reads its group's whole exchanged state (Bg x H forward, Bg x 4H backward) each
+// step. When that does not fit in shared memory next to W, it is staged in column chunks, each
+// costing a round of L2 loads and two block barriers; past a few chunks per step (large batch)
+// the per-step cuBLAS GEMM of the general path should win. The planner therefore declines
+// layouts needing more than kMaxChunks chunks: an estimate from that cost, not yet a GPU
+// measurement; LSTM_FUSED_CUDA_MAX_CHUNKS=n overrides it for tuning.
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "cuda/persistent.h"
 #include "cuda/persistent_backward.cuh"
@@ -26,6 +29,7 @@ using persistent::BackwardParams;
 using persistent::ForwardLayout;
 using persistent::ForwardParams;
 using persistent::kBackwardUnits;
+using persistent::kCounterStride;
 using persistent::kMaxTilesPerWarp;
 using persistent::kSkew;
 using persistent::kThreads;
@@ -34,7 +38,6 @@ using persistent::round_up;
 using persistent::TileSplit;
 
 constexpr int kUnitChoices[] = {4, 8, 16};
-constexpr size_t kCounterBytes = 256;  // keeps the exchange buffer that follows 256-byte aligned
 
 struct DeviceLimits {
   int sms = 0, smem_optin = 0, major = 0, cooperative = 0;
@@ -67,10 +70,14 @@ template <typename Scalar, bool kExact = false>
 const void* forward_kernel(int units) {
   using persistent::lstm_forward_persistent;
   switch (units) {
-    case 4: return reinterpret_cast<const void*>(&lstm_forward_persistent<Scalar, 4, kExact>);
-    case 8: return reinterpret_cast<const void*>(&lstm_forward_persistent<Scalar, 8, kExact>);
-    case 16: return reinterpret_cast<const void*>(&lstm_forward_persistent<Scalar, 16, kExact>);
-    default: return nullptr;
+    case 4:
+      return reinterpret_cast<const void*>(&lstm_forward_persistent<Scalar, 4, kExact>);
+    case 8:
+      return reinterpret_cast<const void*>(&lstm_forward_persistent<Scalar, 8, kExact>);
+    case 16:
+      return reinterpret_cast<const void*>(&lstm_forward_persistent<Scalar, 16, kExact>);
+    default:
+      return nullptr;
   }
 }
 
@@ -81,17 +88,23 @@ const void* backward_kernel() {
 
 const void* forward_kernel_for(ScalarKind dtype, bool allow_tf32, int units) {
   switch (dtype) {
-    case ScalarKind::kBFloat16: return forward_kernel<__nv_bfloat16>(units);
-    case ScalarKind::kFloat16: return forward_kernel<__half>(units);
-    default: return allow_tf32 ? forward_kernel<float>(units) : forward_kernel<float, true>(units);
+    case ScalarKind::kBFloat16:
+      return forward_kernel<__nv_bfloat16>(units);
+    case ScalarKind::kFloat16:
+      return forward_kernel<__half>(units);
+    default:
+      return allow_tf32 ? forward_kernel<float>(units) : forward_kernel<float, true>(units);
   }
 }
 
 const void* backward_kernel_for(ScalarKind dtype, bool allow_tf32) {
   switch (dtype) {
-    case ScalarKind::kBFloat16: return backward_kernel<__nv_bfloat16>();
-    case ScalarKind::kFloat16: return backward_kernel<__half>();
-    default: return allow_tf32 ? backward_kernel<float>() : backward_kernel<float, true>();
+    case ScalarKind::kBFloat16:
+      return backward_kernel<__nv_bfloat16>();
+    case ScalarKind::kFloat16:
+      return backward_kernel<__half>();
+    default:
+      return allow_tf32 ? backward_kernel<float>() : backward_kernel<float, true>();
   }
 }
 
@@ -109,13 +122,12 @@ int choose_k_chunk(int Kpad, int Bpad, size_t smem_limit, Layout layout_for) {
 }
 
 // Common rejections; returns the reason or nullptr.
-const char* common_why_not(const void* w_hr, int64_t steps, int64_t B, const DeviceLimits& d) {
+const char* common_why_not(const void* w_hr, int64_t steps, const DeviceLimits& d) {
   if (w_hr != nullptr) return "proj_size runs the general path";
   if (d.major < 8) return "the persistent kernels need compute capability 8.0 or newer";
   if (!d.cooperative) return "the device does not support cooperative launches";
-  // The barrier counter reaches steps * blocks; keep it far from unsigned overflow.
+  // A barrier counter reaches steps * blocks; keep it far from unsigned overflow.
   if (steps > (1 << 22)) return "too many time steps for one persistent launch";
-  if (B > 16 * kWarps * kMaxTilesPerWarp) return "the batch is too large for the persistent kernels";
   return nullptr;
 }
 
@@ -127,12 +139,78 @@ bool fits_resident(const void* kernel, int blocks, size_t smem, const DeviceLimi
     return false;
   }
   int per_sm = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem) != cudaSuccess) {
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem) !=
+      cudaSuccess) {
     cudaGetLastError();
     return false;
   }
   return per_sm >= 1 && blocks <= per_sm * d.sms;
 }
+
+// One way to lay the grid out: hidden units per block x batch rows per block.
+struct Candidate {
+  int units, Bg, groups, blocks, kc;
+  size_t smem;
+};
+
+// Batch rows per block to consider: all of B up to 16 rows, else multiples of 16 (whole MMA
+// tiles), from 16 up to all of B.
+std::vector<int> batch_group_sizes(int B) {
+  std::vector<int> sizes;
+  if (B <= 16) return {B};
+  for (int bg = 16; bg < B; bg += 16) sizes.push_back(bg);
+  sizes.push_back(B);
+  return sizes;
+}
+
+// The candidates that fit the SMs and shared memory, best first: most blocks (all SMs busy),
+// then fewest batch rows per block (least state restaged per step, fewest blocks per barrier),
+// then fewest units per block.
+template <typename LayoutFor>
+std::vector<Candidate> candidates(const std::vector<int>& unit_choices, int H, int B, int Kpad,
+                                  int rows_per_unit, const DeviceLimits& d, LayoutFor layout_for) {
+  std::vector<Candidate> out;
+  for (int units : unit_choices) {
+    const int unit_blocks = (H + units - 1) / units;
+    for (int bg : batch_group_sizes(B)) {
+      const int groups = (B + bg - 1) / bg;
+      const int blocks = unit_blocks * groups;
+      const int bpad = static_cast<int>(round_up(bg, 16));
+      if (blocks > d.sms) continue;
+      if (TileSplit(rows_per_unit * units, bpad).tiles_per_warp() > kMaxTilesPerWarp) continue;
+      auto layout = [&](int kc) { return layout_for(units, bg, bpad, kc); };
+      const int kc = choose_k_chunk(Kpad, bpad, static_cast<size_t>(d.smem_optin), layout);
+      if (kc == 0) continue;
+      out.push_back({units, bg, groups, blocks, kc, layout(kc).total});
+    }
+  }
+  std::stable_sort(out.begin(), out.end(), [](const Candidate& x, const Candidate& y) {
+    if (x.blocks != y.blocks) return x.blocks > y.blocks;
+    if (x.Bg != y.Bg) return x.Bg < y.Bg;
+    return x.units < y.units;
+  });
+  return out;
+}
+
+size_t counter_bytes(int groups) {
+  // Keeps the exchange buffer that follows 256-byte aligned.
+  return static_cast<size_t>(
+      round_up(static_cast<int64_t>(groups) * kCounterStride * sizeof(unsigned), 256));
+}
+
+void fill_plan(const Candidate& c, size_t exchange_bytes, PersistentPlan* plan) {
+  plan->blocks = c.blocks;
+  plan->units_per_block = c.units;
+  plan->batch_groups = c.groups;
+  plan->rows_per_group = c.Bg;
+  plan->k_chunk = c.kc;
+  plan->smem_bytes = c.smem;
+  plan->workspace_bytes = counter_bytes(c.groups) + exchange_bytes;
+  plan->why_not = nullptr;
+}
+
+const char* const kNoFit =
+    "W_hh and the per-step state do not fit in the shared memory of co-resident blocks";
 
 }  // namespace
 
@@ -144,31 +222,24 @@ bool plan_persistent_forward(const ForwardArgs& a, int device, PersistentPlan* p
     plan->why_not = "could not query the device";
     return false;
   }
-  if ((plan->why_not = common_why_not(a.w_hr, a.T, a.B, d))) return false;
+  if ((plan->why_not = common_why_not(a.w_hr, a.T, d))) return false;
   const int B = static_cast<int>(a.B), H = static_cast<int>(a.H), elem = element_bytes(a.dtype);
-  const int Bpad = static_cast<int>(round_up(B, 16)), Kpad = static_cast<int>(round_up(H, 16));
-  const int forced = forced_units();
-  plan->why_not =
-      "W_hh and the per-step state do not fit in the shared memory of co-resident blocks";
-  for (int units : kUnitChoices) {
-    if (forced && units != forced) continue;
-    const int blocks = static_cast<int>((H + units - 1) / units);
-    if (blocks > d.sms) continue;
-    if (TileSplit(4 * units, Bpad).tiles_per_warp() > kMaxTilesPerWarp) continue;
-    auto layout_for = [&](int kc) { return ForwardLayout(units, B, Bpad, Kpad, kc, elem); };
-    const int kc = choose_k_chunk(Kpad, Bpad, static_cast<size_t>(d.smem_optin), layout_for);
-    if (kc == 0) continue;
-    const size_t smem = layout_for(kc).total;
-    if (!fits_resident(forward_kernel_for(a.dtype, a.allow_tf32, units), blocks, smem, d)) continue;
-    plan->blocks = blocks;
-    plan->units_per_block = units;
-    plan->k_chunk = kc;
-    plan->smem_bytes = smem;
-    plan->workspace_bytes = kCounterBytes + 2 * static_cast<size_t>(B) * H * elem;
-    plan->why_not = nullptr;
+  const int Kpad = static_cast<int>(round_up(H, 16));
+  std::vector<int> units;
+  for (int u : kUnitChoices) {
+    if (!forced_units() || u == forced_units()) units.push_back(u);
+  }
+  auto layout_for = [&](int u, int bg, int bpad, int kc) {
+    return ForwardLayout(u, bg, bpad, Kpad, kc, elem);
+  };
+  for (const Candidate& c : candidates(units, H, B, Kpad, 4, d, layout_for)) {
+    if (!fits_resident(forward_kernel_for(a.dtype, a.allow_tf32, c.units), c.blocks, c.smem, d))
+      continue;
+    fill_plan(c, 2 * static_cast<size_t>(B) * H * elem, plan);
     return true;
   }
-  if (forced) plan->why_not = "LSTM_FUSED_CUDA_UNITS names a configuration that does not fit";
+  plan->why_not =
+      forced_units() ? "LSTM_FUSED_CUDA_UNITS names a configuration that does not fit" : kNoFit;
   return false;
 }
 
@@ -180,26 +251,20 @@ bool plan_persistent_backward(const BackwardArgs& a, int device, PersistentPlan*
     plan->why_not = "could not query the device";
     return false;
   }
-  if ((plan->why_not = common_why_not(a.w_hr, a.T, a.B, d))) return false;
+  if ((plan->why_not = common_why_not(a.w_hr, a.T, d))) return false;
   const int B = static_cast<int>(a.B), H = static_cast<int>(a.H), elem = element_bytes(a.dtype);
-  const int Bpad = static_cast<int>(round_up(B, 16)), Kpad = static_cast<int>(round_up(4 * H, 16));
-  const int blocks = (H + kBackwardUnits - 1) / kBackwardUnits;
-  plan->why_not =
-      "W_hh and the per-step state do not fit in the shared memory of co-resident blocks";
-  if (blocks > d.sms) return false;
-  if (TileSplit(kBackwardUnits, Bpad).tiles_per_warp() > kMaxTilesPerWarp) return false;
-  auto layout_for = [&](int kc) { return BackwardLayout(B, Bpad, Kpad, kc, elem); };
-  const int kc = choose_k_chunk(Kpad, Bpad, static_cast<size_t>(d.smem_optin), layout_for);
-  if (kc == 0) return false;
-  const size_t smem = layout_for(kc).total;
-  if (!fits_resident(backward_kernel_for(a.dtype, a.allow_tf32), blocks, smem, d)) return false;
-  plan->blocks = blocks;
-  plan->units_per_block = kBackwardUnits;
-  plan->k_chunk = kc;
-  plan->smem_bytes = smem;
-  plan->workspace_bytes = kCounterBytes + 2 * static_cast<size_t>(B) * 4 * H * elem;
-  plan->why_not = nullptr;
-  return true;
+  const int Kpad = static_cast<int>(round_up(4 * H, 16));
+  auto layout_for = [&](int, int bg, int bpad, int kc) {
+    return BackwardLayout(bg, bpad, Kpad, kc, elem);
+  };
+  // One 16-unit tile of rows per block: units_per_row 1 with units = kBackwardUnits.
+  for (const Candidate& c : candidates({kBackwardUnits}, H, B, Kpad, 1, d, layout_for)) {
+    if (!fits_resident(backward_kernel_for(a.dtype, a.allow_tf32), c.blocks, c.smem, d)) continue;
+    fill_plan(c, 2 * static_cast<size_t>(B) * 4 * H * elem, plan);
+    return true;
+  }
+  plan->why_not = kNoFit;
+  return false;
 }
 
 namespace {
@@ -213,7 +278,9 @@ cudaError_t launch_forward(const ForwardArgs& a, const PersistentPlan& plan, voi
   p.H = static_cast<int>(a.H);
   p.Kpad = static_cast<int>(round_up(a.H, 16));
   p.KC = plan.k_chunk;
-  p.Bpad = static_cast<int>(round_up(a.B, 16));
+  p.groups = plan.batch_groups;
+  p.Bg = plan.rows_per_group;
+  p.Bpad = static_cast<int>(round_up(p.Bg, 16));
   p.reverse = a.reverse;
   p.xproj = static_cast<const Scalar*>(a.xproj);
   p.w_hh = static_cast<const Scalar*>(a.w_hh);
@@ -226,12 +293,13 @@ cudaError_t launch_forward(const ForwardArgs& a, const PersistentPlan& plan, voi
   p.gates = static_cast<Scalar*>(a.gates);
   p.c_all = a.c_all;
   p.counter = static_cast<unsigned*>(workspace);
-  p.hbuf = reinterpret_cast<Scalar*>(static_cast<char*>(workspace) + kCounterBytes);
-  cudaError_t e = cudaMemsetAsync(p.counter, 0, sizeof(unsigned), stream);
+  p.hbuf = reinterpret_cast<Scalar*>(static_cast<char*>(workspace) + counter_bytes(p.groups));
+  cudaError_t e = cudaMemsetAsync(p.counter, 0, counter_bytes(p.groups), stream);
   if (e != cudaSuccess) return e;
   void* kernel_args[] = {&p};
-  return cudaLaunchCooperativeKernel(forward_kernel<Scalar, kExact>(plan.units_per_block), dim3(plan.blocks),
-                                     dim3(kThreads), kernel_args, plan.smem_bytes, stream);
+  return cudaLaunchCooperativeKernel(forward_kernel<Scalar, kExact>(plan.units_per_block),
+                                     dim3(plan.blocks), dim3(kThreads), kernel_args,
+                                     plan.smem_bytes, stream);
 }
 
 template <typename Scalar, bool kExact = false>
@@ -243,7 +311,9 @@ cudaError_t launch_backward(const BackwardArgs& a, const PersistentPlan& plan, v
   p.H = static_cast<int>(a.H);
   p.Kpad = static_cast<int>(round_up(4 * a.H, 16));
   p.KC = plan.k_chunk;
-  p.Bpad = static_cast<int>(round_up(a.B, 16));
+  p.groups = plan.batch_groups;
+  p.Bg = plan.rows_per_group;
+  p.Bpad = static_cast<int>(round_up(p.Bg, 16));
   p.reverse = a.reverse;
   p.dy = static_cast<const Scalar*>(a.dy);
   p.dh_n = static_cast<const Scalar*>(a.dh_n);
@@ -257,12 +327,12 @@ cudaError_t launch_backward(const BackwardArgs& a, const PersistentPlan& plan, v
   p.dh0 = static_cast<Scalar*>(a.dh0);
   p.dc0 = static_cast<Scalar*>(a.dc0);
   p.counter = static_cast<unsigned*>(workspace);
-  p.zbuf = reinterpret_cast<Scalar*>(static_cast<char*>(workspace) + kCounterBytes);
-  cudaError_t e = cudaMemsetAsync(p.counter, 0, sizeof(unsigned), stream);
+  p.zbuf = reinterpret_cast<Scalar*>(static_cast<char*>(workspace) + counter_bytes(p.groups));
+  cudaError_t e = cudaMemsetAsync(p.counter, 0, counter_bytes(p.groups), stream);
   if (e != cudaSuccess) return e;
   void* kernel_args[] = {&p};
-  return cudaLaunchCooperativeKernel(backward_kernel<Scalar, kExact>(), dim3(plan.blocks), dim3(kThreads),
-                                     kernel_args, plan.smem_bytes, stream);
+  return cudaLaunchCooperativeKernel(backward_kernel<Scalar, kExact>(), dim3(plan.blocks),
+                                     dim3(kThreads), kernel_args, plan.smem_bytes, stream);
 }
 
 }  // namespace
@@ -271,8 +341,10 @@ cudaError_t launch_persistent_forward(const ForwardArgs& a, const PersistentPlan
                                       void* workspace, cudaStream_t stream) {
   if (a.T == 0) return cudaSuccess;
   switch (a.dtype) {
-    case ScalarKind::kBFloat16: return launch_forward<__nv_bfloat16>(a, plan, workspace, stream);
-    case ScalarKind::kFloat16: return launch_forward<__half>(a, plan, workspace, stream);
+    case ScalarKind::kBFloat16:
+      return launch_forward<__nv_bfloat16>(a, plan, workspace, stream);
+    case ScalarKind::kFloat16:
+      return launch_forward<__half>(a, plan, workspace, stream);
     default:
       return a.allow_tf32 ? launch_forward<float>(a, plan, workspace, stream)
                           : launch_forward<float, true>(a, plan, workspace, stream);
@@ -283,8 +355,10 @@ cudaError_t launch_persistent_backward(const BackwardArgs& a, const PersistentPl
                                        void* workspace, cudaStream_t stream) {
   if (a.T == 0) return cudaSuccess;
   switch (a.dtype) {
-    case ScalarKind::kBFloat16: return launch_backward<__nv_bfloat16>(a, plan, workspace, stream);
-    case ScalarKind::kFloat16: return launch_backward<__half>(a, plan, workspace, stream);
+    case ScalarKind::kBFloat16:
+      return launch_backward<__nv_bfloat16>(a, plan, workspace, stream);
+    case ScalarKind::kFloat16:
+      return launch_backward<__half>(a, plan, workspace, stream);
     default:
       return a.allow_tf32 ? launch_backward<float>(a, plan, workspace, stream)
                           : launch_backward<float, true>(a, plan, workspace, stream);

@@ -19,11 +19,13 @@ namespace lstm_fused {
 namespace cuda {
 
 struct PersistentPlan {
-  int blocks = 0;             // co-resident blocks, one hidden-unit slice each
-  int units_per_block = 0;    // hidden units owned by one block
-  int k_chunk = 0;            // columns of the exchanged state staged in shared memory at once
-  size_t smem_bytes = 0;      // dynamic shared memory per block
-  size_t workspace_bytes = 0; // device workspace the launcher needs
+  int blocks = 0;                 // co-resident blocks: unit slices x batch groups
+  int units_per_block = 0;        // hidden units owned by one block
+  int batch_groups = 1;           // independent groups of batch rows, each with its own barrier
+  int rows_per_group = 0;         // batch rows per group (the last group may have fewer)
+  int k_chunk = 0;                // columns of the exchanged state staged in shared memory at once
+  size_t smem_bytes = 0;          // dynamic shared memory per block
+  size_t workspace_bytes = 0;     // device workspace the launcher needs
   const char* why_not = nullptr;  // when plan_* returns false: the reason, for error messages
 };
 

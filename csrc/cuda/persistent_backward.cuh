@@ -1,8 +1,9 @@
 // Persistent LSTM backward: the reverse-time loop in one cooperative launch. Torch-free.
 //
-// The mirror image of persistent_forward.cuh. Block `blk` owns hidden units
-// j0 = blk * kBackwardUnits .. + kBackwardUnits - 1 and keeps the matching *columns* of W_hh,
-// transposed (Wt[u][r] = W_hh[r][j0 + u], r over all 4H gate rows), in shared memory. Phase s
+// The mirror image of persistent_forward.cuh, on the same (unit slices) x (batch groups) grid.
+// Block (ub, group) owns hidden units j0 = ub * kBackwardUnits .. + kBackwardUnits - 1 and the
+// batch rows of its group, and keeps the matching *columns* of W_hh, transposed
+// (Wt[u][r] = W_hh[r][j0 + u], r over all 4H gate rows), in shared memory. Phase s
 // (s = T-1 .. 0 in processing order, then a final phase -1):
 //   1. waits until every block published the gate gradients dz of the phase before,
 //   2. dh_rec[b, u] = sum_r dz[b, r] * W_hh[r, j0 + u] on the tensor cores; dh for its units is
@@ -26,35 +27,37 @@ constexpr int kBackwardUnits = 16;
 template <typename Scalar>
 struct BackwardParams {
   int steps, B, H;
-  int Kpad, KC, Bpad;  // 4H rounded up to 16; columns staged at once; B rounded up to 16
+  // Batch groups (grid = unit slices x groups) and rows per group (the last may have fewer).
+  int groups, Bg;
+  int Kpad, KC, Bpad;  // 4H rounded up to 16; columns staged at once; Bg rounded up to 16
   bool reverse;
-  const Scalar* dy;           // (T, B, H)
-  const Scalar* dh_n;         // (B, H)
-  const Scalar* dc_n;         // (B, H)
-  const Scalar* w_hh;         // (4H, H)
-  const Scalar* c0;           // (B, H)
-  const int64_t* lengths;     // (B,) or nullptr
-  const Scalar* gates;        // (T, B, 4H) activated gates saved by the forward
-  const float* c_all;         // (T, B, H)
-  Scalar* dxproj;             // (T, B, 4H)
-  Scalar* dh0;                // (B, H)
-  Scalar* dc0;                // (B, H)
-  Scalar* zbuf;               // workspace: (2, B, 4H) exchange buffer of dz
-  unsigned* counter;          // workspace: barrier counter, zero at launch
+  const Scalar* dy;        // (T, B, H)
+  const Scalar* dh_n;      // (B, H)
+  const Scalar* dc_n;      // (B, H)
+  const Scalar* w_hh;      // (4H, H)
+  const Scalar* c0;        // (B, H)
+  const int64_t* lengths;  // (B,) or nullptr
+  const Scalar* gates;     // (T, B, 4H) activated gates saved by the forward
+  const float* c_all;      // (T, B, H)
+  Scalar* dxproj;          // (T, B, 4H)
+  Scalar* dh0;             // (B, H)
+  Scalar* dc0;             // (B, H)
+  Scalar* zbuf;            // workspace: (2, B, 4H) exchange buffer of dz
+  unsigned* counter;       // workspace: a zeroed barrier counter per group, kCounterStride apart
 };
 
 struct BackwardLayout {
   size_t w, hs, acc, dh, dc, len, total;
-  __host__ __device__ BackwardLayout(int B, int Bpad, int Kpad, int KC, int elem) {
+  __host__ __device__ BackwardLayout(int Bg, int Bpad, int Kpad, int KC, int elem) {
     const int rows = kBackwardUnits;
     const TileSplit split(rows, Bpad);
     SmemCursor c;
     w = c.take(static_cast<size_t>(rows) * (Kpad + kSkew) * elem);
     hs = c.take(static_cast<size_t>(Bpad) * (KC + kSkew) * elem);
     acc = c.take(static_cast<size_t>(split.ksplit) * Bpad * rows * sizeof(float));
-    dh = c.take(static_cast<size_t>(B) * rows * sizeof(float));
-    dc = c.take(static_cast<size_t>(B) * rows * sizeof(float));
-    len = c.take(static_cast<size_t>(B) * sizeof(int));
+    dh = c.take(static_cast<size_t>(Bg) * rows * sizeof(float));
+    dc = c.take(static_cast<size_t>(Bg) * rows * sizeof(float));
+    len = c.take(static_cast<size_t>(Bg) * sizeof(int));
     total = c.offset;
   }
 };
@@ -64,7 +67,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_backward_persistent(Backward
 #if defined(LSTM_FUSED_SIMT_EMULATION) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
   constexpr int U = kBackwardUnits;
   LSTM_FUSED_DYNAMIC_SMEM(smem);
-  const BackwardLayout L(p.B, p.Bpad, p.Kpad, p.KC, sizeof(Scalar));
+  const BackwardLayout L(p.Bg, p.Bpad, p.Kpad, p.KC, sizeof(Scalar));
   Scalar* Wt = reinterpret_cast<Scalar*>(smem + L.w);
   Scalar* Hs = reinterpret_cast<Scalar*>(smem + L.hs);
   float* Acc = reinterpret_cast<float*>(smem + L.acc);
@@ -74,7 +77,11 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_backward_persistent(Backward
 
   const int B = p.B, H = p.H, tid = threadIdx.x;
   const int64_t H4 = 4 * static_cast<int64_t>(H);
-  const int j0 = blockIdx.x * U;
+  const int unit_blocks = gridDim.x / p.groups;
+  const int group = blockIdx.x / unit_blocks;
+  const int j0 = (blockIdx.x - group * unit_blocks) * U;
+  const int b0 = group * p.Bg, nb = min(p.Bg, B - b0);  // this block's batch rows
+  unsigned* counter = p.counter + group * kCounterStride;
   const int ldw = p.Kpad + kSkew;
   const int ksplit = TileSplit(U, p.Bpad).ksplit;
   const Scalar zero = from_float<Scalar>(0.0f);
@@ -86,38 +93,40 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_backward_persistent(Backward
     Wt[u * ldw + r] = (j < H && r < H4) ? p.w_hh[static_cast<int64_t>(r) * H + j] : zero;
   }
   for (int idx = tid; idx < p.Bpad * (p.KC + kSkew); idx += kThreads) Hs[idx] = zero;
-  for (int idx = tid; idx < B * U; idx += kThreads) {
-    const int b = idx / U, j = j0 + idx % U;
+  // Per-row state is indexed by the local row bl = b - b0.
+  for (int idx = tid; idx < nb * U; idx += kThreads) {
+    const int b = b0 + idx / U, j = j0 + idx % U;
     DH[idx] = j < H ? to_float(p.dh_n[static_cast<int64_t>(b) * H + j]) : 0.0f;
     DC[idx] = j < H ? to_float(p.dc_n[static_cast<int64_t>(b) * H + j]) : 0.0f;
   }
-  for (int b = tid; b < B; b += kThreads) {
-    const int64_t len = p.lengths ? p.lengths[b] : p.steps;
-    Len[b] = static_cast<int>(len < 0 ? 0 : (len > p.steps ? p.steps : len));
+  for (int bl = tid; bl < nb; bl += kThreads) {
+    const int64_t len = p.lengths ? p.lengths[b0 + bl] : p.steps;
+    Len[bl] = static_cast<int>(len < 0 ? 0 : (len > p.steps ? p.steps : len));
   }
   __syncthreads();
 
   for (int s = p.steps - 1; s >= -1; --s) {
     if (s < p.steps - 1) {
-      grid_wait(p.counter, static_cast<unsigned>(p.steps - 1 - s) * gridDim.x);
-      const Scalar* dz_prev = p.zbuf + static_cast<int64_t>((s + 1) & 1) * B * H4;
-      block_matmul<Scalar, kExactFp32>(Wt, ldw, U, dz_prev, B, static_cast<int>(H4), p.Kpad, p.KC, p.Bpad, Hs, Acc);
+      grid_wait(counter, static_cast<unsigned>(p.steps - 1 - s) * unit_blocks);
+      const Scalar* dz_prev = p.zbuf + (static_cast<int64_t>((s + 1) & 1) * B + b0) * H4;
+      block_matmul<Scalar, kExactFp32>(Wt, ldw, U, dz_prev, nb, static_cast<int>(H4), p.Kpad, p.KC,
+                                       p.Bpad, Hs, Acc);
       const int t_prev = step_at(s + 1);
-      for (int idx = tid; idx < B * U; idx += kThreads) {
-        const int b = idx / U;
-        if (t_prev < Len[b]) DH[idx] = acc_sum(Acc, ksplit, p.Bpad, U, b, idx - b * U);
+      for (int idx = tid; idx < nb * U; idx += kThreads) {
+        const int bl = idx / U;
+        if (t_prev < Len[bl]) DH[idx] = acc_sum(Acc, ksplit, p.Bpad, U, bl, idx - bl * U);
       }
     }
     if (s < 0) break;
 
     const int t = step_at(s);
     Scalar* dz_out = p.zbuf + static_cast<int64_t>(s & 1) * B * H4;
-    for (int idx = tid; idx < B * U; idx += kThreads) {
-      const int b = idx / U, j = j0 + idx % U;
+    for (int idx = tid; idx < nb * U; idx += kThreads) {
+      const int bl = idx / U, j = j0 + idx % U, b = b0 + bl;
       if (j >= H) continue;
       const int64_t row = static_cast<int64_t>(t) * B + b;
       float dz[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      if (t < Len[b]) {  // inactive steps pass dh and dc through and ignore dy
+      if (t < Len[bl]) {  // inactive steps pass dh and dc through and ignore dy
         const Scalar* gt = p.gates + row * H4 + j;
         const float ig = to_float(gt[0]), fg = to_float(gt[H]);
         const float gg = to_float(gt[2 * static_cast<int64_t>(H)]);
@@ -141,11 +150,11 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_backward_persistent(Backward
         dz_out[static_cast<int64_t>(b) * H4 + g * static_cast<int64_t>(H) + j] = v;
       }
     }
-    grid_arrive(p.counter);  // the next phase (the final one included) reads dz_out
+    grid_arrive(counter);  // the next phase (the final one included) reads dz_out
   }
 
-  for (int idx = tid; idx < B * U; idx += kThreads) {
-    const int b = idx / U, j = j0 + idx % U;
+  for (int idx = tid; idx < nb * U; idx += kThreads) {
+    const int b = b0 + idx / U, j = j0 + idx % U;
     if (j >= H) continue;
     p.dh0[static_cast<int64_t>(b) * H + j] = from_float<Scalar>(DH[idx]);
     p.dc0[static_cast<int64_t>(b) * H + j] = from_float<Scalar>(DC[idx]);

@@ -33,6 +33,8 @@ namespace persistent {
 
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
+// Barrier counters of different batch groups sit on separate 128-byte lines.
+constexpr int kCounterStride = 32;
 // Accumulator tiles one warp may hold; the planner rejects shapes that need more.
 constexpr int kMaxTilesPerWarp = 4;
 // Extra elements per shared-memory row: spreads consecutive rows over the banks. Keeps the row
@@ -77,20 +79,32 @@ __device__ inline void grid_wait(const unsigned* counter, unsigned target) {
 template <typename Scalar>
 __device__ inline float to_float(Scalar v);
 template <>
-__device__ inline float to_float<float>(float v) { return v; }
+__device__ inline float to_float<float>(float v) {
+  return v;
+}
 template <>
-__device__ inline float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ inline float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
 template <>
-__device__ inline float to_float<__half>(__half v) { return __half2float(v); }
+__device__ inline float to_float<__half>(__half v) {
+  return __half2float(v);
+}
 
 template <typename Scalar>
 __device__ inline Scalar from_float(float v);
 template <>
-__device__ inline float from_float<float>(float v) { return v; }
+__device__ inline float from_float<float>(float v) {
+  return v;
+}
 template <>
-__device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+__device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16(v);
+}
 template <>
-__device__ inline __half from_float<__half>(float v) { return __float2half(v); }
+__device__ inline __half from_float<__half>(float v) {
+  return __float2half(v);
+}
 
 // Accurate activations (the build must not use --use_fast_math for fp32 parity).
 __device__ inline float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
@@ -226,8 +240,9 @@ using TilesFor = typename std::conditional<kExactFp32, SimtTiles, TensorCoreTile
 // Acc[ks][b][rows]. `state` is the (B x K) row-major exchange buffer.
 template <typename Scalar, bool kExactFp32>
 __device__ inline void block_matmul(const Scalar* __restrict__ Wsm, int ldw, int rows,
-                                    const Scalar* __restrict__ state, int B, int K, int Kpad, int KC,
-                                    int Bpad, Scalar* __restrict__ Hs, float* __restrict__ Acc) {
+                                    const Scalar* __restrict__ state, int B, int K, int Kpad,
+                                    int KC, int Bpad, Scalar* __restrict__ Hs,
+                                    float* __restrict__ Acc) {
   static_assert(!kExactFp32 || sizeof(Scalar) == 4, "the exact engine is for fp32 storage");
   using Tiles = TilesFor<Scalar, kExactFp32>;
   const int ldh = KC + kSkew;
@@ -235,7 +250,8 @@ __device__ inline void block_matmul(const Scalar* __restrict__ Wsm, int ldw, int
   const int warp = threadIdx.x / 32;
   const int ks = split.ksplit == 1 ? 0 : warp / split.tiles;
   const bool busy = ks < split.ksplit;
-  const int n_mine = split.ksplit == 1 ? (split.tiles - warp + kWarps - 1) / kWarps : (busy ? 1 : 0);
+  const int n_mine =
+      split.ksplit == 1 ? (split.tiles - warp + kWarps - 1) / kWarps : (busy ? 1 : 0);
   const int m_tiles = rows / 16;
   auto tile_of = [&](int i) { return split.ksplit == 1 ? warp + i * kWarps : warp % split.tiles; };
 

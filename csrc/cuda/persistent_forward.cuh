@@ -1,8 +1,11 @@
 // Persistent LSTM forward: all T steps in one cooperative launch. Torch-free.
 //
-// Block `blk` owns hidden units j0 = blk * UNITS .. j0 + UNITS - 1, i.e. 4 * UNITS rows of W_hh
-// (gate-major: row g * UNITS + u is W_hh row g * H + j0 + u), resident in shared memory for the
-// whole launch. Per step it
+// The grid is (hidden-unit slices) x (batch groups). Block (ub, group) owns hidden units
+// j0 = ub * UNITS .. j0 + UNITS - 1, i.e. 4 * UNITS rows of W_hh (gate-major: row g * UNITS + u
+// is W_hh row g * H + j0 + u), resident in shared memory for the whole launch, and the batch
+// rows of its group. Batch groups never exchange anything, so each has its own barrier counter;
+// splitting the batch fills more SMs at small H and shrinks the state each block reads per step.
+// Per step a block
 //   1. prefetches its slice of xproj[t] (independent of h, so it overlaps the barrier wait),
 //   2. waits until every block published h_{t-1},
 //   3. multiplies its W slice by h_{t-1} on the tensor cores (block_matmul),
@@ -23,36 +26,38 @@ namespace persistent {
 template <typename Scalar>
 struct ForwardParams {
   int steps, B, H;
-  int Kpad, KC, Bpad;  // H rounded up to 16; state columns staged at once; B rounded up to 16
+  // Batch groups (grid = unit slices x groups) and rows per group (the last may have fewer).
+  int groups, Bg;
+  int Kpad, KC, Bpad;  // H rounded up to 16; state columns staged at once; Bg rounded up to 16
   bool reverse;
-  const Scalar* xproj;        // (T, B, 4H)
-  const Scalar* w_hh;         // (4H, H)
-  const Scalar* h0;           // (B, H)
-  const Scalar* c0;           // (B, H)
-  const int64_t* lengths;     // (B,) or nullptr
-  Scalar* y;                  // (T, B, H)
-  Scalar* h_n;                // (B, H)
-  Scalar* c_n;                // (B, H)
-  Scalar* gates;              // (T, B, 4H) or nullptr
-  float* c_all;               // (T, B, H) or nullptr
-  Scalar* hbuf;               // workspace: (2, B, H) exchange buffer
-  unsigned* counter;          // workspace: barrier counter, zero at launch
+  const Scalar* xproj;     // (T, B, 4H)
+  const Scalar* w_hh;      // (4H, H)
+  const Scalar* h0;        // (B, H)
+  const Scalar* c0;        // (B, H)
+  const int64_t* lengths;  // (B,) or nullptr
+  Scalar* y;               // (T, B, H)
+  Scalar* h_n;             // (B, H)
+  Scalar* c_n;             // (B, H)
+  Scalar* gates;           // (T, B, 4H) or nullptr
+  float* c_all;            // (T, B, H) or nullptr
+  Scalar* hbuf;            // workspace: (2, B, H) exchange buffer
+  unsigned* counter;       // workspace: a zeroed barrier counter per group, kCounterStride apart
 };
 
 // Shared-memory layout; the planner sizes the launch with the same function.
 struct ForwardLayout {
   size_t w, hs, acc, xs, cs, hown, len, total;
-  __host__ __device__ ForwardLayout(int units, int B, int Bpad, int Kpad, int KC, int elem) {
+  __host__ __device__ ForwardLayout(int units, int Bg, int Bpad, int Kpad, int KC, int elem) {
     const int rows = 4 * units;
     const TileSplit split(rows, Bpad);
     SmemCursor c;
     w = c.take(static_cast<size_t>(rows) * (Kpad + kSkew) * elem);
     hs = c.take(static_cast<size_t>(Bpad) * (KC + kSkew) * elem);
     acc = c.take(static_cast<size_t>(split.ksplit) * Bpad * rows * sizeof(float));
-    xs = c.take(static_cast<size_t>(B) * rows * elem);
-    cs = c.take(static_cast<size_t>(B) * units * sizeof(float));
-    hown = c.take(static_cast<size_t>(B) * units * elem);
-    len = c.take(static_cast<size_t>(B) * sizeof(int));
+    xs = c.take(static_cast<size_t>(Bg) * rows * elem);
+    cs = c.take(static_cast<size_t>(Bg) * units * sizeof(float));
+    hown = c.take(static_cast<size_t>(Bg) * units * elem);
+    len = c.take(static_cast<size_t>(Bg) * sizeof(int));
     total = c.offset;
   }
 };
@@ -62,7 +67,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_forward_persistent(ForwardPa
 #if defined(LSTM_FUSED_SIMT_EMULATION) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
   constexpr int rows = 4 * UNITS;
   LSTM_FUSED_DYNAMIC_SMEM(smem);
-  const ForwardLayout L(UNITS, p.B, p.Bpad, p.Kpad, p.KC, sizeof(Scalar));
+  const ForwardLayout L(UNITS, p.Bg, p.Bpad, p.Kpad, p.KC, sizeof(Scalar));
   Scalar* Wsm = reinterpret_cast<Scalar*>(smem + L.w);
   Scalar* Hs = reinterpret_cast<Scalar*>(smem + L.hs);
   float* Acc = reinterpret_cast<float*>(smem + L.acc);
@@ -73,7 +78,11 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_forward_persistent(ForwardPa
 
   const int B = p.B, H = p.H, tid = threadIdx.x;
   const int64_t H4 = 4 * static_cast<int64_t>(H);
-  const int j0 = blockIdx.x * UNITS;
+  const int unit_blocks = gridDim.x / p.groups;
+  const int group = blockIdx.x / unit_blocks;
+  const int j0 = (blockIdx.x - group * unit_blocks) * UNITS;
+  const int b0 = group * p.Bg, nb = min(p.Bg, B - b0);  // this block's batch rows
+  unsigned* counter = p.counter + group * kCounterStride;
   const int ldw = p.Kpad + kSkew;
   const int ksplit = TileSplit(rows, p.Bpad).ksplit;
   const Scalar zero = from_float<Scalar>(0.0f);
@@ -84,48 +93,50 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_forward_persistent(ForwardPa
     const int g = r / UNITS, j = j0 + r % UNITS;
     Wsm[r * ldw + k] = (j < H && k < H) ? p.w_hh[(g * static_cast<int64_t>(H) + j) * H + k] : zero;
   }
-  // Staging rows past B stay zero for the whole launch.
+  // Staging rows past nb stay zero for the whole launch.
   for (int idx = tid; idx < p.Bpad * (p.KC + kSkew); idx += kThreads) Hs[idx] = zero;
-  for (int idx = tid; idx < B * UNITS; idx += kThreads) {
-    const int b = idx / UNITS, j = j0 + idx % UNITS;
+  // Per-row state is indexed by the local row bl = b - b0.
+  for (int idx = tid; idx < nb * UNITS; idx += kThreads) {
+    const int b = b0 + idx / UNITS, j = j0 + idx % UNITS;
     Cs[idx] = j < H ? to_float(p.c0[static_cast<int64_t>(b) * H + j]) : 0.0f;
     Hown[idx] = j < H ? p.h0[static_cast<int64_t>(b) * H + j] : zero;
   }
-  for (int b = tid; b < B; b += kThreads) {
-    const int64_t len = p.lengths ? p.lengths[b] : p.steps;
-    Len[b] = static_cast<int>(len < 0 ? 0 : (len > p.steps ? p.steps : len));
+  for (int bl = tid; bl < nb; bl += kThreads) {
+    const int64_t len = p.lengths ? p.lengths[b0 + bl] : p.steps;
+    Len[bl] = static_cast<int>(len < 0 ? 0 : (len > p.steps ? p.steps : len));
   }
   __syncthreads();
 
   for (int s = 0; s < p.steps; ++s) {
     const int t = p.reverse ? p.steps - 1 - s : s;
-    const Scalar* xt = p.xproj + static_cast<int64_t>(t) * B * H4;
-    for (int idx = tid; idx < B * rows; idx += kThreads) {
-      const int b = idx / rows, r = idx - b * rows;
+    const Scalar* xt = p.xproj + (static_cast<int64_t>(t) * B + b0) * H4;
+    for (int idx = tid; idx < nb * rows; idx += kThreads) {
+      const int bl = idx / rows, r = idx - bl * rows;
       const int g = r / UNITS, j = j0 + r % UNITS;
-      Xs[idx] = j < H ? xt[b * H4 + g * static_cast<int64_t>(H) + j] : zero;
+      Xs[idx] = j < H ? xt[bl * H4 + g * static_cast<int64_t>(H) + j] : zero;
     }
     if (s > 0) {
-      grid_wait(p.counter, static_cast<unsigned>(s) * gridDim.x);
+      grid_wait(counter, static_cast<unsigned>(s) * unit_blocks);
     } else {
       __syncthreads();
     }
 
     const Scalar* h_prev = s == 0 ? p.h0 : p.hbuf + static_cast<int64_t>((s - 1) & 1) * B * H;
-    block_matmul<Scalar, kExactFp32>(Wsm, ldw, rows, h_prev, B, H, p.Kpad, p.KC, p.Bpad, Hs, Acc);
+    block_matmul<Scalar, kExactFp32>(Wsm, ldw, rows, h_prev + static_cast<int64_t>(b0) * H, nb, H,
+                                     p.Kpad, p.KC, p.Bpad, Hs, Acc);
 
     Scalar* h_out = p.hbuf + static_cast<int64_t>(s & 1) * B * H;
-    for (int idx = tid; idx < B * UNITS; idx += kThreads) {
-      const int b = idx / UNITS, u = idx - b * UNITS, j = j0 + u;
+    for (int idx = tid; idx < nb * UNITS; idx += kThreads) {
+      const int bl = idx / UNITS, u = idx - bl * UNITS, j = j0 + u, b = b0 + bl;
       if (j >= H) continue;
       float z[4];
 #pragma unroll
       for (int g = 0; g < 4; ++g) {
-        z[g] = acc_sum(Acc, ksplit, p.Bpad, rows, b, g * UNITS + u) +
-               to_float(Xs[b * rows + g * UNITS + u]);
+        z[g] = acc_sum(Acc, ksplit, p.Bpad, rows, bl, g * UNITS + u) +
+               to_float(Xs[bl * rows + g * UNITS + u]);
       }
       const float ig = sigmoid(z[0]), fg = sigmoid(z[1]), gg = tanhf(z[2]), og = sigmoid(z[3]);
-      const bool active = t < Len[b];
+      const bool active = t < Len[bl];
       const int64_t row = static_cast<int64_t>(t) * B + b;
       if (active) {
         const float c = fg * Cs[idx] + ig * gg;
@@ -143,12 +154,12 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_forward_persistent(ForwardPa
       }
       if (p.c_all) p.c_all[row * H + j] = Cs[idx];
     }
-    if (s + 1 < p.steps) grid_arrive(p.counter);
+    if (s + 1 < p.steps) grid_arrive(counter);
   }
 
   // Same thread <-> (b, u) mapping as the steps, so no barrier is needed before the final state.
-  for (int idx = tid; idx < B * UNITS; idx += kThreads) {
-    const int b = idx / UNITS, j = j0 + idx % UNITS;
+  for (int idx = tid; idx < nb * UNITS; idx += kThreads) {
+    const int b = b0 + idx / UNITS, j = j0 + idx % UNITS;
     if (j >= H) continue;
     p.h_n[static_cast<int64_t>(b) * H + j] = Hown[idx];
     p.c_n[static_cast<int64_t>(b) * H + j] = from_float<Scalar>(Cs[idx]);

@@ -6,8 +6,9 @@
 // wmma is emulated per thread: every lane of a warp holds the whole tile and does the whole
 // product (the lanes agree, since they see the same shared memory); lane 0 alone stores.
 // 16-bit and TF32 products are exact in fp32 and accumulation is fp32, as on the tensor cores,
-// though the order of additions differs. What this cannot show: timing, memory-model subtleties of the real
-// hardware beyond what the C++ model enforces, and register/shared-memory limits; those need a GPU.
+// though the order of additions differs. What this cannot show: timing, memory-model subtleties of
+// the real hardware beyond what the C++ model enforces, and register/shared-memory limits; those
+// need a GPU.
 #pragma once
 
 #include <algorithm>
@@ -98,7 +99,8 @@ inline unsigned load_acquire(const unsigned* p) {
 }  // namespace cuda
 }  // namespace lstm_fused
 
-// ---- wmma ----------------------------------------------------------------------------------------
+// ---- wmma
+// ----------------------------------------------------------------------------------------
 
 namespace nvcuda {
 namespace wmma {
@@ -176,11 +178,13 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, K, f
 }  // namespace wmma
 }  // namespace nvcuda
 
-// ---- launch --------------------------------------------------------------------------------------
+// ---- launch
+// --------------------------------------------------------------------------------------
 
 namespace emu {
 // Runs kernel() on blocks x threads CPU threads, all co-resident (like a cooperative launch).
-inline void launch(int blocks, int threads, size_t smem_bytes, const std::function<void()>& kernel) {
+inline void launch(int blocks, int threads, size_t smem_bytes,
+                   const std::function<void()>& kernel) {
   gridDim.x = blocks;
   std::vector<std::unique_ptr<std::barrier<>>> barriers;
   std::vector<std::vector<unsigned char>> smem(blocks);
