@@ -91,12 +91,14 @@ GPU_CASES = {
     "h1024_b64_rev": (16, 64, 1024, None, None, True),
     "h512_b16_proj_lengths_rev": (24, 16, 512, 128, _lengths(16, 24), True),
     "h1024_b64_proj": (16, 64, 1024, 512, None, False),
+    # Several batch groups on the persistent path, the last one ragged (70 = 16 * 4 + 6).
+    "h256_b70_groups_lengths_rev": (24, 70, 256, None, _lengths(70, 24), True),
 }
 ALL_CASES = {**CASES, **ZERO_LENGTH_CASES, **GPU_CASES}
-# Shapes the persistent kernels must accept in every dtype (no projection, small W_hh): refusing one of
-# these is a failure, not a skip. Larger ones may legitimately not fit a given GPU.
+# Shapes the persistent kernels must accept in every dtype (no projection, small W_hh): refusing
+# one of these is a failure, not a skip. Larger ones may legitimately not fit a given GPU.
 MUST_FIT_PERSISTENT = {"T1", "B1", "oddH", "B10_rev", "B3_oddH_rev", "lengths", "lengths_rev",
-                       "h256_b1", "h256_b16_rev"}
+                       "h256_b1", "h256_b16_rev", "h256_b70_groups_lengths_rev"}
 
 NAMES = ["y", "h_n", "c_n", "d_xproj", "d_w_hh", "d_w_hr", "d_h0", "d_c0"]
 
