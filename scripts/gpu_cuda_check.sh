@@ -13,7 +13,8 @@
 #    scripts/cuda_paths.py: which path (persistent/general) each headline shape takes.
 # 5. python -m benchmarks.run --suite headline --providers nn.LSTM,lstm_fused:cuda (bf16) into
 #    bench_out/cuda_headline (the committed headline comes from benchmarks/gpu_all.sh, which runs
-#    every provider), then the same with the general path forced, to compare the two paths.
+#    every provider), the forward at T1000_B1 and T1024_B16 for each LSTM_FUSED_CUDA_UNITS (4, 8,
+#    16: tunes the planner's choice), then the headline with the general path forced.
 #
 # Knobs: PYTHON (default python), SKIP_BUILD=1, SKIP_TESTS=1, SKIP_SANITIZER=1, SKIP_BENCH=1,
 # STEP_TIMEOUT=seconds per step (default 420: a hung persistent kernel must not eat a whole
@@ -129,6 +130,16 @@ if [[ "${SKIP_BENCH:-0}" != 1 ]]; then
         --out bench_out/cuda_headline --no-progress ${EXTRA_BENCH_ARGS:-} \
         2>&1 | tee "$LOGS/bench_headline.log"
     [[ ${PIPESTATUS[0]} == 0 ]] || fail "benchmark headline (see $LOGS/bench_headline.log)"
+
+    step "benchmark: forward units per block (LSTM_FUSED_CUDA_UNITS) at the streaming and T1024 shapes"
+    for units in 4 8 16; do
+        # shellcheck disable=SC2086
+        LSTM_FUSED_CUDA_UNITS=$units timeout "$LIMIT" "$PY" -m benchmarks.run --suite headline \
+            --shapes T1000_B1,T1024_B16 --modes fwd --providers nn.LSTM,lstm_fused:cuda \
+            --dtypes bfloat16 --out "bench_out/cuda_units_$units" --no-progress ${EXTRA_BENCH_ARGS:-} \
+            2>&1 | tee "$LOGS/bench_units_$units.log"
+        [[ ${PIPESTATUS[0]} == 0 ]] || fail "benchmark with LSTM_FUSED_CUDA_UNITS=$units"
+    done
 
     step "benchmark: headline with LSTM_FUSED_CUDA_PATH=general (not saved)"
     # shellcheck disable=SC2086
