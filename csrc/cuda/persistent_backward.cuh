@@ -5,12 +5,12 @@
 // batch rows of its group, and keeps the matching *columns* of W_hh, transposed
 // (Wt[u][r] = W_hh[r][j0 + u], r over all 4H gate rows), in shared memory. Phase s
 // (s = T-1 .. 0 in processing order, then a final phase -1):
-//   1. waits until every block published the gate gradients dz of the phase before,
-//   2. dh_rec[b, u] = sum_r dz[b, r] * W_hh[r, j0 + u] on the tensor cores; dh for its units is
+//   1. waits until every block of its group published its dz of the phase before,
+//   2. dh_rec[b, u] = sum_r dz[b, r] * W_hh[r, j0 + u] (block_matmul); dh for its units is
 //      that where the step before was active and carried unchanged through padding,
 //   3. from dh + dy[t], dc, the saved gates and cell states: dz for its units, written to dxproj
 //      and published to the exchange buffer,
-//   4. arrives at the grid barrier.
+//   4. arrives at its group's barrier.
 // The final phase only does 1-2 and writes dh0/dc0. dW_hh is not computed here: the binding
 // does it afterwards as one GEMM over all T*B rows of dxproj.
 #pragma once

@@ -7,11 +7,11 @@
 // splitting the batch fills more SMs at small H and shrinks the state each block reads per step.
 // Per step a block
 //   1. prefetches its slice of xproj[t] (independent of h, so it overlaps the barrier wait),
-//   2. waits until every block published h_{t-1},
-//   3. multiplies its W slice by h_{t-1} on the tensor cores (block_matmul),
+//   2. waits until every block of its group published its slice of h_{t-1},
+//   3. multiplies its W slice by h_{t-1} (block_matmul: tensor cores, or exact fp32 FMAs),
 //   4. applies the gates in fp32 (cell state stays in shared memory), writes y, the saved gates
 //      and c, and publishes its units of h_t to the exchange buffer,
-//   5. arrives at the grid barrier.
+//   5. arrives at its group's barrier.
 // One barrier per step: the exchange buffer is double-buffered, and a block reads the buffer
 // of step t-1 only before it arrives at step t's barrier, which every writer of step t+1 waits
 // for.
