@@ -9,8 +9,9 @@
 //
 // The state travels through a small double-buffered exchange area in global memory, read with
 // L1-bypassing loads (other SMs wrote it during this launch, so an L1 copy could be stale), and
-// a counter in global memory acts as the per-step grid barrier. All blocks are co-resident
-// because the launcher uses a cooperative launch, which refuses to start otherwise.
+// a counter in global memory per batch group acts as the per-step barrier of that group's
+// blocks. All blocks are co-resident because the launcher uses a cooperative launch, which
+// refuses to start otherwise.
 #pragma once
 
 #include <cstdint>
