@@ -278,6 +278,25 @@ def test_op_parity_gpu_shapes(monkeypatch, name, dtype, path):
     _compare_on_path(monkeypatch, name, GPU_CASES[name], dtype, path)
 
 
+# Tile configurations the planner does not pick by default, forced through its tuning knobs:
+# every units-per-block instance, and the state restaged in several chunks per step.
+TUNING_KNOBS = {
+    "units4": ({"LSTM_FUSED_CUDA_UNITS": "4"}, "h256_b16_rev"),
+    "units8": ({"LSTM_FUSED_CUDA_UNITS": "8"}, "h512_b64_lengths"),
+    "units16": ({"LSTM_FUSED_CUDA_UNITS": "16"}, "h768_b16_lengths_rev"),
+    "many_chunks": ({"LSTM_FUSED_CUDA_MAX_CHUNKS": "64"}, "h1024_b64_rev"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] + HALF, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("knob", list(TUNING_KNOBS))
+def test_op_parity_forced_configurations(monkeypatch, knob, dtype):
+    env, name = TUNING_KNOBS[knob]
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    _compare_on_path(monkeypatch, name, GPU_CASES[name], dtype, "persistent")
+
+
 @pytest.mark.parametrize("path", ["general", "persistent"])
 @pytest.mark.parametrize("name", ["h256_b16_rev", "h512_b16_proj_lengths_rev"])
 def test_tf32_follows_cudnn_switch(monkeypatch, name, path):
