@@ -10,7 +10,8 @@
 #    reverse), with torch's caching allocator off so out-of-bounds accesses hit real allocation
 #    boundaries.
 # 4. benchmarks/cuda/grid_sync_latency.cu: per-step cost of the grid barrier options, and
-#    scripts/cuda_paths.py: which path (persistent/general) each headline shape takes.
+#    scripts/cuda_paths.py: which path (persistent/general) each headline shape takes, and
+#    scripts/cuda_step_times.py: per-step microseconds of cuDNN and of both paths.
 # 5. python -m benchmarks.run --suite headline --providers nn.LSTM,lstm_fused:cuda (bf16) into
 #    bench_out/cuda_headline (the committed headline comes from benchmarks/gpu_all.sh, which runs
 #    every provider), the forward at T1000_B1 and T1024_B16 for each LSTM_FUSED_CUDA_UNITS (4, 8,
@@ -123,6 +124,10 @@ if [[ "${SKIP_BENCH:-0}" != 1 ]]; then
     step "which path each headline shape takes"
     timeout "$LIMIT" "$PY" scripts/cuda_paths.py headline 2>&1 | tee "$LOGS/paths.log"
     [[ ${PIPESTATUS[0]} == 0 ]] || fail "scripts/cuda_paths.py (see $LOGS/paths.log)"
+
+    step "per-step times (scripts/cuda_step_times.py)"
+    timeout "$LIMIT" "$PY" scripts/cuda_step_times.py --dtype bfloat16 2>&1 | tee "$LOGS/step_times.md"
+    [[ ${PIPESTATUS[0]} == 0 ]] || fail "scripts/cuda_step_times.py (see $LOGS/step_times.md)"
 
     step "benchmark: headline, nn.LSTM vs lstm_fused:cuda (auto path), bf16"
     # shellcheck disable=SC2086  # EXTRA_BENCH_ARGS is meant to split
