@@ -23,6 +23,20 @@ def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((a - e).norm() / e.norm().clamp_min(1e-30)).item()
 
 
+def draw_op_inputs(T, B, H, P, lengths, device):
+    """Fresh float64 inputs of a recurrence op (weights scaled ~1/sqrt(fan-in)), its lengths
+    tensor (or None) and cotangents for (y, h_n, c_n). P=None: no projection."""
+    P_ = P or H
+    f64 = dict(dtype=torch.float64, device=device)
+    xproj = torch.randn(T, B, 4 * H, **f64)
+    w_hh = torch.randn(4 * H, P_, **f64) / P_**0.5
+    w_hr = torch.randn(P_, H, **f64) / H**0.5 if P else None
+    h0, c0 = torch.randn(B, P_, **f64), torch.randn(B, H, **f64)
+    lens = None if lengths is None else torch.tensor(lengths, dtype=torch.long, device=device)
+    cot = (torch.randn(T, B, P_, **f64), torch.randn(B, P_, **f64), torch.randn(B, H, **f64))
+    return (xproj, w_hh, w_hr, h0, c0), lens, cot
+
+
 def make_pair(dtype, backend, **config):
     """A float64 nn.LSTM oracle and an lstm_fused.LSTM in ``dtype`` with the same weights."""
     oracle = nn.LSTM(**config).double()

@@ -34,7 +34,7 @@ if "cuda" not in lstm_fused.available_backends():
                 allow_module_level=True)
 
 from lstm_fused import reference  # noqa: E402
-from helpers import make_pair, rel_error, run_and_grad  # noqa: E402
+from helpers import draw_op_inputs, make_pair, rel_error, run_and_grad  # noqa: E402
 from test_parity import FULL_PRECISION_TOL, HALF_FLOOR, SHAPES  # noqa: E402
 
 DEVICE = torch.device("cuda")
@@ -108,16 +108,7 @@ def _use_path(monkeypatch, path):
 
 
 def _draw(T, B, H, P, lengths):
-    """Fresh float64 inputs (weights ~1/sqrt(fan-in)), lengths and cotangents."""
-    P_ = P or H
-    f64 = dict(dtype=torch.float64, device=DEVICE)
-    xproj = torch.randn(T, B, 4 * H, **f64)
-    w_hh = torch.randn(4 * H, P_, **f64) / P_**0.5
-    w_hr = torch.randn(P_, H, **f64) / H**0.5 if P else None
-    h0, c0 = torch.randn(B, P_, **f64), torch.randn(B, H, **f64)
-    lens = None if lengths is None else torch.tensor(lengths, dtype=torch.long, device=DEVICE)
-    cot = (torch.randn(T, B, P_, **f64), torch.randn(B, P_, **f64), torch.randn(B, H, **f64))
-    return (xproj, w_hh, w_hr, h0, c0), lens, cot
+    return draw_op_inputs(T, B, H, P, lengths, DEVICE)
 
 
 def _run(forward, inputs, lens, reverse, cot, dtype):

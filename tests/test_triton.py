@@ -20,7 +20,7 @@ import lstm_fused  # noqa: E402
 import lstm_fused.triton as triton_backend  # noqa: E402
 from lstm_fused import reference  # noqa: E402
 from lstm_fused.triton import recurrence  # noqa: E402
-from helpers import make_pair, rel_error, run_and_grad  # noqa: E402
+from helpers import draw_op_inputs, make_pair, rel_error, run_and_grad  # noqa: E402
 
 if triton_backend.unavailable_reason() is not None:
     pytest.skip(triton_backend.unavailable_reason(), allow_module_level=True)
@@ -76,16 +76,7 @@ def _use_path(monkeypatch, path):
 
 
 def _draw(T, B, H, P, lengths):
-    """Fresh float64 inputs with weights scaled ~1/sqrt(fan-in), plus cotangents."""
-    P_ = P or H
-    f64 = dict(dtype=torch.float64, device=DEVICE)
-    xproj = torch.randn(T, B, 4 * H, **f64)
-    w_hh = torch.randn(4 * H, P_, **f64) / P_**0.5
-    w_hr = torch.randn(P_, H, **f64) / H**0.5 if P else None
-    h0, c0 = torch.randn(B, P_, **f64), torch.randn(B, H, **f64)
-    lens = None if lengths is None else torch.tensor(lengths, dtype=torch.long, device=DEVICE)
-    cot = (torch.randn(T, B, P_, **f64), torch.randn(B, P_, **f64), torch.randn(B, H, **f64))
-    return (xproj, w_hh, w_hr, h0, c0), lens, cot
+    return draw_op_inputs(T, B, H, P, lengths, DEVICE)
 
 
 def _run(forward_op, inputs, lens, reverse, cot, dtype):

@@ -418,8 +418,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrenc
     a.h_n = h_n.data_ptr();
     a.c_n = c_n.data_ptr();
     const at::Tensor workspace = workspace_for(plan, f.xproj);
-    if (persistent_launched(launch_persistent_forward(
-            a, plan, plan.workspace_bytes > 0 ? workspace.data_ptr() : nullptr, stream))) {
+    if (persistent_launched(launch_persistent_forward(a, plan, workspace.data_ptr(), stream))) {
       return {f.y, h_n, c_n, gates, c_all};
     }
   }
@@ -493,8 +492,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrenc
     a.dh0 = dh0.data_ptr();
     a.dc0 = dc0.data_ptr();
     const at::Tensor workspace = workspace_for(plan, g.gates);
-    done = persistent_launched(launch_persistent_backward(
-        a, plan, plan.workspace_bytes > 0 ? workspace.data_ptr() : nullptr, stream));
+    done = persistent_launched(launch_persistent_backward(a, plan, workspace.data_ptr(), stream));
   }
   if (!done) {
     g.dh = dh_n.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();

@@ -25,15 +25,14 @@ namespace cuda {
 namespace {
 
 using persistent::BackwardLayout;
-using persistent::BackwardParams;
+using persistent::counter_bytes;
 using persistent::ForwardLayout;
-using persistent::ForwardParams;
 using persistent::kBackwardUnits;
-using persistent::kCounterStride;
 using persistent::kMaxTilesPerWarp;
 using persistent::kSkew;
 using persistent::kThreads;
 using persistent::kWarps;
+using persistent::LaunchShape;
 using persistent::round_up;
 using persistent::TileSplit;
 
@@ -114,7 +113,8 @@ int element_bytes(ScalarKind dtype) { return dtype == ScalarKind::kFloat32 ? 4 :
 // chunks) such that `fixed + staging` fits in at most max_chunks() chunks; 0 when none does.
 template <typename Layout>
 int choose_k_chunk(int Kpad, int Bpad, size_t smem_limit, Layout layout_for) {
-  for (int chunks = 1; chunks <= Kpad / 16 && chunks <= max_chunks(); ++chunks) {
+  const int most = std::min(Kpad / 16, max_chunks());
+  for (int chunks = 1; chunks <= most; ++chunks) {
     const int kc = static_cast<int>(round_up((Kpad + chunks - 1) / chunks, 16));
     if (layout_for(kc).total <= smem_limit) return kc;
   }
@@ -192,21 +192,29 @@ std::vector<Candidate> candidates(const std::vector<int>& unit_choices, int H, i
   return out;
 }
 
-size_t counter_bytes(int groups) {
-  // Keeps the exchange buffer that follows 256-byte aligned.
-  return static_cast<size_t>(
-      round_up(static_cast<int64_t>(groups) * kCounterStride * sizeof(unsigned), 256));
-}
-
-void fill_plan(const Candidate& c, size_t exchange_bytes, PersistentPlan* plan) {
+void fill_plan(const Candidate& c, size_t workspace_bytes, PersistentPlan* plan) {
   plan->blocks = c.blocks;
   plan->units_per_block = c.units;
   plan->batch_groups = c.groups;
   plan->rows_per_group = c.Bg;
   plan->k_chunk = c.kc;
   plan->smem_bytes = c.smem;
-  plan->workspace_bytes = counter_bytes(c.groups) + exchange_bytes;
+  plan->workspace_bytes = workspace_bytes;
   plan->why_not = nullptr;
+}
+
+// Resets *plan, reads the device's limits and applies the rejections common to both directions;
+// false (with plan->why_not set) when the persistent kernels cannot run this call at all.
+bool start_plan(int device, const void* w_hr, int64_t steps, PersistentPlan* plan,
+                DeviceLimits* d) {
+  *plan = PersistentPlan{};
+  if (device_limits(device, d) != cudaSuccess) {
+    cudaGetLastError();
+    plan->why_not = "could not query the device";
+    return false;
+  }
+  plan->why_not = common_why_not(w_hr, steps, *d);
+  return plan->why_not == nullptr;
 }
 
 const char* const kNoFit =
@@ -215,19 +223,14 @@ const char* const kNoFit =
 }  // namespace
 
 bool plan_persistent_forward(const ForwardArgs& a, int device, PersistentPlan* plan) {
-  *plan = PersistentPlan{};
   DeviceLimits d;
-  if (device_limits(device, &d) != cudaSuccess) {
-    cudaGetLastError();
-    plan->why_not = "could not query the device";
-    return false;
-  }
-  if ((plan->why_not = common_why_not(a.w_hr, a.T, d))) return false;
+  if (!start_plan(device, a.w_hr, a.T, plan, &d)) return false;
   const int B = static_cast<int>(a.B), H = static_cast<int>(a.H), elem = element_bytes(a.dtype);
   const int Kpad = static_cast<int>(round_up(H, 16));
+  const int forced = forced_units();
   std::vector<int> units;
   for (int u : kUnitChoices) {
-    if (!forced_units() || u == forced_units()) units.push_back(u);
+    if (!forced || u == forced) units.push_back(u);
   }
   auto layout_for = [&](int u, int bg, int bpad, int kc) {
     return ForwardLayout(u, bg, bpad, Kpad, kc, elem);
@@ -235,23 +238,16 @@ bool plan_persistent_forward(const ForwardArgs& a, int device, PersistentPlan* p
   for (const Candidate& c : candidates(units, H, B, Kpad, 4, d, layout_for)) {
     if (!fits_resident(forward_kernel_for(a.dtype, a.allow_tf32, c.units), c.blocks, c.smem, d))
       continue;
-    fill_plan(c, 2 * static_cast<size_t>(B) * H * elem, plan);
+    fill_plan(c, persistent::forward_workspace_bytes(B, H, elem, c.groups), plan);
     return true;
   }
-  plan->why_not =
-      forced_units() ? "LSTM_FUSED_CUDA_UNITS names a configuration that does not fit" : kNoFit;
+  plan->why_not = forced ? "LSTM_FUSED_CUDA_UNITS names a configuration that does not fit" : kNoFit;
   return false;
 }
 
 bool plan_persistent_backward(const BackwardArgs& a, int device, PersistentPlan* plan) {
-  *plan = PersistentPlan{};
   DeviceLimits d;
-  if (device_limits(device, &d) != cudaSuccess) {
-    cudaGetLastError();
-    plan->why_not = "could not query the device";
-    return false;
-  }
-  if ((plan->why_not = common_why_not(a.w_hr, a.T, d))) return false;
+  if (!start_plan(device, a.w_hr, a.T, plan, &d)) return false;
   const int B = static_cast<int>(a.B), H = static_cast<int>(a.H), elem = element_bytes(a.dtype);
   const int Kpad = static_cast<int>(round_up(4 * H, 16));
   auto layout_for = [&](int, int bg, int bpad, int kc) {
@@ -260,7 +256,7 @@ bool plan_persistent_backward(const BackwardArgs& a, int device, PersistentPlan*
   // One 16-unit tile of rows per block: units_per_row 1 with units = kBackwardUnits.
   for (const Candidate& c : candidates({kBackwardUnits}, H, B, Kpad, 1, d, layout_for)) {
     if (!fits_resident(backward_kernel_for(a.dtype, a.allow_tf32), c.blocks, c.smem, d)) continue;
-    fill_plan(c, 2 * static_cast<size_t>(B) * 4 * H * elem, plan);
+    fill_plan(c, persistent::backward_workspace_bytes(B, H, elem, c.groups), plan);
     return true;
   }
   plan->why_not = kNoFit;
@@ -269,70 +265,36 @@ bool plan_persistent_backward(const BackwardArgs& a, int device, PersistentPlan*
 
 namespace {
 
+// Zeroes the groups' barrier counters, then launches `kernel(params)` with every block
+// co-resident (or fails with cudaErrorCooperativeLaunchTooLarge).
+template <typename Params>
+cudaError_t launch_cooperative(const void* kernel, Params params, const PersistentPlan& plan,
+                               cudaStream_t stream) {
+  cudaError_t e = cudaMemsetAsync(params.counter, 0, counter_bytes(params.groups), stream);
+  if (e != cudaSuccess) return e;
+  void* kernel_args[] = {&params};
+  return cudaLaunchCooperativeKernel(kernel, dim3(plan.blocks), dim3(kThreads), kernel_args,
+                                     plan.smem_bytes, stream);
+}
+
+LaunchShape launch_shape(const PersistentPlan& plan) {
+  return {plan.batch_groups, plan.rows_per_group, plan.k_chunk};
+}
+
 template <typename Scalar, bool kExact = false>
 cudaError_t launch_forward(const ForwardArgs& a, const PersistentPlan& plan, void* workspace,
                            cudaStream_t stream) {
-  ForwardParams<Scalar> p;
-  p.steps = static_cast<int>(a.T);
-  p.B = static_cast<int>(a.B);
-  p.H = static_cast<int>(a.H);
-  p.Kpad = static_cast<int>(round_up(a.H, 16));
-  p.KC = plan.k_chunk;
-  p.groups = plan.batch_groups;
-  p.Bg = plan.rows_per_group;
-  p.Bpad = static_cast<int>(round_up(p.Bg, 16));
-  p.reverse = a.reverse;
-  p.xproj = static_cast<const Scalar*>(a.xproj);
-  p.w_hh = static_cast<const Scalar*>(a.w_hh);
-  p.h0 = static_cast<const Scalar*>(a.h0);
-  p.c0 = static_cast<const Scalar*>(a.c0);
-  p.lengths = a.lengths;
-  p.y = static_cast<Scalar*>(a.y);
-  p.h_n = static_cast<Scalar*>(a.h_n);
-  p.c_n = static_cast<Scalar*>(a.c_n);
-  p.gates = static_cast<Scalar*>(a.gates);
-  p.c_all = a.c_all;
-  p.counter = static_cast<unsigned*>(workspace);
-  p.hbuf = reinterpret_cast<Scalar*>(static_cast<char*>(workspace) + counter_bytes(p.groups));
-  cudaError_t e = cudaMemsetAsync(p.counter, 0, counter_bytes(p.groups), stream);
-  if (e != cudaSuccess) return e;
-  void* kernel_args[] = {&p};
-  return cudaLaunchCooperativeKernel(forward_kernel<Scalar, kExact>(plan.units_per_block),
-                                     dim3(plan.blocks), dim3(kThreads), kernel_args,
-                                     plan.smem_bytes, stream);
+  return launch_cooperative(
+      forward_kernel<Scalar, kExact>(plan.units_per_block),
+      persistent::make_forward_params<Scalar>(a, launch_shape(plan), workspace), plan, stream);
 }
 
 template <typename Scalar, bool kExact = false>
 cudaError_t launch_backward(const BackwardArgs& a, const PersistentPlan& plan, void* workspace,
                             cudaStream_t stream) {
-  BackwardParams<Scalar> p;
-  p.steps = static_cast<int>(a.T);
-  p.B = static_cast<int>(a.B);
-  p.H = static_cast<int>(a.H);
-  p.Kpad = static_cast<int>(round_up(4 * a.H, 16));
-  p.KC = plan.k_chunk;
-  p.groups = plan.batch_groups;
-  p.Bg = plan.rows_per_group;
-  p.Bpad = static_cast<int>(round_up(p.Bg, 16));
-  p.reverse = a.reverse;
-  p.dy = static_cast<const Scalar*>(a.dy);
-  p.dh_n = static_cast<const Scalar*>(a.dh_n);
-  p.dc_n = static_cast<const Scalar*>(a.dc_n);
-  p.w_hh = static_cast<const Scalar*>(a.w_hh);
-  p.c0 = static_cast<const Scalar*>(a.c0);
-  p.lengths = a.lengths;
-  p.gates = static_cast<const Scalar*>(a.gates);
-  p.c_all = a.c_all;
-  p.dxproj = static_cast<Scalar*>(a.dxproj);
-  p.dh0 = static_cast<Scalar*>(a.dh0);
-  p.dc0 = static_cast<Scalar*>(a.dc0);
-  p.counter = static_cast<unsigned*>(workspace);
-  p.zbuf = reinterpret_cast<Scalar*>(static_cast<char*>(workspace) + counter_bytes(p.groups));
-  cudaError_t e = cudaMemsetAsync(p.counter, 0, counter_bytes(p.groups), stream);
-  if (e != cudaSuccess) return e;
-  void* kernel_args[] = {&p};
-  return cudaLaunchCooperativeKernel(backward_kernel<Scalar, kExact>(), dim3(plan.blocks),
-                                     dim3(kThreads), kernel_args, plan.smem_bytes, stream);
+  return launch_cooperative(
+      backward_kernel<Scalar, kExact>(),
+      persistent::make_backward_params<Scalar>(a, launch_shape(plan), workspace), plan, stream);
 }
 
 }  // namespace

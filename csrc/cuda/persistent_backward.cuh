@@ -16,6 +16,7 @@
 #pragma once
 
 #include "cuda/persistent_common.cuh"
+#include "cuda/recurrence_args.h"
 
 namespace lstm_fused {
 namespace cuda {
@@ -45,6 +46,41 @@ struct BackwardParams {
   Scalar* zbuf;            // workspace: (2, B, 4H) exchange buffer of dz
   unsigned* counter;       // workspace: a zeroed barrier counter per group, kCounterStride apart
 };
+
+// Kernel parameters of one call; the launcher and the CPU emulation test both build them here.
+template <typename Scalar>
+__host__ BackwardParams<Scalar> make_backward_params(const BackwardArgs& a,
+                                                     const LaunchShape& shape, void* workspace) {
+  BackwardParams<Scalar> p;
+  p.steps = static_cast<int>(a.T);
+  p.B = static_cast<int>(a.B);
+  p.H = static_cast<int>(a.H);
+  p.groups = shape.groups;
+  p.Bg = shape.rows_per_group;
+  p.Kpad = static_cast<int>(round_up(4 * a.H, 16));
+  p.KC = shape.k_chunk;
+  p.Bpad = static_cast<int>(round_up(p.Bg, 16));
+  p.reverse = a.reverse;
+  p.dy = static_cast<const Scalar*>(a.dy);
+  p.dh_n = static_cast<const Scalar*>(a.dh_n);
+  p.dc_n = static_cast<const Scalar*>(a.dc_n);
+  p.w_hh = static_cast<const Scalar*>(a.w_hh);
+  p.c0 = static_cast<const Scalar*>(a.c0);
+  p.lengths = a.lengths;
+  p.gates = static_cast<const Scalar*>(a.gates);
+  p.c_all = a.c_all;
+  p.dxproj = static_cast<Scalar*>(a.dxproj);
+  p.dh0 = static_cast<Scalar*>(a.dh0);
+  p.dc0 = static_cast<Scalar*>(a.dc0);
+  p.counter = static_cast<unsigned*>(workspace);
+  p.zbuf = reinterpret_cast<Scalar*>(static_cast<char*>(workspace) + counter_bytes(p.groups));
+  return p;
+}
+
+// Workspace of a backward call: the barrier counters, then the (2, B, 4H) exchange buffer.
+__host__ inline size_t backward_workspace_bytes(int64_t B, int64_t H, int elem, int groups) {
+  return counter_bytes(groups) + 2 * static_cast<size_t>(B) * 4 * H * elem;
+}
 
 struct BackwardLayout {
   size_t w, hs, acc, dh, dc, len, total;
@@ -77,11 +113,9 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_backward_persistent(Backward
 
   const int B = p.B, H = p.H, tid = threadIdx.x;
   const int64_t H4 = 4 * static_cast<int64_t>(H);
-  const int unit_blocks = gridDim.x / p.groups;
-  const int group = blockIdx.x / unit_blocks;
-  const int j0 = (blockIdx.x - group * unit_blocks) * U;
-  const int b0 = group * p.Bg, nb = min(p.Bg, B - b0);  // this block's batch rows
-  unsigned* counter = p.counter + group * kCounterStride;
+  const BlockPlace place(U, p.groups, p.Bg, B);
+  const int j0 = place.j0, b0 = place.b0, nb = place.nb, unit_blocks = place.unit_blocks;
+  unsigned* counter = p.counter + place.group * kCounterStride;
   const int ldw = p.Kpad + kSkew;
   const int ksplit = TileSplit(U, p.Bpad).ksplit;
   const Scalar zero = from_float<Scalar>(0.0f);
@@ -99,10 +133,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_backward_persistent(Backward
     DH[idx] = j < H ? to_float(p.dh_n[static_cast<int64_t>(b) * H + j]) : 0.0f;
     DC[idx] = j < H ? to_float(p.dc_n[static_cast<int64_t>(b) * H + j]) : 0.0f;
   }
-  for (int bl = tid; bl < nb; bl += kThreads) {
-    const int64_t len = p.lengths ? p.lengths[b0 + bl] : p.steps;
-    Len[bl] = static_cast<int>(len < 0 ? 0 : (len > p.steps ? p.steps : len));
-  }
+  load_lengths(p.lengths, p.steps, b0, nb, Len);
   __syncthreads();
 
   for (int s = p.steps - 1; s >= -1; --s) {

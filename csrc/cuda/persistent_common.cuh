@@ -14,6 +14,7 @@
 // refuses to start otherwise.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <type_traits>
 
@@ -294,6 +295,42 @@ __device__ inline float acc_sum(const float* __restrict__ Acc, int ksplit, int B
   float s = 0.0f;
   for (int ks = 0; ks < ksplit; ++ks) s += Acc[(static_cast<int64_t>(ks) * Bpad + b) * rows + r];
   return s;
+}
+
+// The tiling a launch was planned with (the planner's choice, see persistent.cu).
+struct LaunchShape {
+  int groups;          // batch groups
+  int rows_per_group;  // batch rows per group (the last group may have fewer)
+  int k_chunk;         // state columns staged in shared memory at once
+};
+
+// Workspace bytes holding the groups' barrier counters; what follows stays 256-byte aligned.
+__host__ inline size_t counter_bytes(int groups) {
+  return static_cast<size_t>(
+      round_up(static_cast<int64_t>(groups) * kCounterStride * sizeof(unsigned), 256));
+}
+
+// Where a block sits in the (hidden-unit slices) x (batch groups) grid.
+struct BlockPlace {
+  int unit_blocks;  // blocks per batch group
+  int group;        // this block's batch group
+  int j0;           // its first hidden unit
+  int b0, nb;       // its batch rows: b0 .. b0 + nb - 1
+  __device__ BlockPlace(int units, int groups, int rows_per_group, int B) {
+    unit_blocks = gridDim.x / groups;
+    group = blockIdx.x / unit_blocks;
+    j0 = (blockIdx.x - group * unit_blocks) * units;
+    b0 = group * rows_per_group;
+    nb = min(rows_per_group, B - b0);
+  }
+};
+
+// Len[bl] = the length of sequence b0 + bl, clamped to [0, steps] (all steps without lengths).
+__device__ inline void load_lengths(const int64_t* lengths, int steps, int b0, int nb, int* Len) {
+  for (int bl = threadIdx.x; bl < nb; bl += kThreads) {
+    const int64_t len = lengths ? lengths[b0 + bl] : steps;
+    Len[bl] = static_cast<int>(len < 0 ? 0 : (len > steps ? steps : len));
+  }
 }
 
 // Shared-memory carving with 128-byte aligned segments.

@@ -18,6 +18,7 @@
 #pragma once
 
 #include "cuda/persistent_common.cuh"
+#include "cuda/recurrence_args.h"
 
 namespace lstm_fused {
 namespace cuda {
@@ -43,6 +44,40 @@ struct ForwardParams {
   Scalar* hbuf;            // workspace: (2, B, H) exchange buffer
   unsigned* counter;       // workspace: a zeroed barrier counter per group, kCounterStride apart
 };
+
+// Kernel parameters of one call; the launcher and the CPU emulation test both build them here.
+template <typename Scalar>
+__host__ ForwardParams<Scalar> make_forward_params(const ForwardArgs& a, const LaunchShape& shape,
+                                                   void* workspace) {
+  ForwardParams<Scalar> p;
+  p.steps = static_cast<int>(a.T);
+  p.B = static_cast<int>(a.B);
+  p.H = static_cast<int>(a.H);
+  p.groups = shape.groups;
+  p.Bg = shape.rows_per_group;
+  p.Kpad = static_cast<int>(round_up(a.H, 16));
+  p.KC = shape.k_chunk;
+  p.Bpad = static_cast<int>(round_up(p.Bg, 16));
+  p.reverse = a.reverse;
+  p.xproj = static_cast<const Scalar*>(a.xproj);
+  p.w_hh = static_cast<const Scalar*>(a.w_hh);
+  p.h0 = static_cast<const Scalar*>(a.h0);
+  p.c0 = static_cast<const Scalar*>(a.c0);
+  p.lengths = a.lengths;
+  p.y = static_cast<Scalar*>(a.y);
+  p.h_n = static_cast<Scalar*>(a.h_n);
+  p.c_n = static_cast<Scalar*>(a.c_n);
+  p.gates = static_cast<Scalar*>(a.gates);
+  p.c_all = a.c_all;
+  p.counter = static_cast<unsigned*>(workspace);
+  p.hbuf = reinterpret_cast<Scalar*>(static_cast<char*>(workspace) + counter_bytes(p.groups));
+  return p;
+}
+
+// Workspace of a forward call: the barrier counters, then the (2, B, H) exchange buffer.
+__host__ inline size_t forward_workspace_bytes(int64_t B, int64_t H, int elem, int groups) {
+  return counter_bytes(groups) + 2 * static_cast<size_t>(B) * H * elem;
+}
 
 // Shared-memory layout; the planner sizes the launch with the same function.
 struct ForwardLayout {
@@ -78,11 +113,9 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_forward_persistent(ForwardPa
 
   const int B = p.B, H = p.H, tid = threadIdx.x;
   const int64_t H4 = 4 * static_cast<int64_t>(H);
-  const int unit_blocks = gridDim.x / p.groups;
-  const int group = blockIdx.x / unit_blocks;
-  const int j0 = (blockIdx.x - group * unit_blocks) * UNITS;
-  const int b0 = group * p.Bg, nb = min(p.Bg, B - b0);  // this block's batch rows
-  unsigned* counter = p.counter + group * kCounterStride;
+  const BlockPlace place(UNITS, p.groups, p.Bg, B);
+  const int j0 = place.j0, b0 = place.b0, nb = place.nb, unit_blocks = place.unit_blocks;
+  unsigned* counter = p.counter + place.group * kCounterStride;
   const int ldw = p.Kpad + kSkew;
   const int ksplit = TileSplit(rows, p.Bpad).ksplit;
   const Scalar zero = from_float<Scalar>(0.0f);
@@ -101,10 +134,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_forward_persistent(ForwardPa
     Cs[idx] = j < H ? to_float(p.c0[static_cast<int64_t>(b) * H + j]) : 0.0f;
     Hown[idx] = j < H ? p.h0[static_cast<int64_t>(b) * H + j] : zero;
   }
-  for (int bl = tid; bl < nb; bl += kThreads) {
-    const int64_t len = p.lengths ? p.lengths[b0 + bl] : p.steps;
-    Len[bl] = static_cast<int>(len < 0 ? 0 : (len > p.steps ? p.steps : len));
-  }
+  load_lengths(p.lengths, p.steps, b0, nb, Len);
   __syncthreads();
 
   for (int s = 0; s < p.steps; ++s) {

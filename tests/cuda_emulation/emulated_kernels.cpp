@@ -1,7 +1,8 @@
 // C entry points that run the persistent CUDA kernels under the SIMT emulator (simt_emulator.h),
 // loaded by tests/test_cuda_emulated.py through ctypes. Pointers are host memory holding the
 // same tensors the CUDA launchers take (16-bit storage as raw bits); the caller chooses the
-// tile configuration (units per block, staged column chunk) so every code path can be forced.
+// tile configuration (units per block, batch groups, staged column chunk) so every code path can
+// be forced. The kernel parameters come from the launchers' own make_*_params.
 #include "simt_emulator.h"
 // The emulator must come first: it supplies what the kernels take from the CUDA headers.
 #include "cuda/persistent_backward.cuh"
@@ -11,38 +12,27 @@ using namespace lstm_fused::cuda::persistent;
 
 namespace {
 
-// Batch rows per group when the batch is split into about `groups` groups (the callers then
-// recount the groups, so that none is empty).
-int rows_per_group(int B, int groups) { return (B + groups - 1) / groups; }
+// The tiling a test asks for: about `groups` batch groups (recounted so that none is empty) and
+// KC state columns staged at once.
+LaunchShape shape_for(int B, int groups, int KC) {
+  const int rows = (B + groups - 1) / groups;
+  return {(B + rows - 1) / rows, rows, KC};
+}
+
+// Zeroed device-style workspace (barrier counters first), 8-byte aligned.
+std::vector<uint64_t> workspace(size_t bytes) { return std::vector<uint64_t>((bytes + 7) / 8, 0); }
 
 template <typename Scalar, int UNITS, bool kExact>
 void forward(int T, int B, int H, int KC, int groups, bool reverse, const void* xproj,
              const void* w_hh, const void* h0, const void* c0, const int64_t* lengths, void* y,
              void* h_n, void* c_n, void* gates, float* c_all) {
-  ForwardParams<Scalar> p;
-  p.steps = T;
-  p.B = B;
-  p.H = H;
-  p.Kpad = static_cast<int>(round_up(H, 16));
-  p.KC = KC;
-  p.Bg = rows_per_group(B, groups);
-  p.groups = (B + p.Bg - 1) / p.Bg;
-  p.Bpad = static_cast<int>(round_up(p.Bg, 16));
-  p.reverse = reverse;
-  p.xproj = static_cast<const Scalar*>(xproj);
-  p.w_hh = static_cast<const Scalar*>(w_hh);
-  p.h0 = static_cast<const Scalar*>(h0);
-  p.c0 = static_cast<const Scalar*>(c0);
-  p.lengths = lengths;
-  p.y = static_cast<Scalar*>(y);
-  p.h_n = static_cast<Scalar*>(h_n);
-  p.c_n = static_cast<Scalar*>(c_n);
-  p.gates = static_cast<Scalar*>(gates);
-  p.c_all = c_all;
-  std::vector<Scalar> hbuf(2 * static_cast<size_t>(B) * H);
-  std::vector<unsigned> counters(static_cast<size_t>(p.groups) * kCounterStride, 0u);
-  p.hbuf = hbuf.data();
-  p.counter = counters.data();
+  lstm_fused::cuda::ForwardArgs a;
+  a.T = T, a.B = B, a.H = H, a.P = H;
+  a.xproj = xproj, a.w_hh = w_hh, a.h0 = h0, a.c0 = c0, a.lengths = lengths, a.reverse = reverse;
+  a.y = y, a.h_n = h_n, a.c_n = c_n, a.gates = gates, a.c_all = c_all;
+  const LaunchShape shape = shape_for(B, groups, KC);
+  auto ws = workspace(forward_workspace_bytes(B, H, sizeof(Scalar), shape.groups));
+  const ForwardParams<Scalar> p = make_forward_params<Scalar>(a, shape, ws.data());
   const ForwardLayout layout(UNITS, p.Bg, p.Bpad, p.Kpad, KC, sizeof(Scalar));
   emu::launch((H + UNITS - 1) / UNITS * p.groups, kThreads, layout.total,
               [&] { lstm_forward_persistent<Scalar, UNITS, kExact>(p); });
@@ -53,31 +43,14 @@ void backward(int T, int B, int H, int KC, int groups, bool reverse, const void*
               const void* dh_n, const void* dc_n, const void* w_hh, const void* c0,
               const int64_t* lengths, const void* gates, const float* c_all, void* dxproj,
               void* dh0, void* dc0) {
-  BackwardParams<Scalar> p;
-  p.steps = T;
-  p.B = B;
-  p.H = H;
-  p.Kpad = static_cast<int>(round_up(4 * H, 16));
-  p.KC = KC;
-  p.Bg = rows_per_group(B, groups);
-  p.groups = (B + p.Bg - 1) / p.Bg;
-  p.Bpad = static_cast<int>(round_up(p.Bg, 16));
-  p.reverse = reverse;
-  p.dy = static_cast<const Scalar*>(dy);
-  p.dh_n = static_cast<const Scalar*>(dh_n);
-  p.dc_n = static_cast<const Scalar*>(dc_n);
-  p.w_hh = static_cast<const Scalar*>(w_hh);
-  p.c0 = static_cast<const Scalar*>(c0);
-  p.lengths = lengths;
-  p.gates = static_cast<const Scalar*>(gates);
-  p.c_all = c_all;
-  p.dxproj = static_cast<Scalar*>(dxproj);
-  p.dh0 = static_cast<Scalar*>(dh0);
-  p.dc0 = static_cast<Scalar*>(dc0);
-  std::vector<Scalar> zbuf(2 * static_cast<size_t>(B) * 4 * H);
-  std::vector<unsigned> counters(static_cast<size_t>(p.groups) * kCounterStride, 0u);
-  p.zbuf = zbuf.data();
-  p.counter = counters.data();
+  lstm_fused::cuda::BackwardArgs a;
+  a.T = T, a.B = B, a.H = H, a.P = H;
+  a.dy = dy, a.dh_n = dh_n, a.dc_n = dc_n, a.w_hh = w_hh, a.c0 = c0, a.lengths = lengths;
+  a.reverse = reverse, a.gates = gates, a.c_all = c_all;
+  a.dxproj = dxproj, a.dh0 = dh0, a.dc0 = dc0;
+  const LaunchShape shape = shape_for(B, groups, KC);
+  auto ws = workspace(backward_workspace_bytes(B, H, sizeof(Scalar), shape.groups));
+  const BackwardParams<Scalar> p = make_backward_params<Scalar>(a, shape, ws.data());
   const BackwardLayout layout(p.Bg, p.Bpad, p.Kpad, KC, sizeof(Scalar));
   emu::launch((H + kBackwardUnits - 1) / kBackwardUnits * p.groups, kThreads, layout.total,
               [&] { lstm_backward_persistent<Scalar, kExact>(p); });
