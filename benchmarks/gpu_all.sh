@@ -5,14 +5,14 @@
 #   bash benchmarks/gpu_all.sh
 #
 # Environment knobs:
-#   PYTHON=python      interpreter to use (its torch must have CUDA)
+#   PYTHON=python3     interpreter to use (its torch must have CUDA)
 #   SKIP_BUILD=1       do not run `pip install -e .` (already built)
 #   FLASHRNN=auto|0    auto: include flashrnn if it is installed and compiles; 0: leave it out
 #   EXTRA_ARGS="..."   passed to every `python -m benchmarks.run` (e.g. "--budget 0.5")
 # Logs go to bench_out/<suite>.log beside the usual bench_out/<suite>/results.* files.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
 FLASHRNN=${FLASHRNN:-auto}
 mkdir -p bench_out
 

@@ -17,13 +17,13 @@
 #    every provider), the forward at T1000_B1 and T1024_B16 for each LSTM_FUSED_CUDA_UNITS (4, 8,
 #    16: tunes the planner's choice), then the headline with the general path forced.
 #
-# Knobs: PYTHON (default python), SKIP_BUILD=1, SKIP_TESTS=1, SKIP_SANITIZER=1, SKIP_BENCH=1,
+# Knobs: PYTHON (default python3), SKIP_BUILD=1, SKIP_TESTS=1, SKIP_SANITIZER=1, SKIP_BENCH=1,
 # STEP_TIMEOUT=seconds per step (default 420: a hung persistent kernel must not eat a whole
 # session), EXTRA_BENCH_ARGS="..." (e.g. "--budget 0.5"). Logs: bench_out/gpu_cuda_check/*.log.
 # Exits non-zero if any step fails (every step still runs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
 LOGS=bench_out/gpu_cuda_check
 mkdir -p "$LOGS"
 status=0
@@ -56,42 +56,6 @@ timeout "$LIMIT" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests
 [[ ${PIPESTATUS[0]} == 0 ]] || fail "pytest (see $LOGS/pytest.log)"
 fi
 
-# A small forward + backward through every kernel of both paths, for the sanitizer.
-SANITIZE_CASE=$(cat <<'EOF'
-import os, torch
-torch.manual_seed(0)
-dev = "cuda"
-FWD, BWD = torch.ops.lstm_fused.recurrence_forward, torch.ops.lstm_fused.recurrence_backward
-
-def run(path, dtype, T, B, H, P=None, lengths=None, reverse=False):
-    os.environ["LSTM_FUSED_CUDA_PATH"] = path
-    P_ = P or H
-    xproj = torch.randn(T, B, 4 * H, device=dev, dtype=dtype)
-    w_hh = (torch.randn(4 * H, P_, device=dev) / P_**0.5).to(dtype)
-    w_hr = (torch.randn(P_, H, device=dev) / H**0.5).to(dtype) if P else None
-    h0, c0 = torch.randn(B, P_, device=dev, dtype=dtype), torch.randn(B, H, device=dev, dtype=dtype)
-    lens = None if lengths is None else torch.tensor(lengths, device=dev)
-    y, h_n, c_n, gates, c_all = FWD(xproj, w_hh, w_hr, h0, c0, lens, reverse, True)
-    grads = BWD(torch.randn_like(y), torch.randn_like(h_n), torch.randn_like(c_n), w_hh, w_hr,
-                h0, c0, lens, reverse, y, gates, c_all, True)
-    torch.cuda.synchronize()
-    finite = all(torch.isfinite(t).all() for t in (y, h_n, c_n, *grads) if t.numel())
-    print(f"{path:10s} {str(dtype):15s} T={T} B={B} H={H} P={P} lengths={lengths} reverse={reverse}:",
-          "ok" if finite else "NON-FINITE")
-    assert finite
-
-run("general", torch.float32, 5, 3, 33, lengths=[5, 0, 2], reverse=True)
-run("general", torch.bfloat16, 4, 5, 24, P=9, lengths=[4, 1, 3, 0, 2])
-run("general", torch.float16, 3, 2, 16)
-run("persistent", torch.bfloat16, 5, 3, 33, lengths=[5, 0, 2], reverse=True)
-run("persistent", torch.float16, 4, 20, 64)
-run("persistent", torch.bfloat16, 3, 17, 40, lengths=[3] * 10 + [1] * 7)
-torch.backends.cudnn.allow_tf32 = False  # fp32 persistent: exact FMAs
-run("persistent", torch.float32, 4, 5, 48, lengths=[4, 2, 0, 1, 3], reverse=True)
-torch.backends.cudnn.allow_tf32 = True  # fp32 persistent: TF32 tensor cores
-run("persistent", torch.float32, 4, 5, 48, lengths=[4, 2, 0, 1, 3], reverse=True)
-EOF
-)
 
 if [[ "${SKIP_SANITIZER:-0}" != 1 ]]; then
     SANITIZER=$(command -v compute-sanitizer || true)
@@ -107,7 +71,7 @@ if [[ "${SKIP_SANITIZER:-0}" != 1 ]]; then
         for tool in memcheck racecheck synccheck; do
             step "compute-sanitizer --tool $tool"
             PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$LIMIT" "$SANITIZER" --tool "$tool" --error-exitcode 1 \
-                "$PY" -c "$SANITIZE_CASE" 2>&1 | tee "$LOGS/sanitizer_$tool.log"
+                "$PY" scripts/cuda_sanitize_case.py 2>&1 | tee "$LOGS/sanitizer_$tool.log"
             [[ ${PIPESTATUS[0]} == 0 ]] || fail "compute-sanitizer $tool (see $LOGS/sanitizer_$tool.log)"
         done
     fi

@@ -164,6 +164,19 @@ def test_plan_heuristic(monkeypatch, shape, path):
     assert recurrence.plan(*shape, DEVICE).path == path
 
 
+def test_autotune_switch():
+    kernels = recurrence._kernels()
+    tuned = kernels._tuning_configs(interpret=False, autotune=True)
+    distinct = {(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in tuned}
+    assert len(distinct) == len(tuned) > 1
+    assert len(kernels._tuning_configs(interpret=False, autotune=False)) == 1
+    assert len(kernels._tuning_configs(interpret=True, autotune=True)) == 1
+    # What the kernels were defined with follows the environment (GPU test runs switch it off).
+    expect_one = kernels.INTERPRET or os.environ.get(kernels.AUTOTUNE_ENV) == "0"
+    for kernel in (kernels.lstm_forward_kernel, kernels.lstm_backward_kernel):
+        assert (len(kernel.configs) == 1) == expect_one
+
+
 def test_save_false_and_frozen_weights():
     T, B, H = 4, 3, 17
     (xproj, w_hh, _, h0, c0), lens, (dy, dh, dc) = _draw(T, B, H, None, [4, 2, 3])

@@ -5,7 +5,8 @@
     python -m lstm_fused.triton.gpu_check --quick    # fewer/shorter benchmark shapes
 
 Step 1 runs tests/test_triton.py (fp32/bf16/fp16, small awkward shapes and GPU-sized ones, every
-work split including the grid-barrier hidden_split path, opcheck, torch.compile).
+work split including the grid-barrier hidden_split path, opcheck, torch.compile), with
+autotuning off (LSTM_FUSED_TRITON_AUTOTUNE=0) unless the environment says otherwise.
 Step 2 times one LSTM layer (input projection GEMM + recurrence) in bf16 with
 ``triton.testing.do_bench`` (median): torch.nn.LSTM (cuDNN) against the Triton op on the path
 the heuristic picks and on each forced path, forward alone and forward + backward.
@@ -37,7 +38,10 @@ def run_tests() -> int:
     repo = Path(__file__).resolve().parents[2]
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(repo / "tests" / "test_triton.py")]
     print("$", " ".join(cmd), flush=True)
-    return subprocess.run(cmd, cwd=repo).returncode
+    # One config per kernel instead of autotuning each of the tests' many (batch, hidden) keys.
+    env = dict(os.environ)
+    env.setdefault("LSTM_FUSED_TRITON_AUTOTUNE", "0")
+    return subprocess.run(cmd, cwd=repo, env=env).returncode
 
 
 def _layer(T, B, H, dtype=torch.bfloat16):

@@ -67,10 +67,18 @@ SYNC_PROGRAM = 1
 SYNC_GRID = 2
 
 
-def _tuning_configs():
-    """A small autotuning set for GPUs; the interpreter gets one fixed config (nothing to time)."""
-    if INTERPRET:
+# Set to 0 to launch one fixed config instead of autotuning: a test run on a GPU meets many
+# distinct (batch, hidden, proj) keys, and timing every config for each would take minutes.
+AUTOTUNE_ENV = "LSTM_FUSED_TRITON_AUTOTUNE"
+
+
+def _tuning_configs(interpret: bool, autotune: bool):
+    """A small autotuning set for GPUs; the interpreter (nothing to time) and runs with
+    autotuning off get one fixed config."""
+    if interpret:
         return [triton.Config({"BLOCK_K": 32}, num_warps=4, num_stages=1)]
+    if not autotune:
+        return [triton.Config({"BLOCK_K": 32}, num_warps=4, num_stages=2)]
     return [
         triton.Config({"BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
         for block_k in (32, 64)
@@ -78,6 +86,8 @@ def _tuning_configs():
         for stages in (2, 3)
     ]
 
+
+_CONFIGS = _tuning_configs(INTERPRET, os.environ.get(AUTOTUNE_ENV, "1") != "0")
 
 # Scratch state the kernels update in place: the autotuner must restore it between timed runs.
 _FORWARD_STATE = ["h_state_ptr", "c_state_ptr", "m_state_ptr", "barrier_ptr"]
@@ -157,7 +167,7 @@ def _load_weight_tile(w_ptr, row0, rows, row_limit, cols, col_limit, row_stride)
 
 
 @triton.autotune(
-    configs=_tuning_configs(), key=_TUNING_KEY, restore_value=_FORWARD_STATE[:3], reset_to_zero=["barrier_ptr"]
+    configs=_CONFIGS, key=_TUNING_KEY, restore_value=_FORWARD_STATE[:3], reset_to_zero=["barrier_ptr"]
 )
 @triton.jit
 def lstm_forward_kernel(
@@ -306,7 +316,7 @@ def lstm_forward_kernel(
 
 
 @triton.autotune(
-    configs=_tuning_configs(), key=_TUNING_KEY, restore_value=_BACKWARD_STATE[:2], reset_to_zero=["barrier_ptr"]
+    configs=_CONFIGS, key=_TUNING_KEY, restore_value=_BACKWARD_STATE[:2], reset_to_zero=["barrier_ptr"]
 )
 @triton.jit
 def lstm_backward_kernel(
