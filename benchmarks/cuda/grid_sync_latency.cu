@@ -6,7 +6,8 @@
 // Every block does what a persistent LSTM step does around its barrier (publish a slice of the
 // state, wait for all slices, read the whole state back from L2) with no math, for `steps`
 // steps, over several grid sizes. Options:
-//   counter  one global arrival counter (atomicAdd, then spin on an acquire load); what
+//   counter  one global arrival counter: __threadfence + atomicAdd, then spin on an acquire load
+//   release  the same counter with one release add (red.release.gpu) and no fences; what
 //            csrc/cuda/persistent_common.cuh uses
 //   grid     cooperative_groups::this_grid().sync()
 //   flags    every block writes its own step flag; consumers poll all flags (a warp each)
@@ -64,6 +65,23 @@ __global__ void sync_counter(float* state, unsigned* counter, int steps, float* 
     if (threadIdx.x == 0) {
       __threadfence();
       atomicAdd(counter, 1u);
+      const unsigned target = (s + 1) * gridDim.x;
+      while (load_acquire(counter) < target) {
+      }
+    }
+    __syncthreads();
+    carry += read_state(state, s) * 1e-9f;
+  }
+  if (carry == 12345.f) *sink = carry;
+}
+
+__global__ void sync_release(float* state, unsigned* counter, int steps, float* sink) {
+  float carry = 0.f;
+  for (int s = 0; s < steps; ++s) {
+    carry = publish(state, s, carry);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(counter) : "memory");
       const unsigned target = (s + 1) * gridDim.x;
       while (load_acquire(counter) < target) {
       }
@@ -153,7 +171,7 @@ int main() {
   const struct {
     const char* name;
     Kernel k;
-  } options[] = {{"counter", sync_counter}, {"grid", sync_grid}, {"flags", sync_flags}};
+  } options[] = {{"counter", sync_counter}, {"release", sync_release}, {"grid", sync_grid}, {"flags", sync_flags}};
   for (int blocks : {8, 16, 32, 48, 64, 96, 128, sms}) {
     if (blocks > sms) continue;
     for (const auto& o : options) {

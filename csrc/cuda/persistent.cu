@@ -131,10 +131,13 @@ const char* common_why_not(const void* w_hr, int64_t steps, const DeviceLimits& 
   return nullptr;
 }
 
-// Does the grid fit co-resident on the device with this shared memory?
+// Does the grid fit co-resident on the device with this shared memory? Also opts the kernel in
+// to all of the device's shared memory, which the launch relies on: a limit set to each plan's
+// own size would fail a launch whenever another thread planned the same kernel with less
+// between this plan and its launch.
 bool fits_resident(const void* kernel, int blocks, size_t smem, const DeviceLimits& d) {
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(smem)) != cudaSuccess) {
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, d.smem_optin) !=
+      cudaSuccess) {
     cudaGetLastError();  // clear the sticky-free error so later calls are not blamed
     return false;
   }

@@ -8,9 +8,11 @@
 //   1. waits until every block of its group published its dz of the phase before,
 //   2. dh_rec[b, u] = sum_r dz[b, r] * W_hh[r, j0 + u] (block_matmul); dh for its units is
 //      that where the step before was active and carried unchanged through padding,
-//   3. from dh + dy[t], dc, the saved gates and cell states: dz for its units, written to dxproj
-//      and published to the exchange buffer,
-//   4. arrives at its group's barrier.
+//   3. from dh + dy[t], dc, the saved gates and cell states (loaded before step 1 when each
+//      thread owns at most one (row, unit) item): dz for its units, published to the exchange
+//      buffer,
+//   4. arrives at its group's barrier and writes dz to dxproj (before the arrive when a thread
+//      owns several items).
 // The final phase only does 1-2 and writes dh0/dc0. dW_hh is not computed here: the binding
 // does it afterwards as one GEMM over all T*B rows of dxproj.
 #pragma once
@@ -136,7 +138,54 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_backward_persistent(Backward
   load_lengths(p.lengths, p.steps, b0, nb, Len);
   __syncthreads();
 
+  // As in the forward: when every thread owns at most one (row, unit) item, the forward's saved
+  // values of step t (gates, c, c_{t-1}) and dy[t] are loaded into registers before the barrier
+  // wait, and d(xproj) is stored after the arrive; with several items per thread both happen in
+  // the pointwise pass.
+  const bool one_item = nb * U <= kThreads;
+  const int my_bl = tid / U, my_u = tid - my_bl * U;
+  const bool mine = one_item && my_bl < nb && j0 + my_u < H;
+
+  // What the gate gradients of one item at step t need from the forward and from dy.
+  struct Saved {
+    float ig, fg, gg, og, c, c_prev, dy;
+  };
+  auto load_saved = [&](int bl, int u, int s) {
+    const int t = step_at(s), b = b0 + bl, j = j0 + u;
+    const int64_t row = static_cast<int64_t>(t) * B + b;
+    const Scalar* gt = p.gates + row * H4 + j;
+    Saved v;
+    v.ig = to_float(gt[0]);
+    v.fg = to_float(gt[H]);
+    v.gg = to_float(gt[2 * static_cast<int64_t>(H)]);
+    v.og = to_float(gt[3 * static_cast<int64_t>(H)]);
+    v.c = p.c_all[row * H + j];
+    v.c_prev = s > 0 ? p.c_all[(static_cast<int64_t>(step_at(s - 1)) * B + b) * H + j]
+                     : to_float(p.c0[static_cast<int64_t>(b) * H + j]);
+    v.dy = to_float(p.dy[row * H + j]);
+    return v;
+  };
+  // dz of item idx from the carried dh/dc (zero at inactive steps, which pass dh and dc
+  // through and ignore dy); updates the carried dc.
+  auto gate_grads = [&](int idx, bool active, const Saved& v, float dz[4]) {
+    dz[0] = dz[1] = dz[2] = dz[3] = 0.0f;
+    if (!active) return;
+    const float dh = DH[idx] + v.dy;
+    const float tc = tanhf(v.c);
+    const float dc = DC[idx] + dh * v.og * (1.0f - tc * tc);
+    dz[0] = dc * v.gg * v.ig * (1.0f - v.ig);
+    dz[1] = dc * v.c_prev * v.fg * (1.0f - v.fg);
+    dz[2] = dc * v.ig * (1.0f - v.gg * v.gg);
+    dz[3] = dh * tc * v.og * (1.0f - v.og);
+    DC[idx] = dc * v.fg;
+  };
+
   for (int s = p.steps - 1; s >= -1; --s) {
+    const int t = s >= 0 ? step_at(s) : 0;
+    Saved mine_saved{};  // one_item: in flight during the wait
+    const bool mine_active = mine && s >= 0 && t < Len[my_bl];
+    if (mine_active) mine_saved = load_saved(my_bl, my_u, s);
+
     if (s < p.steps - 1) {
       grid_wait(counter, static_cast<unsigned>(p.steps - 1 - s) * unit_blocks);
       const Scalar* dz_prev = p.zbuf + (static_cast<int64_t>((s + 1) & 1) * B + b0) * H4;
@@ -150,38 +199,36 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_backward_persistent(Backward
     }
     if (s < 0) break;
 
-    const int t = step_at(s);
     Scalar* dz_out = p.zbuf + static_cast<int64_t>(s & 1) * B * H4;
-    for (int idx = tid; idx < nb * U; idx += kThreads) {
-      const int bl = idx / U, j = j0 + idx % U, b = b0 + bl;
-      if (j >= H) continue;
-      const int64_t row = static_cast<int64_t>(t) * B + b;
-      float dz[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      if (t < Len[bl]) {  // inactive steps pass dh and dc through and ignore dy
-        const Scalar* gt = p.gates + row * H4 + j;
-        const float ig = to_float(gt[0]), fg = to_float(gt[H]);
-        const float gg = to_float(gt[2 * static_cast<int64_t>(H)]);
-        const float og = to_float(gt[3 * static_cast<int64_t>(H)]);
-        const float c = p.c_all[row * H + j];
-        const float c_prev = s > 0 ? p.c_all[(static_cast<int64_t>(step_at(s - 1)) * B + b) * H + j]
-                                   : to_float(p.c0[static_cast<int64_t>(b) * H + j]);
-        const float dh = DH[idx] + to_float(p.dy[row * H + j]);
-        const float tc = tanhf(c);
-        const float dc = DC[idx] + dh * og * (1.0f - tc * tc);
-        dz[0] = dc * gg * ig * (1.0f - ig);
-        dz[1] = dc * c_prev * fg * (1.0f - fg);
-        dz[2] = dc * ig * (1.0f - gg * gg);
-        dz[3] = dh * tc * og * (1.0f - og);
-        DC[idx] = dc * fg;
-      }
+    // dz of item (bl, u) to the exchange buffer and, if `also_dxproj`, to d(xproj).
+    auto store_dz = [&](int bl, int u, const float dz[4], bool exchange, bool also_dxproj) {
+      const int64_t b = b0 + bl, j = j0 + u, row = static_cast<int64_t>(t) * B + b;
 #pragma unroll
       for (int g = 0; g < 4; ++g) {
         const Scalar v = from_float<Scalar>(dz[g]);
-        p.dxproj[row * H4 + g * static_cast<int64_t>(H) + j] = v;
-        dz_out[static_cast<int64_t>(b) * H4 + g * static_cast<int64_t>(H) + j] = v;
+        if (exchange) dz_out[b * H4 + g * static_cast<int64_t>(H) + j] = v;
+        if (also_dxproj) p.dxproj[row * H4 + g * static_cast<int64_t>(H) + j] = v;
       }
+    };
+    if (one_item) {
+      float dz[4];
+      if (mine) {
+        gate_grads(tid, mine_active, mine_saved, dz);
+        store_dz(my_bl, my_u, dz, true, false);
+      }
+      grid_arrive(counter);  // the next phase (the final one included) reads dz_out
+      if (mine) store_dz(my_bl, my_u, dz, false, true);
+    } else {
+      for (int idx = tid; idx < nb * U; idx += kThreads) {
+        const int bl = idx / U, u = idx - bl * U;
+        if (j0 + u >= H) continue;
+        const bool active = t < Len[bl];
+        float dz[4];
+        gate_grads(idx, active, active ? load_saved(bl, u, s) : Saved{}, dz);
+        store_dz(bl, u, dz, true, true);
+      }
+      grid_arrive(counter);
     }
-    grid_arrive(counter);  // the next phase (the final one included) reads dz_out
   }
 
   for (int idx = tid; idx < nb * U; idx += kThreads) {

@@ -49,6 +49,12 @@ __host__ __device__ inline int64_t round_up(int64_t x, int64_t m) { return (x + 
 // Grid barrier on a monotonically increasing arrival counter (zeroed by the launcher).
 // arrive() publishes this block's writes of the step; wait() returns once `target` arrivals
 // happened. They are split so a block can prefetch the next step's inputs in between.
+//
+// The pattern of CUTLASS's generic barrier: __syncthreads orders every thread's writes before
+// thread 0's release add (release is cumulative over what the block barrier ordered), and the
+// waiter's acquire load followed by __syncthreads orders the block's later reads after every
+// arrival it saw. No separate fences: a fence before the add and one after the spin would each
+// cost a full memory barrier per step on the critical path.
 
 #ifndef LSTM_FUSED_SIMT_EMULATION
 __device__ inline unsigned load_acquire(const unsigned* p) {
@@ -56,21 +62,21 @@ __device__ inline unsigned load_acquire(const unsigned* p) {
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
   return v;
 }
+
+__device__ inline void add_release(unsigned* p, unsigned v) {
+  asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
 #endif
 
 __device__ inline void grid_arrive(unsigned* counter) {
   __syncthreads();  // every thread of the block has written its part of the step
-  if (threadIdx.x == 0) {
-    __threadfence();  // ... and those writes are visible device-wide before we count ourselves
-    atomicAdd(counter, 1u);
-  }
+  if (threadIdx.x == 0) add_release(counter, 1u);
 }
 
 __device__ inline void grid_wait(const unsigned* counter, unsigned target) {
   if (threadIdx.x == 0) {
     while (load_acquire(counter) < target) {
     }
-    __threadfence();
   }
   __syncthreads();
 }

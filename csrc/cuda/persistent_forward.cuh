@@ -6,12 +6,15 @@
 // rows of its group. Batch groups never exchange anything, so each has its own barrier counter;
 // splitting the batch fills more SMs at small H and shrinks the state each block reads per step.
 // Per step a block
-//   1. prefetches its slice of xproj[t] (independent of h, so it overlaps the barrier wait),
+//   1. prefetches its slice of xproj[t] (independent of h, so it overlaps the barrier wait:
+//      into registers when each thread owns at most one (row, unit) item, else into shared
+//      memory),
 //   2. waits until every block of its group published its slice of h_{t-1},
 //   3. multiplies its W slice by h_{t-1} (block_matmul: tensor cores, or exact fp32 FMAs),
-//   4. applies the gates in fp32 (cell state stays in shared memory), writes y, the saved gates
-//      and c, and publishes its units of h_t to the exchange buffer,
-//   5. arrives at its group's barrier.
+//   4. applies the gates in fp32 (cell state stays in shared memory) and publishes its units of
+//      h_t to the exchange buffer,
+//   5. arrives at its group's barrier and writes y, the saved gates and c (before the arrive
+//      when a thread owns several items).
 // One barrier per step: the exchange buffer is double-buffered, and a block reads the buffer
 // of step t-1 only before it arrives at step t's barrier, which every writer of step t+1 waits
 // for.
@@ -137,13 +140,64 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_forward_persistent(ForwardPa
   load_lengths(p.lengths, p.steps, b0, nb, Len);
   __syncthreads();
 
+  // Small batches (the latency-bound case): when every thread owns at most one (row, unit) item
+  // of the pointwise pass, its four xproj values are loaded into registers before the barrier
+  // wait, so their latency hides behind the wait instead of following it, and its y / gates / c
+  // stores are issued after the arrive, so the arrive's release waits for h_t alone. Larger
+  // batches stage xproj through shared memory and store everything before the arrive.
+  const bool one_item = nb * UNITS <= kThreads;
+  const int my_bl = tid / UNITS, my_u = tid - my_bl * UNITS;
+  const bool mine = one_item && my_bl < nb && j0 + my_u < H;
+
+  // The pointwise pass of item idx = (bl, u) at step t, given its xproj values: the cell update,
+  // h_t published to h_out; returns the activated gates for the outputs.
+  struct Item {
+    float ig, fg, gg, og;
+    bool active;
+  };
+  auto update = [&](int idx, int bl, int u, int t, const float x[4], Scalar* h_out) {
+    float z[4];
+#pragma unroll
+    for (int g = 0; g < 4; ++g) z[g] = acc_sum(Acc, ksplit, p.Bpad, rows, bl, g * UNITS + u) + x[g];
+    const Item it{sigmoid(z[0]), sigmoid(z[1]), tanhf(z[2]), sigmoid(z[3]), t < Len[bl]};
+    if (it.active) {
+      const float c = it.fg * Cs[idx] + it.ig * it.gg;
+      Cs[idx] = c;
+      Hown[idx] = from_float<Scalar>(it.og * tanhf(c));
+    }
+    h_out[static_cast<int64_t>(b0 + bl) * H + j0 + u] = Hown[idx];
+    return it;
+  };
+  // y, the saved gates and c of item idx at step t (nobody reads them during the launch).
+  auto store_outputs = [&](int idx, int bl, int u, int t, const Item& it) {
+    const int64_t row = static_cast<int64_t>(t) * B + b0 + bl;
+    const int j = j0 + u;
+    p.y[row * H + j] = it.active ? Hown[idx] : zero;
+    if (p.gates) {
+      Scalar* gt = p.gates + row * H4 + j;
+      gt[0] = it.active ? from_float<Scalar>(it.ig) : zero;
+      gt[H] = it.active ? from_float<Scalar>(it.fg) : zero;
+      gt[2 * static_cast<int64_t>(H)] = it.active ? from_float<Scalar>(it.gg) : zero;
+      gt[3 * static_cast<int64_t>(H)] = it.active ? from_float<Scalar>(it.og) : zero;
+    }
+    if (p.c_all) p.c_all[row * H + j] = Cs[idx];
+  };
+
   for (int s = 0; s < p.steps; ++s) {
     const int t = p.reverse ? p.steps - 1 - s : s;
     const Scalar* xt = p.xproj + (static_cast<int64_t>(t) * B + b0) * H4;
-    for (int idx = tid; idx < nb * rows; idx += kThreads) {
-      const int bl = idx / rows, r = idx - bl * rows;
-      const int g = r / UNITS, j = j0 + r % UNITS;
-      Xs[idx] = j < H ? xt[bl * H4 + g * static_cast<int64_t>(H) + j] : zero;
+    Scalar xr[4];  // one_item: this thread's xproj values, in flight during the wait
+    if (one_item) {
+      if (mine) {
+#pragma unroll
+        for (int g = 0; g < 4; ++g) xr[g] = xt[my_bl * H4 + g * static_cast<int64_t>(H) + j0 + my_u];
+      }
+    } else {
+      for (int idx = tid; idx < nb * rows; idx += kThreads) {
+        const int bl = idx / rows, r = idx - bl * rows;
+        const int g = r / UNITS, j = j0 + r % UNITS;
+        Xs[idx] = j < H ? xt[bl * H4 + g * static_cast<int64_t>(H) + j] : zero;
+      }
     }
     if (s > 0) {
       grid_wait(counter, static_cast<unsigned>(s) * unit_blocks);
@@ -156,35 +210,26 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_forward_persistent(ForwardPa
                                      p.Kpad, p.KC, p.Bpad, Hs, Acc);
 
     Scalar* h_out = p.hbuf + static_cast<int64_t>(s & 1) * B * H;
-    for (int idx = tid; idx < nb * UNITS; idx += kThreads) {
-      const int bl = idx / UNITS, u = idx - bl * UNITS, j = j0 + u, b = b0 + bl;
-      if (j >= H) continue;
-      float z[4];
+    const bool arrive = s + 1 < p.steps;
+    if (one_item) {
+      Item it{};
+      if (mine) {
+        const float x[4] = {to_float(xr[0]), to_float(xr[1]), to_float(xr[2]), to_float(xr[3])};
+        it = update(tid, my_bl, my_u, t, x, h_out);
+      }
+      if (arrive) grid_arrive(counter);
+      if (mine) store_outputs(tid, my_bl, my_u, t, it);
+    } else {
+      for (int idx = tid; idx < nb * UNITS; idx += kThreads) {
+        const int bl = idx / UNITS, u = idx - bl * UNITS;
+        if (j0 + u >= H) continue;
+        float x[4];
 #pragma unroll
-      for (int g = 0; g < 4; ++g) {
-        z[g] = acc_sum(Acc, ksplit, p.Bpad, rows, bl, g * UNITS + u) +
-               to_float(Xs[bl * rows + g * UNITS + u]);
+        for (int g = 0; g < 4; ++g) x[g] = to_float(Xs[bl * rows + g * UNITS + u]);
+        store_outputs(idx, bl, u, t, update(idx, bl, u, t, x, h_out));
       }
-      const float ig = sigmoid(z[0]), fg = sigmoid(z[1]), gg = tanhf(z[2]), og = sigmoid(z[3]);
-      const bool active = t < Len[bl];
-      const int64_t row = static_cast<int64_t>(t) * B + b;
-      if (active) {
-        const float c = fg * Cs[idx] + ig * gg;
-        Cs[idx] = c;
-        Hown[idx] = from_float<Scalar>(og * tanhf(c));
-      }
-      p.y[row * H + j] = active ? Hown[idx] : zero;
-      h_out[static_cast<int64_t>(b) * H + j] = Hown[idx];
-      if (p.gates) {
-        Scalar* gt = p.gates + row * H4 + j;
-        gt[0] = active ? from_float<Scalar>(ig) : zero;
-        gt[H] = active ? from_float<Scalar>(fg) : zero;
-        gt[2 * static_cast<int64_t>(H)] = active ? from_float<Scalar>(gg) : zero;
-        gt[3 * static_cast<int64_t>(H)] = active ? from_float<Scalar>(og) : zero;
-      }
-      if (p.c_all) p.c_all[row * H + j] = Cs[idx];
+      if (arrive) grid_arrive(counter);
     }
-    if (s + 1 < p.steps) grid_arrive(counter);
   }
 
   // Same thread <-> (b, u) mapping as the steps, so no barrier is needed before the final state.

@@ -80,10 +80,6 @@ inline thread_local unsigned char* block_smem = nullptr;
 }  // namespace emu
 
 inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
-inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
-inline unsigned atomicAdd(unsigned* p, unsigned v) {
-  return std::atomic_ref<unsigned>(*p).fetch_add(v, std::memory_order_acq_rel);
-}
 
 #define LSTM_FUSED_DYNAMIC_SMEM(name) unsigned char* name = emu::block_smem
 
@@ -94,6 +90,9 @@ namespace persistent {
 inline unsigned load_acquire(const unsigned* p) {
   std::this_thread::yield();
   return std::atomic_ref<unsigned>(*const_cast<unsigned*>(p)).load(std::memory_order_acquire);
+}
+inline void add_release(unsigned* p, unsigned v) {
+  std::atomic_ref<unsigned>(*p).fetch_add(v, std::memory_order_release);
 }
 }  // namespace persistent
 }  // namespace cuda
