@@ -8,6 +8,10 @@ import torch
 # Triton kernel (or jit helper) is defined, i.e. before anything imports lstm_fused.triton.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # On a GPU, one Triton config per kernel: autotuning each of the tests' many shapes would take
+    # many minutes (the benchmarks autotune).
+    os.environ.setdefault("LSTM_FUSED_TRITON_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 

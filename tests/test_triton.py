@@ -177,6 +177,15 @@ def test_autotune_switch():
         assert (len(kernel.configs) == 1) == expect_one
 
 
+def test_grid_barrier_launches_cooperatively():
+    # A cooperative launch is what turns "other work holds SMs" into an error instead of a
+    # deadlock of the spinning programs; the other paths have no cross-program wait.
+    cuda = torch.device("cuda")
+    assert recurrence._kernel_flags(torch.bfloat16, cuda, recurrence.SYNC_GRID)["launch_cooperative_grid"] is True
+    for sync in (recurrence.SYNC_NONE, recurrence.SYNC_PROGRAM):
+        assert "launch_cooperative_grid" not in recurrence._kernel_flags(torch.bfloat16, cuda, sync)
+
+
 def test_save_false_and_frozen_weights():
     T, B, H = 4, 3, 17
     (xproj, w_hh, _, h0, c0), lens, (dy, dh, dc) = _draw(T, B, H, None, [4, 2, 3])

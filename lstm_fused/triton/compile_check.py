@@ -50,7 +50,10 @@ def compile_variant(kernel, dtype: str, constexprs: dict, target: GPUTarget, num
         constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
         attrs=attrs,
     )
-    return triton.compile(source, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if constexprs.get("SYNC") == kernels.SYNC_GRID:
+        options["launch_cooperative_grid"] = True  # as recurrence.py launches the grid barrier
+    return triton.compile(source, target=target, options=options)
 
 
 def variants():

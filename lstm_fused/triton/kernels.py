@@ -19,12 +19,14 @@ Three ways of running the same code, picked on the host (``recurrence.plan``), d
   next step's GEMM operand. W_hh is re-read every step (from L2 once it is warm): this layout
   wins when the batch alone fills the GPU, or when W_hh is small.
 * ``SYNC_GRID`` (layout b, "hidden split"): ``G > 1`` programs split the hidden dimension; each
-  re-reads only its own W_hh slice every step, so it stays hot in that SM's L1/L2 (loads ask for
-  ``evict_last``). New h chunks go to a global exchange buffer and all programs meet at a
-  grid-wide barrier (an atomic counter, release/acquire at GPU scope) once per phase; the host
-  only picks this when the whole grid is co-resident (one program per SM at most), otherwise the
-  spin would deadlock. This is what fills the GPU at small batch and large H. Never used under
-  the interpreter, which runs programs one after another.
+  re-reads only its own W_hh slice every step, which stays in L2 (loads ask for ``evict_last``;
+  not L1, which the barrier's acquire invalidates every step). New h chunks go to a global
+  exchange buffer and all programs meet at a grid-wide barrier (an atomic counter,
+  release/acquire at GPU scope) once per phase. The host picks this only when the grid fits one
+  program per SM, and launches it cooperatively, so the driver either makes every program
+  co-resident or refuses the launch (with other work holding SMs) instead of letting the spin
+  deadlock. This is what fills the GPU at small batch and large H. Never used under the
+  interpreter, which runs programs one after another.
 * ``SYNC_NONE`` ("per step"): one step (and one phase) per launch, the kernel boundary is the
   sync. Any size works; costs a launch per step and phase.
 
@@ -36,7 +38,9 @@ registers/shared memory as Triton pipelines the K loop. State that must outlive 
 global scratch owned by the launch: h (double-buffered by step parity so one barrier per step is
 enough: a step reads one buffer and writes the other), the fp32 cell state (updated in place,
 each element only ever touched by its owner), and with a projection the pre-projection output
-m = o * tanh(c). Loads of data another program wrote use ``.cg`` (L2, not the incoherent L1).
+m = o * tanh(c). Loads of data another program wrote ask for ``.cg`` (L2, not the incoherent
+L1); where Triton pipelines such a load through an L1-caching async copy instead, the acquire at
+the barrier, which invalidates L1, is what keeps it correct.
 
 Numerics
 ========
@@ -54,6 +58,7 @@ carried dh/dc (with a projection, dm = (dh + dy[t]) W_hr first), written to dxpr
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import triton
@@ -92,7 +97,15 @@ _CONFIGS = _tuning_configs(INTERPRET, os.environ.get(AUTOTUNE_ENV, "1") != "0")
 # Scratch state the kernels update in place: the autotuner must restore it between timed runs.
 _FORWARD_STATE = ["h_state_ptr", "c_state_ptr", "m_state_ptr", "barrier_ptr"]
 _BACKWARD_STATE = ["dh_state_ptr", "dc_state_ptr", "barrier_ptr"]
-_TUNING_KEY = ["batch", "hidden", "proj", "SYNC", "GATES_PHASE", "SECOND_PHASE"]
+# Keyed on the plan's tiles, not the exact batch: a new batch size (a ragged last batch, varying
+# inference batches) with the same tiles reuses the tuned config instead of timing all again.
+_TUNING_KEY = ["BLOCK_B", "BLOCK_H", "hidden", "proj", "SYNC", "GATES_PHASE", "SECOND_PHASE"]
+# Tuned configs persist on disk across processes (a benchmark run after a test run, say), where
+# this Triton can (its autotuner's cache_results; never under the interpreter).
+_CACHE_RESULTS = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+# Step range and length take many values (one step per launch on the per_step path): Triton
+# would compile a variant per value class (1, divisible by 16, other) of each without this.
+_RUNTIME_STEP_ARGS = ["step_begin", "step_end", "seq_len"]
 
 
 # The interpreter narrows fp32 -> bf16 by truncation (ignoring fp_downcast_rounding), which
@@ -167,9 +180,9 @@ def _load_weight_tile(w_ptr, row0, rows, row_limit, cols, col_limit, row_stride)
 
 
 @triton.autotune(
-    configs=_CONFIGS, key=_TUNING_KEY, restore_value=_FORWARD_STATE[:3], reset_to_zero=["barrier_ptr"]
+    configs=_CONFIGS, key=_TUNING_KEY, restore_value=_FORWARD_STATE[:3], reset_to_zero=["barrier_ptr"], **_CACHE_RESULTS
 )
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_STEP_ARGS)
 def lstm_forward_kernel(
     xproj_ptr,  # (T, B, 4H) input dtype: x W_ih^T + biases
     w_hh_ptr,  # (4H, P)
@@ -316,9 +329,9 @@ def lstm_forward_kernel(
 
 
 @triton.autotune(
-    configs=_CONFIGS, key=_TUNING_KEY, restore_value=_BACKWARD_STATE[:2], reset_to_zero=["barrier_ptr"]
+    configs=_CONFIGS, key=_TUNING_KEY, restore_value=_BACKWARD_STATE[:2], reset_to_zero=["barrier_ptr"], **_CACHE_RESULTS
 )
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_STEP_ARGS)
 def lstm_backward_kernel(
     dy_ptr,  # (T, B, P)
     w_hh_ptr,  # (4H, P)

@@ -129,12 +129,17 @@ def _new(shape, dtype, device) -> Tensor:
 
 def _kernel_flags(dtype: torch.dtype, device: torch.device, sync: int) -> dict:
     allow_tf32 = dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and device.type == "cuda"
-    return dict(
+    flags = dict(
         SYNC=sync,
         SHARED_LOAD=".cg" if sync == SYNC_GRID else "",
         DOT_PRECISION="tf32" if allow_tf32 else "ieee",
         UPCAST=_kernels().INTERPRET or dtype == torch.float32,
     )
+    if sync == SYNC_GRID:
+        # The grid barrier needs every program resident at once: a cooperative launch makes the
+        # driver guarantee that, or fail the launch, rather than deadlock when other work holds SMs.
+        flags["launch_cooperative_grid"] = True
+    return flags
 
 
 def _launches(plan_: Plan, seq_len: int, batch: int, hidden: int, proj: int, has_proj: bool):
