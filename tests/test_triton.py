@@ -177,6 +177,13 @@ def test_autotune_switch():
         assert (len(kernel.configs) == 1) == expect_one
 
 
+def test_host_mirrors_kernel_constants():
+    kernels = recurrence._kernels()
+    assert (recurrence.SYNC_NONE, recurrence.SYNC_PROGRAM, recurrence.SYNC_GRID) == (
+        kernels.SYNC_NONE, kernels.SYNC_PROGRAM, kernels.SYNC_GRID)
+    assert recurrence.COUNTER_STRIDE == kernels.COUNTER_STRIDE.value
+
+
 def test_grid_barrier_launches_cooperatively():
     # A cooperative launch is what turns "other work holds SMs" into an error instead of a
     # deadlock of the spinning programs; the other paths have no cross-program wait.

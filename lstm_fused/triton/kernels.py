@@ -21,8 +21,8 @@ Three ways of running the same code, picked on the host (``recurrence.plan``), d
 * ``SYNC_GRID`` (layout b, "hidden split"): ``G > 1`` programs split the hidden dimension; each
   re-reads only its own W_hh slice every step, which stays in L2 (loads ask for ``evict_last``;
   not L1, which the barrier's acquire invalidates every step). New h chunks go to a global
-  exchange buffer and all programs meet at a grid-wide barrier (an atomic counter,
-  release/acquire at GPU scope) once per phase. The host picks this only when the grid fits one
+  exchange buffer and the programs of each batch tile meet at a barrier of their own (an atomic
+  counter, release/acquire at GPU scope) once per phase. The host picks this only when the grid fits one
   program per SM, and launches it cooperatively, so the driver either makes every program
   co-resident or refuses the launch (with other work holding SMs) instead of letting the spin
   deadlock. This is what fills the GPU at small batch and large H. Never used under the
@@ -145,21 +145,27 @@ def _as_dot_operand(x, like_ptr, UPCAST: tl.constexpr):
         return x.to(like_ptr.dtype.element_ty)
 
 
+# Barrier counters of different batch tiles sit 128 bytes apart (int32 elements).
+COUNTER_STRIDE = tl.constexpr(32)
+
+
 @triton.jit
 def _grid_barrier(barrier_ptr, generation):
-    """Wait until every program of the grid has arrived here ``generation`` times in total.
+    """Wait until every program of this batch tile has arrived here ``generation`` times in total.
 
-    The counter only grows, so it never needs resetting inside a launch. The CTA barrier before
-    the release makes all of this program's stores part of what the release publishes; the one
-    after the acquire holds the program's threads until the wait is over.
+    Batch tiles never read each other's rows, so each has its own counter (fewer programs per
+    counter, and no tile waits for another). The counter only grows, so it never needs resetting
+    inside a launch. The CTA barrier before the release makes all of this program's stores part
+    of what the release publishes; the one after the acquire holds the program's threads until
+    the wait is over.
     """
     tl.debug_barrier()
-    num_programs = tl.num_programs(0) * tl.num_programs(1)
-    tl.atomic_add(barrier_ptr, 1, sem="release", scope="gpu")
-    target = generation * num_programs
-    arrived = tl.atomic_add(barrier_ptr, 0, sem="acquire", scope="gpu")
+    counter = barrier_ptr + tl.program_id(1) * COUNTER_STRIDE
+    tl.atomic_add(counter, 1, sem="release", scope="gpu")
+    target = generation * tl.num_programs(0)
+    arrived = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
     while arrived < target:
-        arrived = tl.atomic_add(barrier_ptr, 0, sem="acquire", scope="gpu")
+        arrived = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
     tl.debug_barrier()
 
 
@@ -194,7 +200,7 @@ def lstm_forward_kernel(
     h_state_ptr,  # (2, B, P) input dtype: h_{t-1} / h_t by step parity
     c_state_ptr,  # (B, H) fp32, updated in place
     m_state_ptr,  # (B, H) input dtype: o * tanh(c) before the projection (HAS_PROJ)
-    barrier_ptr,  # (1,) int32 zeros, SYNC_GRID only
+    barrier_ptr,  # (batch tiles * COUNTER_STRIDE,) int32 zeros, SYNC_GRID only
     step_begin,
     step_end,
     seq_len,  # T
@@ -344,7 +350,7 @@ def lstm_backward_kernel(
     dh_total_ptr,  # (T, B, P) fp32 out, HAS_PROJ and SAVE_DH_TOTAL only: dh + dy[t] (for dW_hr)
     dh_state_ptr,  # (2, B, P) fp32: the dh carry by backward-step parity
     dc_state_ptr,  # (B, H) fp32, updated in place
-    barrier_ptr,  # (1,) int32 zeros, SYNC_GRID only
+    barrier_ptr,  # (batch tiles * COUNTER_STRIDE,) int32 zeros, SYNC_GRID only
     step_begin,  # counted in backward order: backward step r handles forward step T-1-r
     step_end,
     seq_len,

@@ -16,8 +16,10 @@ from torch import Tensor
 
 from .. import reference
 
-# Mirrors kernels.SYNC_*; kernels.py itself is imported on first launch (see _kernels()).
+# Mirror kernels.SYNC_* and kernels.COUNTER_STRIDE; kernels.py itself is imported on first
+# launch (see _kernels()).
 SYNC_NONE, SYNC_PROGRAM, SYNC_GRID = 0, 1, 2
+COUNTER_STRIDE = 32
 
 # Set PATH_ENV to one of PATHS to force a work split (tests and benchmarks); unset = heuristic.
 PATH_ENV = "LSTM_FUSED_TRITON_PATH"
@@ -159,6 +161,11 @@ def _launches(plan_: Plan, seq_len: int, batch: int, hidden: int, proj: int, has
     return launches
 
 
+def _barrier_counters(batch: int, plan_: Plan, device: torch.device) -> Tensor:
+    """Zeroed grid-barrier counters, one per batch tile, 128 bytes apart (see kernels.py)."""
+    return torch.zeros(triton.cdiv(batch, plan_.block_b) * COUNTER_STRIDE, dtype=torch.int32, device=device)
+
+
 def _check(xproj: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], h0: Tensor, c0: Tensor, lengths):
     T, B, H4 = xproj.shape
     if H4 % 4:
@@ -214,11 +221,11 @@ def forward(xproj, w_hh, w_hr, h0, c0, lengths, reverse: bool, save: bool):
     h_state[0].copy_(h0)
     c_state = c0.to(acc).contiguous().clone()
     m_state = _new((B, H), dtype, device) if w_hr is not None else h_state  # placeholder when unused
-    barrier = torch.zeros(1, dtype=torch.int32, device=device)
+    plan_ = plan(B, H, P, device)
+    barrier = _barrier_counters(B, plan_, device)
     dummy_lengths = lengths if lengths is not None else barrier
     dummy_w_hr = w_hr if w_hr is not None else w_hh
 
-    plan_ = plan(B, H, P, device)
     with _device_guard(device):
         for grid, begin, end, extra in _launches(plan_, T, B, H, P, w_hr is not None):
             _kernels().lstm_forward_kernel[grid](
@@ -279,8 +286,8 @@ def backward(dy, dh_n, dc_n, w_hh, w_hr, h0, c0, lengths, reverse: bool, y, gate
     dh_total = _new((T, B, P), acc, device) if save_dh_total else dc_state  # placeholder when unused
 
     if T > 0 and B > 0:
-        barrier = torch.zeros(1, dtype=torch.int32, device=device)
         plan_ = plan(B, H, P, device)
+        barrier = _barrier_counters(B, plan_, device)
         with _device_guard(device):
             for grid, begin, end, extra in _launches(plan_, T, B, H, P, True):
                 _kernels().lstm_backward_kernel[grid](
