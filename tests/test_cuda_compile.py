@@ -283,6 +283,13 @@ def test_compiles_without_spills(case, compiled):
     check_result(result)
 
 
+@needs_nvcc
+@pytest.mark.parametrize("source", sorted((ROOT / "benchmarks" / "cuda").glob("*.cu")), ids=lambda p: p.name)
+def test_gpu_microbenchmarks_compile(source):
+    """The standalone GPU microbenchmarks a GPU session runs (sm_90: they use clusters there)."""
+    check_result(compile_one(NVCC, source, "90"))
+
+
 def _includes(path: Path) -> list[str]:
     text = path.read_text(errors="replace")
     text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)

@@ -11,6 +11,9 @@
 //            csrc/cuda/persistent_common.cuh uses
 //   grid     cooperative_groups::this_grid().sync()
 //   flags    every block writes its own step flag; consumers poll all flags (a warp each)
+//   cluster  (sm_90 only) one thread-block cluster: slices in each block's shared memory, read
+//            by the others through distributed shared memory, one cluster barrier per step;
+//            the floor of a persistent kernel whose W_hh fits in one cluster (up to 16 blocks)
 // Prints one markdown row per (option, blocks) with microseconds per step (CUDA events, median
 // of 5 launches after a warm-up).
 #include <cooperative_groups.h>
@@ -127,7 +130,74 @@ __global__ void sync_flags(float* state, unsigned* flags, int steps, float* sink
   if (carry == 12345.f) *sink = carry;
 }
 
+// One cluster of gridDim.x blocks; the state slices live in shared memory, double-buffered by
+// step parity like the global exchange buffer, so one cluster barrier per step is enough.
+__global__ void sync_cluster(float* state, unsigned*, int steps, float* sink) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cg::cluster_group cluster = cg::this_cluster();
+  __shared__ float slice[2][kSlice];
+  const int nb = static_cast<int>(cluster.num_blocks());
+  float carry = 0.f;
+  for (int s = 0; s < steps; ++s) {
+    if (threadIdx.x < kSlice) slice[s & 1][threadIdx.x] = carry + s;
+    cluster.sync();
+    float acc = 0.f;
+    for (int i = threadIdx.x; i < nb * kSlice; i += kThreads) {
+      const float* remote = cluster.map_shared_rank(&slice[s & 1][0], i / kSlice);
+      acc += remote[i % kSlice];
+    }
+    carry += acc * 1e-9f;
+  }
+  cluster.sync();  // no block may exit while another still reads its shared memory
+  if (carry == 12345.f) *sink = carry;
+  (void)state;
+#endif
+}
+
 using Kernel = void (*)(float*, unsigned*, int, float*);
+
+// Microseconds per step of sync_cluster with one cluster of `blocks` blocks, or a negative
+// value when the device cannot launch that cluster (cluster sizes above 8 are non-portable).
+float time_cluster(int blocks, int steps, float* state, unsigned* sync, float* sink) {
+  if (blocks > 8 &&
+      cudaFuncSetAttribute(sync_cluster, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) !=
+          cudaSuccess) {
+    cudaGetLastError();
+    return -1.f;
+  }
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(blocks);
+  config.blockDim = dim3(kThreads);
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = blocks;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, sync_cluster, &config) != cudaSuccess || clusters < 1) {
+    cudaGetLastError();
+    return -1.f;
+  }
+  std::vector<float> ms;
+  cudaEvent_t a, b;
+  CHECK(cudaEventCreate(&a));
+  CHECK(cudaEventCreate(&b));
+  for (int rep = 0; rep < 6; ++rep) {
+    CHECK(cudaEventRecord(a));
+    CHECK(cudaLaunchKernelEx(&config, sync_cluster, state, sync, steps, sink));
+    CHECK(cudaEventRecord(b));
+    CHECK(cudaEventSynchronize(b));
+    float t;
+    CHECK(cudaEventElapsedTime(&t, a, b));
+    if (rep > 0) ms.push_back(t);
+  }
+  std::sort(ms.begin(), ms.end());
+  CHECK(cudaEventDestroy(a));
+  CHECK(cudaEventDestroy(b));
+  return ms[ms.size() / 2] * 1000.f / steps;
+}
 
 float time_option(Kernel k, int blocks, int steps, float* state, unsigned* sync, float* sink) {
   std::vector<float> ms;
@@ -177,6 +247,15 @@ int main() {
     for (const auto& o : options) {
       std::printf("| %s | %d | %.3f |\n", o.name, blocks,
                   time_option(o.k, blocks, steps, state, sync, sink));
+    }
+  }
+  if (prop.major >= 9) {
+    for (int blocks : {2, 4, 8, 16}) {
+      const float us = time_cluster(blocks, steps, state, sync, sink);
+      if (us < 0)
+        std::printf("| cluster | %d | cannot launch |\n", blocks);
+      else
+        std::printf("| cluster | %d | %.3f |\n", blocks, us);
     }
   }
   return 0;
