@@ -4,7 +4,8 @@
 
 Runs a 4-step forward and backward per shape and dtype with LSTM_FUSED_CUDA_PATH=persistent:
 the persistent planner either accepts the shape or refuses with its reason (the plan does not
-depend on T). The fp32 rows follow torch.backends.cudnn.allow_tf32, as the kernels do.
+depend on T); then the forward with LSTM_FUSED_CUDA_PATH=cluster (sm_90), likewise. The fp32
+rows follow torch.backends.cudnn.allow_tf32, as the kernels do.
 """
 
 import os
@@ -21,11 +22,13 @@ FWD = torch.ops.lstm_fused.recurrence_forward
 BWD = torch.ops.lstm_fused.recurrence_backward
 
 
-def verdict(fn):
+def verdict(fn, accepted="persistent", refused="general"):
+    """(what ran, fn's result): `accepted` when the forced planner took the call, else `refused`
+    with the planner's reason (and no result)."""
     try:
-        return "persistent", fn()
+        return accepted, fn()
     except RuntimeError as exc:
-        return "general (" + str(exc).split("cannot run this call: ")[-1].splitlines()[0] + ")", None
+        return refused + " (" + str(exc).split("cannot run this call: ")[-1].splitlines()[0] + ")", None
 
 
 def main(suite: str) -> None:
@@ -46,7 +49,10 @@ def main(suite: str) -> None:
             y, h_n, c_n, gates, c_all = out
             bwd, _ = verdict(lambda: BWD(torch.randn_like(y), h_n, c_n, w, None, h, c, None, False,
                                          y, gates, c_all, True))
-            print(f"{shape.name:24s} {str(dtype)[6:]:9s} fwd: {fwd:40s} bwd: {bwd}")
+            os.environ["LSTM_FUSED_CUDA_PATH"] = "cluster"
+            cluster, _ = verdict(lambda: FWD(x, w, None, h, c, None, False, True), "accepted", "refused")
+            os.environ["LSTM_FUSED_CUDA_PATH"] = "persistent"
+            print(f"{shape.name:24s} {str(dtype)[6:]:9s} fwd: {fwd:40s} bwd: {bwd:40s} cluster fwd: {cluster}")
 
 
 if __name__ == "__main__":

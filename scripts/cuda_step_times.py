@@ -65,19 +65,20 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     print(f"# per-step time (us), {torch.cuda.get_device_name()}, {args.dtype}, "
           f"slope between T={args.t1} and T={args.t2}")
-    print("| B | I | H | mode | nn.LSTM (cuDNN) | lstm_fused persistent | lstm_fused general |")
-    print("|---|---|---|---|---|---|---|")
+    print("| B | I | H | mode | nn.LSTM (cuDNN) | lstm_fused persistent | lstm_fused general "
+          "| lstm_fused cluster (forward; backward as auto) |")
+    print("|---|---|---|---|---|---|---|---|")
     for shape in SUITES["headline"].shapes:
         for mode in shape.modes or ("fwd", "fwdbwd"):
             native = nn.LSTM(shape.I, shape.H).to("cuda", dtype)
             fused = lstm_fused.LSTM(shape.I, shape.H, backend="cuda").to("cuda", dtype)
             fused.load_state_dict(native.state_dict())
             row = [f"{step_us(native, shape.B, shape.I, args.t1, args.t2, dtype, mode):.2f}"]
-            for path in ("persistent", "general"):
+            for path in ("persistent", "general", "cluster"):
                 os.environ["LSTM_FUSED_CUDA_PATH"] = path
                 try:
                     row.append(f"{step_us(fused, shape.B, shape.I, args.t1, args.t2, dtype, mode):.2f}")
-                except RuntimeError as exc:  # the persistent planner declined this shape
+                except RuntimeError as exc:  # the persistent or cluster planner declined this shape
                     row.append("n/a: " + str(exc).split("cannot run this call: ")[-1].splitlines()[0])
             os.environ.pop("LSTM_FUSED_CUDA_PATH", None)
             print(f"| {shape.B} | {shape.I} | {shape.H} | {mode} | " + " | ".join(row) + " |",

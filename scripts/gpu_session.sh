@@ -13,6 +13,8 @@
 #   triton_tests tests/test_triton.py, autotuning off (one config: LSTM_FUSED_TRITON_AUTOTUNE=0)
 #   bench_cuda   headline suite, bf16: nn.LSTM vs lstm_fused:cuda
 #   bench_triton headline suite, bf16: nn.LSTM vs lstm_fused:triton (autotuned)
+#   bench_cluster the cluster-resident CUDA forward (LSTM_FUSED_CUDA_PATH=cluster, sm_90) on the
+#                headline shapes it fits (T1000_B1, T100_B64), bf16
 #   cuda_paths   which CUDA path (persistent/general) each headline shape takes, and why
 #   step_times   per-step microseconds of cuDNN and both CUDA paths (slope over T)
 #   grid_sync    per-step cost of the barrier options (benchmarks/cuda/grid_sync_latency.cu)
@@ -121,11 +123,12 @@ build() {
     TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=$(nproc) "$PY" -m pip install --no-build-isolation --no-deps -e . \
         && backends_report
 }
-bench() {  # OUT_NAME PROVIDERS DTYPES [extra env...]
+bench() {  # OUT_NAME PROVIDERS DTYPES [more benchmark CLI arguments]
     local name=$1 providers=$2 dtypes=$3
+    shift 3
     # shellcheck disable=SC2086  # BENCH_ARGS is meant to split
     "$PY" -m benchmarks.run --suite "$BENCH_SUITE" --providers "$providers" --dtypes "$dtypes" \
-        --out "$WORK/$name" --no-progress $BENCH_ARGS
+        --out "$WORK/$name" --no-progress $BENCH_ARGS "$@"
 }
 sanitize() {
     local sanitizer
@@ -162,6 +165,8 @@ run_step cuda_tests 170 "${PYTEST[@]}" --junitxml="$WORK/cuda_tests.xml" tests/t
 LSTM_FUSED_TRITON_AUTOTUNE=0 run_step triton_tests 200 "${PYTEST[@]}" --junitxml="$WORK/triton_tests.xml" tests/test_triton.py
 run_step bench_cuda 100 bench headline_cuda nn.LSTM,lstm_fused:cuda bfloat16
 run_step bench_triton 130 bench headline_triton nn.LSTM,lstm_fused:triton bfloat16
+LSTM_FUSED_CUDA_PATH=cluster run_step bench_cluster 60 bench headline_cluster nn.LSTM,lstm_fused:cuda \
+    bfloat16 --shapes T1000_B1,T100_B64
 run_step cuda_paths 30 "$PY" scripts/cuda_paths.py headline
 run_step step_times 60 "$PY" scripts/cuda_step_times.py --dtype bfloat16
 run_step grid_sync 40 grid_sync
@@ -180,7 +185,7 @@ run_step bench_half 150 bench headline_fp16_fp32 nn.LSTM,lstm_fused:cuda,lstm_fu
         grep -E "^(FAILED|ERROR) |Timeout|^=+ .*(passed|failed|error).* =+$" "$WORK/$name.log" | tail -40
         echo '```'
     done
-    for name in headline_cuda headline_triton headline_fp16_fp32; do
+    for name in headline_cuda headline_triton headline_cluster headline_fp16_fp32; do
         [[ -f "$WORK/$name/results.md" ]] || continue
         echo
         echo "## $name"

@@ -269,6 +269,51 @@ def test_op_parity_gpu_shapes(monkeypatch, name, dtype, path):
     _compare_on_path(monkeypatch, name, GPU_CASES[name], dtype, path)
 
 
+# --------------------------------------------------------------------------------------------
+# The cluster-resident forward (sm_90; forced with LSTM_FUSED_CUDA_PATH=cluster, whose backward
+# runs as under auto, so these check the cluster forward's outputs and saved tensors).
+
+needs_clusters = pytest.mark.skipif(torch.cuda.get_device_capability(DEVICE)[0] < 9,
+                                    reason="thread-block clusters need sm_90")
+# Small W_hh: refusing one of these is a failure; the larger ones may not fit (fp32 at H=512).
+MUST_FIT_CLUSTER = {"T1", "B1", "oddH", "B10_rev", "B3_oddH_rev", "lengths", "lengths_rev",
+                    "h256_b1", "h256_b16_rev", "h256_b70_groups_lengths_rev"}
+CLUSTER_CASES = sorted(MUST_FIT_CLUSTER) + ["h512_b64_lengths"]
+
+
+def _compare_cluster(monkeypatch, name, dtype):
+    _use_path(monkeypatch, "cluster")
+    try:
+        _compare(ALL_CASES[name], dtype)
+    except RuntimeError as exc:
+        if f"{PATH_ENV}=cluster" not in str(exc) or name in MUST_FIT_CLUSTER:
+            raise
+        pytest.skip(f"the cluster kernel does not fit here: {str(exc).splitlines()[0]}")
+
+
+@needs_clusters
+@pytest.mark.parametrize("dtype", [torch.float32] + HALF, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("name", CLUSTER_CASES)
+def test_op_parity_cluster_forward(monkeypatch, name, dtype):
+    _compare_cluster(monkeypatch, name, dtype)
+
+
+@needs_clusters
+@pytest.mark.parametrize("units,name", [(8, "B3_oddH_rev"), (16, "h256_b16_rev"),
+                                        (32, "h256_b70_groups_lengths_rev")])  # fmt: skip
+def test_op_parity_cluster_forced_units(monkeypatch, units, name):
+    monkeypatch.setenv("LSTM_FUSED_CUDA_UNITS", str(units))
+    _compare_cluster(monkeypatch, name, torch.bfloat16)
+
+
+@needs_clusters
+def test_cluster_refuses_projection_with_reason(monkeypatch):
+    _use_path(monkeypatch, "cluster")
+    (xproj, w_hh, w_hr, h0, c0), lens, _ = _draw(3, 2, 16, 8, None)
+    with pytest.raises(RuntimeError, match=f"{PATH_ENV}=cluster.*proj_size"):
+        FWD(xproj, w_hh, w_hr, h0, c0, lens, False, False)
+
+
 # Tile configurations the planner does not pick by default, forced through its tuning knobs:
 # every units-per-block instance, and the state restaged in several chunks per step.
 TUNING_KNOBS = {

@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SOURCES = [
     ROOT / "tests/cuda_emulation/emulated_kernels.cpp",
     ROOT / "tests/cuda_emulation/simt_emulator.h",
+    ROOT / "csrc/cuda/cluster_forward.cuh",
     ROOT / "csrc/cuda/persistent_common.cuh",
     ROOT / "csrc/cuda/persistent_forward.cuh",
     ROOT / "csrc/cuda/persistent_backward.cuh",
@@ -127,6 +128,48 @@ def test_persistent_forward(lib, case, variant):
 
 
 # id: T, B, H, staged columns (KC), lengths, reverse[, batch groups]
+def run_cluster_forward(lib, code, units, Bg, T, B, H, reverse, xproj, w_hh, h0, c0, lens):
+    dtype = xproj.dtype
+    y = torch.empty(T, B, H, dtype=dtype)
+    h_n, c_n = torch.empty(B, H, dtype=dtype), torch.empty(B, H, dtype=dtype)
+    gates = torch.empty(T, B, 4 * H, dtype=dtype)
+    c_all = torch.empty(T, B, H, dtype=torch.float32)
+    rc = lib.emulated_cluster_forward(
+        code, units, T, B, H, Bg, int(reverse), _ptr(xproj), _ptr(w_hh), _ptr(h0), _ptr(c0),
+        _ptr(lens), _ptr(y), _ptr(h_n), _ptr(c_n), _ptr(gates), _ptr(c_all))
+    assert rc == 0
+    return y, h_n, c_n, gates, c_all
+
+
+# Cluster forward. id: T, B, H, units per block, batch rows per cluster, lengths, reverse.
+CLUSTER_CASES = {
+    "T1_B1": (1, 1, 16, 8, 1, None, False),                 # 2 blocks, no exchange at all
+    "b1_h64_u8": (5, 1, 64, 8, 1, None, False),             # 8 blocks: 8-way split K
+    "b3_h40_u16_ragged": (4, 3, 40, 16, 3, None, True),     # 3 blocks, the last one half empty
+    "b16_h128_u16_lengths": (5, 16, 128, 16, 16, _LENGTHS_70[:16], False),  # 16 blocks, full rows
+    "b20_h48_u32_groups": (4, 20, 48, 32, 8, None, True),   # 3 clusters, the last with 4 rows
+    "b6_h33_u8_groups_lengths_rev": (6, 6, 33, 8, 2, [6, 0, 3, 1, 6, 2], True),  # 5 blocks x 3
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("case", list(CLUSTER_CASES), ids=list(CLUSTER_CASES))
+def test_cluster_forward(lib, case, variant):
+    dtype, code, tol = VARIANTS[variant]
+    T, B, H, units, Bg, lengths, reverse = CLUSTER_CASES[case]
+    xproj, w_hh, h0, c0, lens = _inputs(T, B, H, dtype, lengths, seed=zlib.crc32(case.encode()))
+    got = run_cluster_forward(lib, code, units, Bg, T, B, H, reverse, xproj, w_hh, h0, c0, lens)
+    want = reference.recurrence_forward_ref(
+        xproj.double(), w_hh.double(), None, h0.double(), c0.double(), lens, reverse, True)
+    for name, g, w in zip(("y", "h_n", "c_n", "gates", "c_all"), got, want):
+        err = rel_error(g, w)
+        assert err < tol, f"{name}: relative error {err:.2e}"
+    if lengths is not None:
+        for b, n in enumerate(lengths):
+            for t in range(n, T):
+                assert torch.all(got[0][t, b] == 0) and torch.all(got[3][t, b] == 0)
+
+
 BACKWARD_CASES = {
     "T1_B1": (1, 1, 16, 64, None, False),
     "h20_three_chunks": (4, 3, 20, 32, None, False),       # K = 4H = 80 staged 32 at a time
@@ -192,4 +235,4 @@ def test_kernels_race_free_under_tsan(tmp_path):
     done = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600,
                           env={"TSAN_OPTIONS": "halt_on_error=1"})  # fmt: skip
     assert "ThreadSanitizer" not in done.stderr, done.stderr[-4000:]
-    assert done.returncode == 0 and done.stdout.count("rc 0") == 4, done.stdout + done.stderr[-2000:]
+    assert done.returncode == 0 and done.stdout.count("rc 0") == 6, done.stdout + done.stderr[-2000:]

@@ -35,7 +35,7 @@ def test_gpu_session_dry_run(tmp_path):
     out.mkdir()
     env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, BENCH_SUITE="smoke",
                BENCH_ARGS="--budget 0.05 --shapes T16_B4 --modes fwd --no-plots",
-               SKIP="build cuda_tests triton_tests bench_triton cuda_paths step_times grid_sync memcheck",
+               SKIP="build cuda_tests triton_tests bench_triton bench_cluster cuda_paths step_times grid_sync memcheck",
                DEADLINE="60")  # fmt: skip
     done = subprocess.run(["bash", "scripts/gpu_session.sh"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip

@@ -2,9 +2,12 @@
 // torch. It checks arguments, allocates outputs, and runs either
 //   * the persistent kernels (persistent.h) when the shape fits on chip, or
 //   * the general path: per step one cuBLAS GEMM into an fp32 workspace + one fused pointwise
-//     kernel (general.h / pointwise.cuh), the time loop running here on the host.
-// LSTM_FUSED_CUDA_PATH = auto (default) | persistent | general picks the path per call;
-// `persistent` fails with the planner's reason where the shape does not fit.
+//     kernel (general.h / pointwise.cuh), the time loop running here on the host, or
+//   * forced only, until GPU measurements say where it wins: the cluster-resident forward
+//     (cluster.h, sm_90).
+// LSTM_FUSED_CUDA_PATH = auto (default) | persistent | general | cluster picks the path per
+// call; `persistent` and `cluster` fail with the planner's reason where the shape does not fit.
+// `cluster` has no backward kernel: the backward then chooses as under `auto`.
 // Everything is issued on the current stream of the input's device, GEMMs through torch's
 // cuBLAS handle. After the backward loop the weight gradients are single GEMMs over all T*B
 // rows (never T small ones), for both paths.
@@ -31,6 +34,7 @@
 #include <tuple>
 
 #include "checks.h"
+#include "cuda/cluster.h"
 #include "cuda/general.h"
 #include "cuda/persistent.h"
 #include "cuda/recurrence_args.h"
@@ -42,15 +46,16 @@ namespace {
 // ------------------------------------------------------------------------------------------
 // Path choice and test hooks (environment, read per call so tests can switch them).
 
-enum class PathChoice { kAuto, kPersistent, kGeneral };
+enum class PathChoice { kAuto, kPersistent, kGeneral, kCluster };
 
 PathChoice path_choice() {
   const char* v = std::getenv("LSTM_FUSED_CUDA_PATH");
   if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return PathChoice::kAuto;
   if (std::strcmp(v, "persistent") == 0) return PathChoice::kPersistent;
   if (std::strcmp(v, "general") == 0) return PathChoice::kGeneral;
+  if (std::strcmp(v, "cluster") == 0) return PathChoice::kCluster;
   TORCH_CHECK(false, "lstm_fused: LSTM_FUSED_CUDA_PATH=", v,
-              " is not one of auto, persistent, general");
+              " is not one of auto, persistent, general, cluster");
   return PathChoice::kAuto;  // unreachable
 }
 
@@ -339,12 +344,17 @@ at::Tensor projection_weight_grad(const Blas& blas, const at::Tensor& dh_tot_all
 // ------------------------------------------------------------------------------------------
 // The ops.
 
-// Whether this call runs the persistent kernel: asks the planner unless the environment says
-// `general`; with `persistent` a shape that does not fit is an error naming the reason.
-template <typename Args, typename Plan>
-bool use_persistent(const Args& args, int device, PersistentPlan* plan, Plan planner,
-                    const char* what) {
+// The path choice for a backward call: `cluster` has no backward kernel, so it chooses as `auto`.
+PathChoice backward_path_choice() {
   const PathChoice choice = path_choice();
+  return choice == PathChoice::kCluster ? PathChoice::kAuto : choice;
+}
+
+// Whether this call runs the persistent kernel: asks the planner unless `choice` is `general`;
+// with `persistent` a shape that does not fit is an error naming the reason.
+template <typename Args, typename Plan>
+bool use_persistent(PathChoice choice, const Args& args, int device, PersistentPlan* plan,
+                    Plan planner, const char* what) {
   if (choice == PathChoice::kGeneral) return false;
   const bool fits = planner(args, device, plan);
   TORCH_CHECK(fits || choice == PathChoice::kAuto, "lstm_fused: LSTM_FUSED_CUDA_PATH=persistent, but the persistent ",
@@ -356,9 +366,9 @@ bool use_persistent(const Args& args, int device, PersistentPlan* plan, Plan pla
 // Whether a persistent launch ran. The planner checked co-residency on an idle device, but
 // other work on the GPU (another process, MPS limits) can still make the cooperative launch too
 // large; `auto` then runs the general path instead, an explicit `persistent` reports the error.
-bool persistent_launched(cudaError_t err) {
+bool persistent_launched(PathChoice choice, cudaError_t err) {
   if (err == cudaSuccess) return true;
-  if (err == cudaErrorCooperativeLaunchTooLarge && path_choice() == PathChoice::kAuto) {
+  if (err == cudaErrorCooperativeLaunchTooLarge && choice == PathChoice::kAuto) {
     (void)cudaGetLastError();  // not sticky; clear it so later checks do not see it
     return false;
   }
@@ -411,14 +421,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrenc
   a.gates = save ? gates.data_ptr() : nullptr;
   a.c_all = save ? ptr<float>(c_all) : nullptr;
 
+  const PathChoice choice = path_choice();
+  if (choice == PathChoice::kCluster) {
+    ClusterPlan plan;
+    TORCH_CHECK(plan_cluster_forward(a, xproj_in.device().index(), &plan),
+                "lstm_fused: LSTM_FUSED_CUDA_PATH=cluster, but the cluster forward kernel cannot "
+                "run this call: ", plan.why_not != nullptr ? plan.why_not : "(no reason given)");
+    at::Tensor h_n = at::empty({B, P}, opts), c_n = at::empty({B, H}, opts);
+    poison(poisoned, {&h_n, &c_n});
+    a.h_n = h_n.data_ptr();
+    a.c_n = c_n.data_ptr();
+    C10_CUDA_CHECK(launch_cluster_forward(a, plan, stream));
+    return {f.y, h_n, c_n, gates, c_all};
+  }
   PersistentPlan plan;
-  if (use_persistent(a, xproj_in.device().index(), &plan, plan_persistent_forward, "forward")) {
+  if (use_persistent(choice, a, xproj_in.device().index(), &plan, plan_persistent_forward,
+                     "forward")) {
     at::Tensor h_n = at::empty({B, P}, opts), c_n = at::empty({B, H}, opts);
     poison(poisoned, {&h_n, &c_n});
     a.h_n = h_n.data_ptr();
     a.c_n = c_n.data_ptr();
     const at::Tensor workspace = workspace_for(plan, f.xproj);
-    if (persistent_launched(launch_persistent_forward(a, plan, workspace.data_ptr(), stream))) {
+    if (persistent_launched(choice,
+                            launch_persistent_forward(a, plan, workspace.data_ptr(), stream))) {
       return {f.y, h_n, c_n, gates, c_all};
     }
   }
@@ -484,7 +509,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrenc
   at::Tensor dh0, dc0;
   PersistentPlan plan;
   bool done = false;
-  if (use_persistent(a, gates_in.device().index(), &plan, plan_persistent_backward, "backward")) {
+  const PathChoice choice = backward_path_choice();
+  if (use_persistent(choice, a, gates_in.device().index(), &plan, plan_persistent_backward,
+                     "backward")) {
     TORCH_INTERNAL_ASSERT(!s.has_proj, "lstm_fused: the persistent backward has no projection");
     dh0 = at::empty({B, P}, opts);
     dc0 = at::empty({B, H}, opts);
@@ -492,7 +519,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrenc
     a.dh0 = dh0.data_ptr();
     a.dc0 = dc0.data_ptr();
     const at::Tensor workspace = workspace_for(plan, g.gates);
-    done = persistent_launched(launch_persistent_backward(a, plan, workspace.data_ptr(), stream));
+    done = persistent_launched(choice,
+                               launch_persistent_backward(a, plan, workspace.data_ptr(), stream));
   }
   if (!done) {
     g.dh = dh_n.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();

@@ -244,55 +244,89 @@ struct SimtTiles {
 template <typename Scalar, bool kExactFp32>
 using TilesFor = typename std::conditional<kExactFp32, SimtTiles, TensorCoreTiles<Scalar>>::type;
 
+// One warp's share of out^T = W_slice @ state^T (see TileSplit): its tiles, its slice of the
+// K loop, and its accumulators.
+template <typename Scalar, bool kExactFp32>
+struct WarpTileSet {
+  using Tiles = TilesFor<Scalar, kExactFp32>;
+  Tiles tiles;
+  int ks, ksplit, n_mine, m_tiles, warp, tiles_total;
+  bool busy;
+
+  __device__ WarpTileSet(int rows, int Bpad) {
+    const TileSplit split(rows, Bpad);
+    warp = threadIdx.x / 32;
+    ksplit = split.ksplit;
+    tiles_total = split.tiles;
+    ks = ksplit == 1 ? 0 : warp / tiles_total;
+    busy = ks < ksplit;
+    n_mine = ksplit == 1 ? (tiles_total - warp + kWarps - 1) / kWarps : (busy ? 1 : 0);
+    m_tiles = rows / 16;
+    tiles.zero();
+  }
+  __device__ int tile_of(int i) const { return ksplit == 1 ? warp + i * kWarps : warp % tiles_total; }
+
+  // Accumulates state columns [c0, c0 + kc), held in Hs (row b at Hs + b * ldh, column c0 first).
+  __device__ void accumulate(const Scalar* __restrict__ Wsm, int ldw, int c0, int kc,
+                             const Scalar* __restrict__ Hs, int ldh) {
+    if (!busy) return;
+    for (int kk = ks * Tiles::kK; kk < kc; kk += Tiles::kK * ksplit) {
+#pragma unroll
+      for (int i = 0; i < kMaxTilesPerWarp; ++i) {
+        if (i < n_mine) {
+          const int m0 = (tile_of(i) % m_tiles) * 16, n0 = (tile_of(i) / m_tiles) * 16;
+          tiles.step(i, Wsm + m0 * ldw + c0 + kk, ldw, Hs + n0 * ldh + kk, ldh);
+        }
+      }
+    }
+  }
+
+  // Acc[ks][b][row] (column-major tiles), then a block barrier.
+  __device__ void store(float* __restrict__ Acc, int Bpad, int rows) const {
+    if (busy) {
+#pragma unroll
+      for (int i = 0; i < kMaxTilesPerWarp; ++i) {
+        if (i < n_mine) {
+          const int m0 = (tile_of(i) % m_tiles) * 16, n0 = (tile_of(i) / m_tiles) * 16;
+          tiles.store(i, Acc + static_cast<int64_t>(ks) * Bpad * rows + n0 * rows + m0, rows);
+        }
+      }
+    }
+    __syncthreads();
+  }
+};
+
 // out^T = W_slice @ state^T for one step, accumulated in fp32 and left in shared memory as
-// Acc[ks][b][rows]. `state` is the (B x K) row-major exchange buffer.
+// Acc[ks][b][rows]. `state` is the (B x K) row-major exchange buffer in global memory, staged
+// through Hs in chunks of KC columns.
 template <typename Scalar, bool kExactFp32>
 __device__ inline void block_matmul(const Scalar* __restrict__ Wsm, int ldw, int rows,
                                     const Scalar* __restrict__ state, int B, int K, int Kpad,
                                     int KC, int Bpad, Scalar* __restrict__ Hs,
                                     float* __restrict__ Acc) {
   static_assert(!kExactFp32 || sizeof(Scalar) == 4, "the exact engine is for fp32 storage");
-  using Tiles = TilesFor<Scalar, kExactFp32>;
   const int ldh = KC + kSkew;
-  const TileSplit split(rows, Bpad);
-  const int warp = threadIdx.x / 32;
-  const int ks = split.ksplit == 1 ? 0 : warp / split.tiles;
-  const bool busy = ks < split.ksplit;
-  const int n_mine =
-      split.ksplit == 1 ? (split.tiles - warp + kWarps - 1) / kWarps : (busy ? 1 : 0);
-  const int m_tiles = rows / 16;
-  auto tile_of = [&](int i) { return split.ksplit == 1 ? warp + i * kWarps : warp % split.tiles; };
-
-  Tiles tiles;
-  tiles.zero();
+  WarpTileSet<Scalar, kExactFp32> set(rows, Bpad);
   for (int c0 = 0; c0 < Kpad; c0 += KC) {
     const int kc = min(KC, Kpad - c0);
     stage_state(state, B, K, c0, kc, Hs, ldh);
     __syncthreads();
-    if (busy) {
-      for (int kk = ks * Tiles::kK; kk < kc; kk += Tiles::kK * split.ksplit) {
-#pragma unroll
-        for (int i = 0; i < kMaxTilesPerWarp; ++i) {
-          if (i < n_mine) {
-            const int m0 = (tile_of(i) % m_tiles) * 16, n0 = (tile_of(i) / m_tiles) * 16;
-            tiles.step(i, Wsm + m0 * ldw + c0 + kk, ldw, Hs + n0 * ldh + kk, ldh);
-          }
-        }
-      }
-    }
+    set.accumulate(Wsm, ldw, c0, kc, Hs, ldh);
     __syncthreads();  // Hs is restaged by the next chunk
   }
+  set.store(Acc, Bpad, rows);
+}
 
-  if (busy) {
-#pragma unroll
-    for (int i = 0; i < kMaxTilesPerWarp; ++i) {
-      if (i < n_mine) {
-        const int m0 = (tile_of(i) % m_tiles) * 16, n0 = (tile_of(i) / m_tiles) * 16;
-        tiles.store(i, Acc + static_cast<int64_t>(ks) * Bpad * rows + n0 * rows + m0, rows);
-      }
-    }
-  }
-  __syncthreads();
+// The same product with the whole state already resident in shared memory (Hs: Bpad rows of
+// Kpad columns, zero past the valid rows and columns), as in the cluster kernels.
+template <typename Scalar, bool kExactFp32>
+__device__ inline void block_matmul_resident(const Scalar* __restrict__ Wsm, int ldw, int rows,
+                                             const Scalar* __restrict__ Hs, int ldh, int Kpad,
+                                             int Bpad, float* __restrict__ Acc) {
+  static_assert(!kExactFp32 || sizeof(Scalar) == 4, "the exact engine is for fp32 storage");
+  WarpTileSet<Scalar, kExactFp32> set(rows, Bpad);
+  set.accumulate(Wsm, ldw, 0, Kpad, Hs, ldh);
+  set.store(Acc, Bpad, rows);
 }
 
 // Sum of the ksplit partial products for output row r, batch b.

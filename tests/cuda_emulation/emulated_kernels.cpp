@@ -5,6 +5,7 @@
 // be forced. The kernel parameters come from the launchers' own make_*_params.
 #include "simt_emulator.h"
 // The emulator must come first: it supplies what the kernels take from the CUDA headers.
+#include "cuda/cluster_forward.cuh"
 #include "cuda/persistent_backward.cuh"
 #include "cuda/persistent_forward.cuh"
 
@@ -79,6 +80,44 @@ int forward_units(int units, int T, int B, int H, int KC, int groups, bool rever
   }
 }
 
+template <typename Scalar, int UNITS, bool kExact>
+void cluster_forward(int T, int B, int H, int Bg, bool reverse, const void* xproj,
+                     const void* w_hh, const void* h0, const void* c0, const int64_t* lengths,
+                     void* y, void* h_n, void* c_n, void* gates, float* c_all) {
+  lstm_fused::cuda::ForwardArgs a;
+  a.T = T, a.B = B, a.H = H, a.P = H;
+  a.xproj = xproj, a.w_hh = w_hh, a.h0 = h0, a.c0 = c0, a.lengths = lengths, a.reverse = reverse;
+  a.y = y, a.h_n = h_n, a.c_n = c_n, a.gates = gates, a.c_all = c_all;
+  const int cluster = (H + UNITS - 1) / UNITS, groups = (B + Bg - 1) / Bg;
+  const ClusterForwardParams<Scalar> p = make_cluster_forward_params<Scalar>(a, cluster, Bg);
+  const ClusterForwardLayout layout(UNITS, p.Bpad, p.Kpad, sizeof(Scalar));
+  emu::launch_clusters(cluster * groups, cluster, kThreads, layout.total,
+                       [&] { lstm_forward_cluster<Scalar, UNITS, kExact>(p); });
+}
+
+template <typename Scalar, bool kExact = false>
+int cluster_forward_units(int units, int T, int B, int H, int Bg, bool reverse, const void* xproj,
+                          const void* w_hh, const void* h0, const void* c0,
+                          const int64_t* lengths, void* y, void* h_n, void* c_n, void* gates,
+                          float* c_all) {
+  switch (units) {
+    case 8:
+      cluster_forward<Scalar, 8, kExact>(T, B, H, Bg, reverse, xproj, w_hh, h0, c0, lengths, y,
+                                         h_n, c_n, gates, c_all);
+      return 0;
+    case 16:
+      cluster_forward<Scalar, 16, kExact>(T, B, H, Bg, reverse, xproj, w_hh, h0, c0, lengths, y,
+                                          h_n, c_n, gates, c_all);
+      return 0;
+    case 32:
+      cluster_forward<Scalar, 32, kExact>(T, B, H, Bg, reverse, xproj, w_hh, h0, c0, lengths, y,
+                                          h_n, c_n, gates, c_all);
+      return 0;
+    default:
+      return 1;
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -102,6 +141,28 @@ int emulated_forward(int dtype, int units, int T, int B, int H, int KC, int grou
   if (dtype == 3)
     return forward_units<float, true>(units, T, B, H, KC, groups, reverse, xproj, w_hh, h0, c0,
                                       lengths, y, h_n, c_n, gates, c_all);
+  return 3;
+}
+
+// The cluster forward: `units` per block (8, 16 or 32), so ceil(H / units) blocks per cluster,
+// and Bg batch rows per cluster (Bg * units <= 256). dtype codes as for emulated_forward.
+int emulated_cluster_forward(int dtype, int units, int T, int B, int H, int Bg, int reverse,
+                             const void* xproj, const void* w_hh, const void* h0, const void* c0,
+                             const int64_t* lengths, void* y, void* h_n, void* c_n, void* gates,
+                             float* c_all) {
+  if (Bg < 1 || Bg * units > kThreads || (H + units - 1) / units > kMaxClusterBlocks) return 2;
+  if (dtype == 1)
+    return cluster_forward_units<__nv_bfloat16>(units, T, B, H, Bg, reverse, xproj, w_hh, h0, c0,
+                                                lengths, y, h_n, c_n, gates, c_all);
+  if (dtype == 2)
+    return cluster_forward_units<__half>(units, T, B, H, Bg, reverse, xproj, w_hh, h0, c0,
+                                         lengths, y, h_n, c_n, gates, c_all);
+  if (dtype == 0)
+    return cluster_forward_units<float>(units, T, B, H, Bg, reverse, xproj, w_hh, h0, c0, lengths,
+                                        y, h_n, c_n, gates, c_all);
+  if (dtype == 3)
+    return cluster_forward_units<float, true>(units, T, B, H, Bg, reverse, xproj, w_hh, h0, c0,
+                                              lengths, y, h_n, c_n, gates, c_all);
   return 3;
 }
 

@@ -3,8 +3,10 @@
 // -fsanitize=thread). The emulator maps the kernels' grid barrier onto C++ atomics with the
 // same orderings (release add, acquire spin, block barriers), so a missing happens-before edge
 // between one block writing the exchange buffer and another reading it is reported as a data
-// race. Covers forward and backward, one and several pointwise items per thread, one and two
-// batch groups, lengths and reverse. Values are not checked here; the parity tests do that.
+// race; the same holds for the cluster kernel's barrier and its writes into peers' shared
+// memory. Covers forward and backward, one and several pointwise items per thread, one and two
+// batch groups, lengths and reverse, and the cluster forward with one and several clusters.
+// Values are not checked here; the parity tests do that.
 #include <cstdint>
 #include <cstdio>
 #include <random>
@@ -40,6 +42,24 @@ int run(int T, int B, int H, int units, int groups, bool reverse) {
                            c_all.data(), dxproj.data(), dh0.data(), dc0.data());
 }
 
+int run_cluster(int T, int B, int H, int units, int Bg, bool reverse) {
+  std::mt19937 rng(T * 1000 + B * 10 + Bg);
+  std::normal_distribution<float> normal(0.f, 0.3f);
+  auto draw = [&](size_t n) {
+    std::vector<float> v(n);
+    for (float& x : v) x = normal(rng);
+    return v;
+  };
+  const size_t TB = static_cast<size_t>(T) * B;
+  auto xproj = draw(TB * 4 * H), w = draw(4 * H * H), h0 = draw(B * H), c0 = draw(B * H);
+  std::vector<int64_t> lengths(B);
+  for (int b = 0; b < B; ++b) lengths[b] = (3 * b) % (T + 1);
+  std::vector<float> y(TB * H), h_n(B * H), c_n(B * H), gates(TB * 4 * H), c_all(TB * H);
+  return emulated_cluster_forward(kExactFp32, units, T, B, H, Bg, reverse, xproj.data(), w.data(),
+                                  h0.data(), c0.data(), lengths.data(), y.data(), h_n.data(),
+                                  c_n.data(), gates.data(), c_all.data());
+}
+
 }  // namespace
 
 int main() {
@@ -56,6 +76,19 @@ int main() {
     const int rc = run(c.T, c.B, c.H, c.units, c.groups, c.reverse);
     std::printf("T=%d B=%d H=%d units=%d groups=%d reverse=%d: rc %d\n", c.T, c.B, c.H, c.units,
                 c.groups, c.reverse, rc);
+    if (rc != 0) return 1;
+  }
+  struct ClusterCase {
+    int T, B, H, units, Bg;
+    bool reverse;
+  } cluster_cases[] = {
+      {4, 3, 40, 8, 3, false},  // one cluster of 5 blocks
+      {3, 6, 24, 8, 2, true},   // three clusters of 3 blocks
+  };
+  for (const ClusterCase& c : cluster_cases) {
+    const int rc = run_cluster(c.T, c.B, c.H, c.units, c.Bg, c.reverse);
+    std::printf("cluster T=%d B=%d H=%d units=%d Bg=%d reverse=%d: rc %d\n", c.T, c.B, c.H,
+                c.units, c.Bg, c.reverse, rc);
     if (rc != 0) return 1;
   }
   return 0;

@@ -20,6 +20,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -77,6 +78,12 @@ inline EmuDim3 gridDim;
 namespace emu {
 inline thread_local std::barrier<>* block_barrier = nullptr;
 inline thread_local unsigned char* block_smem = nullptr;
+// Thread-block clusters (launch_clusters): this block's rank, its cluster's blocks' shared
+// memory, the cluster-wide barrier and this thread's pending arrival on it.
+inline thread_local int cluster_rank = 0;
+inline thread_local unsigned char* const* cluster_smem = nullptr;
+inline thread_local std::barrier<>* cluster_barrier = nullptr;
+inline thread_local std::optional<std::barrier<>::arrival_token> cluster_token;
 }  // namespace emu
 
 inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
@@ -93,6 +100,20 @@ inline unsigned load_acquire(const unsigned* p) {
 }
 inline void add_release(unsigned* p, unsigned v) {
   std::atomic_ref<unsigned>(*p).fetch_add(v, std::memory_order_release);
+}
+// The cluster primitives of cluster_forward.cuh: barrier.cluster.arrive.release / wait.acquire
+// map onto a std::barrier of every thread in the cluster (arrive happens-before the matching
+// wait's return), map_shared_rank onto the same offset in the peer block's shared memory.
+inline int cluster_rank() { return emu::cluster_rank; }
+template <typename T>
+inline T* peer_shared(T* p, int rank) {
+  const auto offset = reinterpret_cast<unsigned char*>(p) - emu::block_smem;
+  return reinterpret_cast<T*>(emu::cluster_smem[rank] + offset);
+}
+inline void cluster_arrive() { emu::cluster_token.emplace(emu::cluster_barrier->arrive()); }
+inline void cluster_wait() {
+  emu::cluster_barrier->wait(std::move(*emu::cluster_token));
+  emu::cluster_token.reset();
 }
 }  // namespace persistent
 }  // namespace cuda
@@ -202,6 +223,42 @@ inline void launch(int blocks, int threads, size_t smem_bytes,
         block_barrier = barriers[b].get();
         auto base = reinterpret_cast<uintptr_t>(smem[b].data());
         block_smem = reinterpret_cast<unsigned char*>((base + 127) & ~uintptr_t(127));
+        kernel();
+      });
+    }
+  }
+  for (auto& th : pool) th.join();
+}
+
+// Runs kernel() on blocks x threads CPU threads grouped into clusters of `cluster` consecutive
+// blocks (blocks must be a multiple of it), all co-resident.
+inline void launch_clusters(int blocks, int cluster, int threads, size_t smem_bytes,
+                            const std::function<void()>& kernel) {
+  gridDim.x = blocks;
+  const int clusters = blocks / cluster;
+  std::vector<std::unique_ptr<std::barrier<>>> barriers, cluster_barriers;
+  std::vector<std::vector<unsigned char>> smem(blocks);
+  std::vector<unsigned char*> bases(blocks);
+  for (int b = 0; b < blocks; ++b) {
+    barriers.emplace_back(std::make_unique<std::barrier<>>(threads));
+    smem[b].assign(smem_bytes + 128, 0xff);  // garbage, as in launch()
+    auto base = reinterpret_cast<uintptr_t>(smem[b].data());
+    bases[b] = reinterpret_cast<unsigned char*>((base + 127) & ~uintptr_t(127));
+  }
+  for (int c = 0; c < clusters; ++c)
+    cluster_barriers.emplace_back(std::make_unique<std::barrier<>>(cluster * threads));
+  std::vector<std::thread> pool;
+  pool.reserve(static_cast<size_t>(blocks) * threads);
+  for (int b = 0; b < blocks; ++b) {
+    for (int t = 0; t < threads; ++t) {
+      pool.emplace_back([&, b, t] {
+        threadIdx.x = t;
+        blockIdx.x = b;
+        block_barrier = barriers[b].get();
+        block_smem = bases[b];
+        cluster_rank = b % cluster;
+        cluster_smem = bases.data() + (b / cluster) * cluster;
+        cluster_barrier = cluster_barriers[b / cluster].get();
         kernel();
       });
     }
