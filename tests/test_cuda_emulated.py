@@ -72,17 +72,19 @@ def _inputs(T, B, H, dtype, lengths, seed):
     return xproj, w_hh, h0, c0, lens
 
 
+def _forward_outputs(T, B, H, dtype):
+    """y, h_n, c_n, gates, c_all as a forward kernel fills them."""
+    return (torch.empty(T, B, H, dtype=dtype), torch.empty(B, H, dtype=dtype),
+            torch.empty(B, H, dtype=dtype), torch.empty(T, B, 4 * H, dtype=dtype),
+            torch.empty(T, B, H, dtype=torch.float32))  # fmt: skip
+
+
 def run_forward(lib, code, units, kc, groups, T, B, H, reverse, xproj, w_hh, h0, c0, lens):
-    dtype = xproj.dtype
-    y = torch.empty(T, B, H, dtype=dtype)
-    h_n, c_n = torch.empty(B, H, dtype=dtype), torch.empty(B, H, dtype=dtype)
-    gates = torch.empty(T, B, 4 * H, dtype=dtype)
-    c_all = torch.empty(T, B, H, dtype=torch.float32)
-    rc = lib.emulated_forward(
-        code, units, T, B, H, kc, groups, int(reverse), _ptr(xproj), _ptr(w_hh), _ptr(h0),
-        _ptr(c0), _ptr(lens), _ptr(y), _ptr(h_n), _ptr(c_n), _ptr(gates), _ptr(c_all))
+    out = _forward_outputs(T, B, H, xproj.dtype)
+    rc = lib.emulated_forward(code, units, T, B, H, kc, groups, int(reverse), _ptr(xproj),
+                              _ptr(w_hh), _ptr(h0), _ptr(c0), _ptr(lens), *map(_ptr, out))  # fmt: skip
     assert rc == 0
-    return y, h_n, c_n, gates, c_all
+    return out
 
 
 # Lengths for every row of a larger batch, drawn once (0 and T included).
@@ -129,16 +131,11 @@ def test_persistent_forward(lib, case, variant):
 
 # id: T, B, H, staged columns (KC), lengths, reverse[, batch groups]
 def run_cluster_forward(lib, code, units, Bg, T, B, H, reverse, xproj, w_hh, h0, c0, lens):
-    dtype = xproj.dtype
-    y = torch.empty(T, B, H, dtype=dtype)
-    h_n, c_n = torch.empty(B, H, dtype=dtype), torch.empty(B, H, dtype=dtype)
-    gates = torch.empty(T, B, 4 * H, dtype=dtype)
-    c_all = torch.empty(T, B, H, dtype=torch.float32)
-    rc = lib.emulated_cluster_forward(
-        code, units, T, B, H, Bg, int(reverse), _ptr(xproj), _ptr(w_hh), _ptr(h0), _ptr(c0),
-        _ptr(lens), _ptr(y), _ptr(h_n), _ptr(c_n), _ptr(gates), _ptr(c_all))
+    out = _forward_outputs(T, B, H, xproj.dtype)
+    rc = lib.emulated_cluster_forward(code, units, T, B, H, Bg, int(reverse), _ptr(xproj),
+                                      _ptr(w_hh), _ptr(h0), _ptr(c0), _ptr(lens), *map(_ptr, out))  # fmt: skip
     assert rc == 0
-    return y, h_n, c_n, gates, c_all
+    return out
 
 
 # Cluster forward. id: T, B, H, units per block, batch rows per cluster, lengths, reverse.

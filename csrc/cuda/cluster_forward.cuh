@@ -54,46 +54,21 @@ __device__ inline void cluster_wait() {
 #endif
 
 template <typename Scalar>
-struct ClusterForwardParams {
-  int steps, B, H;
+struct ClusterForwardParams : ForwardCall<Scalar> {
   int cluster;  // blocks per cluster (grid = cluster x groups)
   int Bg;       // batch rows per group (the last group may have fewer)
   int Kpad, Bpad;
-  bool reverse;
-  const Scalar* xproj;     // (T, B, 4H)
-  const Scalar* w_hh;      // (4H, H)
-  const Scalar* h0;        // (B, H)
-  const Scalar* c0;        // (B, H)
-  const int64_t* lengths;  // (B,) or nullptr
-  Scalar* y;               // (T, B, H)
-  Scalar* h_n;             // (B, H)
-  Scalar* c_n;             // (B, H)
-  Scalar* gates;           // (T, B, 4H) or nullptr
-  float* c_all;            // (T, B, H) or nullptr
 };
 
 template <typename Scalar>
 __host__ ClusterForwardParams<Scalar> make_cluster_forward_params(const ForwardArgs& a,
                                                                   int cluster, int Bg) {
   ClusterForwardParams<Scalar> p;
-  p.steps = static_cast<int>(a.T);
-  p.B = static_cast<int>(a.B);
-  p.H = static_cast<int>(a.H);
+  fill_forward_call(a, &p);
   p.cluster = cluster;
   p.Bg = Bg;
   p.Kpad = static_cast<int>(round_up(a.H, 16));
   p.Bpad = static_cast<int>(round_up(Bg, 16));
-  p.reverse = a.reverse;
-  p.xproj = static_cast<const Scalar*>(a.xproj);
-  p.w_hh = static_cast<const Scalar*>(a.w_hh);
-  p.h0 = static_cast<const Scalar*>(a.h0);
-  p.c0 = static_cast<const Scalar*>(a.c0);
-  p.lengths = a.lengths;
-  p.y = static_cast<Scalar*>(a.y);
-  p.h_n = static_cast<Scalar*>(a.h_n);
-  p.c_n = static_cast<Scalar*>(a.c_n);
-  p.gates = static_cast<Scalar*>(a.gates);
-  p.c_all = a.c_all;
   return p;
 }
 
@@ -139,11 +114,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int ksplit = TileSplit(rows, p.Bpad).ksplit;
   const Scalar zero = from_float<Scalar>(0.0f);
 
-  for (int idx = tid; idx < rows * p.Kpad; idx += kThreads) {
-    const int r = idx / p.Kpad, k = idx - r * p.Kpad;
-    const int g = r / UNITS, j = j0 + r % UNITS;
-    Wsm[r * ldw + k] = (j < H && k < H) ? p.w_hh[(g * static_cast<int64_t>(H) + j) * H + k] : zero;
-  }
+  load_forward_w_slice(p.w_hh, H, p.Kpad, j0, UNITS, Wsm, ldw);
   // Both copies zero (padding rows and columns stay zero for the whole launch); the copy step 0
   // reads, buffer 1, holds h0.
   for (int64_t idx = tid; idx < 2 * buffer; idx += kThreads) {

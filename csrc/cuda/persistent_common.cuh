@@ -18,6 +18,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cuda/recurrence_args.h"
+
 #ifdef LSTM_FUSED_SIMT_EMULATION
 // tests/cuda_emulation/simt_emulator.h runs these kernels on CPU threads (CI has no GPU); it
 // provides the CUDA types, intrinsics and wmma used below.
@@ -337,6 +339,41 @@ __device__ inline float acc_sum(const float* __restrict__ Acc, int ksplit, int B
   return s;
 }
 
+// The typed tensors and sizes of a forward call, which both forward kernels' parameters extend.
+template <typename Scalar>
+struct ForwardCall {
+  int steps, B, H;
+  bool reverse;
+  const Scalar* xproj;     // (T, B, 4H)
+  const Scalar* w_hh;      // (4H, H)
+  const Scalar* h0;        // (B, H)
+  const Scalar* c0;        // (B, H)
+  const int64_t* lengths;  // (B,) or nullptr
+  Scalar* y;               // (T, B, H)
+  Scalar* h_n;             // (B, H)
+  Scalar* c_n;             // (B, H)
+  Scalar* gates;           // (T, B, 4H) or nullptr
+  float* c_all;            // (T, B, H) or nullptr
+};
+
+template <typename Scalar>
+__host__ void fill_forward_call(const ForwardArgs& a, ForwardCall<Scalar>* p) {
+  p->steps = static_cast<int>(a.T);
+  p->B = static_cast<int>(a.B);
+  p->H = static_cast<int>(a.H);
+  p->reverse = a.reverse;
+  p->xproj = static_cast<const Scalar*>(a.xproj);
+  p->w_hh = static_cast<const Scalar*>(a.w_hh);
+  p->h0 = static_cast<const Scalar*>(a.h0);
+  p->c0 = static_cast<const Scalar*>(a.c0);
+  p->lengths = a.lengths;
+  p->y = static_cast<Scalar*>(a.y);
+  p->h_n = static_cast<Scalar*>(a.h_n);
+  p->c_n = static_cast<Scalar*>(a.c_n);
+  p->gates = static_cast<Scalar*>(a.gates);
+  p->c_all = a.c_all;
+}
+
 // The tiling a launch was planned with (the planner's choice, see persistent.cu).
 struct LaunchShape {
   int groups;          // batch groups
@@ -364,6 +401,20 @@ struct BlockPlace {
     nb = min(rows_per_group, B - b0);
   }
 };
+
+// The forward kernels' W slice: units j0 .. j0 + units - 1 of all four gates, 4 * units rows
+// (gate-major: row g * units + u is W_hh row g * H + j0 + u), zero past H (units of a ragged
+// last block, and the K padding up to Kpad).
+template <typename Scalar>
+__device__ inline void load_forward_w_slice(const Scalar* __restrict__ w_hh, int H, int Kpad,
+                                            int j0, int units, Scalar* __restrict__ Wsm, int ldw) {
+  const Scalar zero = from_float<Scalar>(0.0f);
+  for (int idx = threadIdx.x; idx < 4 * units * Kpad; idx += kThreads) {
+    const int r = idx / Kpad, k = idx - r * Kpad;
+    const int g = r / units, j = j0 + r % units;
+    Wsm[r * ldw + k] = (j < H && k < H) ? w_hh[(g * static_cast<int64_t>(H) + j) * H + k] : zero;
+  }
+}
 
 // Len[bl] = the length of sequence b0 + bl, clamped to [0, steps] (all steps without lengths).
 __device__ inline void load_lengths(const int64_t* lengths, int steps, int b0, int nb, int* Len) {

@@ -28,24 +28,12 @@ namespace cuda {
 namespace persistent {
 
 template <typename Scalar>
-struct ForwardParams {
-  int steps, B, H;
+struct ForwardParams : ForwardCall<Scalar> {
   // Batch groups (grid = unit slices x groups) and rows per group (the last may have fewer).
   int groups, Bg;
   int Kpad, KC, Bpad;  // H rounded up to 16; state columns staged at once; Bg rounded up to 16
-  bool reverse;
-  const Scalar* xproj;     // (T, B, 4H)
-  const Scalar* w_hh;      // (4H, H)
-  const Scalar* h0;        // (B, H)
-  const Scalar* c0;        // (B, H)
-  const int64_t* lengths;  // (B,) or nullptr
-  Scalar* y;               // (T, B, H)
-  Scalar* h_n;             // (B, H)
-  Scalar* c_n;             // (B, H)
-  Scalar* gates;           // (T, B, 4H) or nullptr
-  float* c_all;            // (T, B, H) or nullptr
-  Scalar* hbuf;            // workspace: (2, B, H) exchange buffer
-  unsigned* counter;       // workspace: a zeroed barrier counter per group, kCounterStride apart
+  Scalar* hbuf;        // workspace: (2, B, H) exchange buffer
+  unsigned* counter;   // workspace: a zeroed barrier counter per group, kCounterStride apart
 };
 
 // Kernel parameters of one call; the launcher and the CPU emulation test both build them here.
@@ -53,25 +41,12 @@ template <typename Scalar>
 __host__ ForwardParams<Scalar> make_forward_params(const ForwardArgs& a, const LaunchShape& shape,
                                                    void* workspace) {
   ForwardParams<Scalar> p;
-  p.steps = static_cast<int>(a.T);
-  p.B = static_cast<int>(a.B);
-  p.H = static_cast<int>(a.H);
+  fill_forward_call(a, &p);
   p.groups = shape.groups;
   p.Bg = shape.rows_per_group;
   p.Kpad = static_cast<int>(round_up(a.H, 16));
   p.KC = shape.k_chunk;
   p.Bpad = static_cast<int>(round_up(p.Bg, 16));
-  p.reverse = a.reverse;
-  p.xproj = static_cast<const Scalar*>(a.xproj);
-  p.w_hh = static_cast<const Scalar*>(a.w_hh);
-  p.h0 = static_cast<const Scalar*>(a.h0);
-  p.c0 = static_cast<const Scalar*>(a.c0);
-  p.lengths = a.lengths;
-  p.y = static_cast<Scalar*>(a.y);
-  p.h_n = static_cast<Scalar*>(a.h_n);
-  p.c_n = static_cast<Scalar*>(a.c_n);
-  p.gates = static_cast<Scalar*>(a.gates);
-  p.c_all = a.c_all;
   p.counter = static_cast<unsigned*>(workspace);
   p.hbuf = reinterpret_cast<Scalar*>(static_cast<char*>(workspace) + counter_bytes(p.groups));
   return p;
@@ -123,12 +98,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_forward_persistent(ForwardPa
   const int ksplit = TileSplit(rows, p.Bpad).ksplit;
   const Scalar zero = from_float<Scalar>(0.0f);
 
-  // W slice, zero past H (units of a ragged last block, and the K padding).
-  for (int idx = tid; idx < rows * p.Kpad; idx += kThreads) {
-    const int r = idx / p.Kpad, k = idx - r * p.Kpad;
-    const int g = r / UNITS, j = j0 + r % UNITS;
-    Wsm[r * ldw + k] = (j < H && k < H) ? p.w_hh[(g * static_cast<int64_t>(H) + j) * H + k] : zero;
-  }
+  load_forward_w_slice(p.w_hh, H, p.Kpad, j0, UNITS, Wsm, ldw);
   // Staging rows past nb stay zero for the whole launch.
   for (int idx = tid; idx < p.Bpad * (p.KC + kSkew); idx += kThreads) Hs[idx] = zero;
   // Per-row state is indexed by the local row bl = b - b0.

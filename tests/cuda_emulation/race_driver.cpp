@@ -18,46 +18,50 @@ namespace {
 
 constexpr int kExactFp32 = 3;  // emulated_forward/backward dtype code: fp32, exact FMAs
 
+// Random inputs of one forward call, with ragged lengths (0 and T included).
+struct Inputs {
+  std::vector<float> xproj, w, h0, c0;
+  std::vector<int64_t> lengths;
+  std::vector<float> y, h_n, c_n, gates, c_all;  // the forward's outputs
+  Inputs(int T, int B, int H, unsigned seed) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> normal(0.f, 0.3f);
+    auto draw = [&](size_t n) {
+      std::vector<float> v(n);
+      for (float& x : v) x = normal(rng);
+      return v;
+    };
+    const size_t TB = static_cast<size_t>(T) * B;
+    xproj = draw(TB * 4 * H), w = draw(4 * H * H), h0 = draw(B * H), c0 = draw(B * H);
+    lengths.resize(B);
+    for (int b = 0; b < B; ++b) lengths[b] = (3 * b) % (T + 1);
+    y.resize(TB * H), h_n.resize(B * H), c_n.resize(B * H), gates.resize(TB * 4 * H);
+    c_all.resize(TB * H);
+  }
+};
+
 int run(int T, int B, int H, int units, int groups, bool reverse) {
-  std::mt19937 rng(T * 1000 + B * 10 + groups);
-  std::normal_distribution<float> normal(0.f, 0.3f);
-  auto draw = [&](size_t n) {
-    std::vector<float> v(n);
-    for (float& x : v) x = normal(rng);
-    return v;
-  };
-  const size_t TB = static_cast<size_t>(T) * B;
-  auto xproj = draw(TB * 4 * H), w = draw(4 * H * H), h0 = draw(B * H), c0 = draw(B * H);
-  std::vector<int64_t> lengths(B);
-  for (int b = 0; b < B; ++b) lengths[b] = (3 * b) % (T + 1);
-  std::vector<float> y(TB * H), h_n(B * H), c_n(B * H), gates(TB * 4 * H), c_all(TB * H);
-  int rc = emulated_forward(kExactFp32, units, T, B, H, 32, groups, reverse, xproj.data(),
-                            w.data(), h0.data(), c0.data(), lengths.data(), y.data(), h_n.data(),
-                            c_n.data(), gates.data(), c_all.data());
+  Inputs in(T, B, H, T * 1000 + B * 10 + groups);
+  const int rc = emulated_forward(kExactFp32, units, T, B, H, 32, groups, reverse, in.xproj.data(),
+                                  in.w.data(), in.h0.data(), in.c0.data(), in.lengths.data(),
+                                  in.y.data(), in.h_n.data(), in.c_n.data(), in.gates.data(),
+                                  in.c_all.data());
   if (rc != 0) return rc;
-  auto dy = draw(TB * H), dh_n = draw(B * H), dc_n = draw(B * H);
-  std::vector<float> dxproj(TB * 4 * H), dh0(B * H), dc0(B * H);
-  return emulated_backward(kExactFp32, T, B, H, 32, groups, reverse, dy.data(), dh_n.data(),
-                           dc_n.data(), w.data(), c0.data(), lengths.data(), gates.data(),
-                           c_all.data(), dxproj.data(), dh0.data(), dc0.data());
+  // dy, dh_n, dc_n: a second draw's xproj (T*B*4H values, of which dy takes T*B*H), h0, c0.
+  const Inputs grad(T, B, H, 7 + T);
+  std::vector<float> dxproj(in.gates.size()), dh0(B * H), dc0(B * H);
+  return emulated_backward(kExactFp32, T, B, H, 32, groups, reverse, grad.xproj.data(),
+                           grad.h0.data(), grad.c0.data(), in.w.data(), in.c0.data(),
+                           in.lengths.data(), in.gates.data(), in.c_all.data(), dxproj.data(),
+                           dh0.data(), dc0.data());
 }
 
 int run_cluster(int T, int B, int H, int units, int Bg, bool reverse) {
-  std::mt19937 rng(T * 1000 + B * 10 + Bg);
-  std::normal_distribution<float> normal(0.f, 0.3f);
-  auto draw = [&](size_t n) {
-    std::vector<float> v(n);
-    for (float& x : v) x = normal(rng);
-    return v;
-  };
-  const size_t TB = static_cast<size_t>(T) * B;
-  auto xproj = draw(TB * 4 * H), w = draw(4 * H * H), h0 = draw(B * H), c0 = draw(B * H);
-  std::vector<int64_t> lengths(B);
-  for (int b = 0; b < B; ++b) lengths[b] = (3 * b) % (T + 1);
-  std::vector<float> y(TB * H), h_n(B * H), c_n(B * H), gates(TB * 4 * H), c_all(TB * H);
-  return emulated_cluster_forward(kExactFp32, units, T, B, H, Bg, reverse, xproj.data(), w.data(),
-                                  h0.data(), c0.data(), lengths.data(), y.data(), h_n.data(),
-                                  c_n.data(), gates.data(), c_all.data());
+  Inputs in(T, B, H, T * 1000 + B * 10 + Bg);
+  return emulated_cluster_forward(kExactFp32, units, T, B, H, Bg, reverse, in.xproj.data(),
+                                  in.w.data(), in.h0.data(), in.c0.data(), in.lengths.data(),
+                                  in.y.data(), in.h_n.data(), in.c_n.data(), in.gates.data(),
+                                  in.c_all.data());
 }
 
 }  // namespace

@@ -202,34 +202,6 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, K, f
 // --------------------------------------------------------------------------------------
 
 namespace emu {
-// Runs kernel() on blocks x threads CPU threads, all co-resident (like a cooperative launch).
-inline void launch(int blocks, int threads, size_t smem_bytes,
-                   const std::function<void()>& kernel) {
-  gridDim.x = blocks;
-  std::vector<std::unique_ptr<std::barrier<>>> barriers;
-  std::vector<std::vector<unsigned char>> smem(blocks);
-  for (int b = 0; b < blocks; ++b) {
-    barriers.emplace_back(std::make_unique<std::barrier<>>(threads));
-    // Garbage, not zeros: the kernels must not rely on fresh shared memory.
-    smem[b].assign(smem_bytes + 128, 0xff);
-  }
-  std::vector<std::thread> pool;
-  pool.reserve(static_cast<size_t>(blocks) * threads);
-  for (int b = 0; b < blocks; ++b) {
-    for (int t = 0; t < threads; ++t) {
-      pool.emplace_back([&, b, t] {
-        threadIdx.x = t;
-        blockIdx.x = b;
-        block_barrier = barriers[b].get();
-        auto base = reinterpret_cast<uintptr_t>(smem[b].data());
-        block_smem = reinterpret_cast<unsigned char*>((base + 127) & ~uintptr_t(127));
-        kernel();
-      });
-    }
-  }
-  for (auto& th : pool) th.join();
-}
-
 // Runs kernel() on blocks x threads CPU threads grouped into clusters of `cluster` consecutive
 // blocks (blocks must be a multiple of it), all co-resident.
 inline void launch_clusters(int blocks, int cluster, int threads, size_t smem_bytes,
@@ -241,7 +213,8 @@ inline void launch_clusters(int blocks, int cluster, int threads, size_t smem_by
   std::vector<unsigned char*> bases(blocks);
   for (int b = 0; b < blocks; ++b) {
     barriers.emplace_back(std::make_unique<std::barrier<>>(threads));
-    smem[b].assign(smem_bytes + 128, 0xff);  // garbage, as in launch()
+    // Garbage, not zeros: the kernels must not rely on fresh shared memory.
+    smem[b].assign(smem_bytes + 128, 0xff);
     auto base = reinterpret_cast<uintptr_t>(smem[b].data());
     bases[b] = reinterpret_cast<unsigned char*>((base + 127) & ~uintptr_t(127));
   }
@@ -264,5 +237,11 @@ inline void launch_clusters(int blocks, int cluster, int threads, size_t smem_by
     }
   }
   for (auto& th : pool) th.join();
+}
+
+// Runs kernel() on blocks x threads CPU threads, all co-resident (like a cooperative launch).
+inline void launch(int blocks, int threads, size_t smem_bytes,
+                   const std::function<void()>& kernel) {
+  launch_clusters(blocks, 1, threads, smem_bytes, kernel);
 }
 }  // namespace emu
