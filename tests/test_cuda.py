@@ -281,12 +281,12 @@ MUST_FIT_CLUSTER = {"T1", "B1", "oddH", "B10_rev", "B3_oddH_rev", "lengths", "le
 CLUSTER_CASES = sorted(MUST_FIT_CLUSTER) + ["h512_b64_lengths"]
 
 
-def _compare_cluster(monkeypatch, name, dtype):
+def _compare_cluster(monkeypatch, name, dtype, may_refuse=False):
     _use_path(monkeypatch, "cluster")
     try:
         _compare(ALL_CASES[name], dtype)
     except RuntimeError as exc:
-        if f"{PATH_ENV}=cluster" not in str(exc) or name in MUST_FIT_CLUSTER:
+        if f"{PATH_ENV}=cluster" not in str(exc) or (name in MUST_FIT_CLUSTER and not may_refuse):
             raise
         pytest.skip(f"the cluster kernel does not fit here: {str(exc).splitlines()[0]}")
 
@@ -302,8 +302,10 @@ def test_op_parity_cluster_forward(monkeypatch, name, dtype):
 @pytest.mark.parametrize("units,name", [(8, "B3_oddH_rev"), (16, "h256_b16_rev"),
                                         (32, "h256_b70_groups_lengths_rev")])  # fmt: skip
 def test_op_parity_cluster_forced_units(monkeypatch, units, name):
+    # A forced size may exceed what this GPU runs (16-block clusters are a non-portable size):
+    # a refusal is a skip here; the default plan's refusals are failures above.
     monkeypatch.setenv("LSTM_FUSED_CUDA_UNITS", str(units))
-    _compare_cluster(monkeypatch, name, torch.bfloat16)
+    _compare_cluster(monkeypatch, name, torch.bfloat16, may_refuse=True)
 
 
 @needs_clusters
