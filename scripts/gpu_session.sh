@@ -24,7 +24,9 @@
 # Output: everything goes to a work folder; after every step $OUT/gpu_session.tgz (all logs,
 # junit XML, benchmark JSON/markdown/PNG) and $OUT/summary.md are refreshed, so a run killed at
 # the command limit still returns what it finished. Without $OUT (not under the device tool) the
-# files stay in bench_out/gpu_session/. The summary is printed last.
+# files stay in bench_out/gpu_session/. The summary is printed last. Back on the development
+# machine, `python -m benchmarks.collect <files_at>/gpu_session.tgz` puts the benchmark results
+# under benchmarks/results/<gpu>/ and prints the issues' target table from them.
 #
 # A second call on the still-warm machine (the device tool keeps it 30 s after a call, with the
 # build and the pip install in place) can run what the first had to skip, e.g.

@@ -4,6 +4,7 @@ scripts/gpu_session.sh runs here as a dry run (the smoke benchmark suite, the GP
 skipped): its step table, the deadline's skipping, and the bundle it returns must all work.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -55,3 +56,40 @@ def test_gpu_session_dry_run(tmp_path):
     # Without a GPU the env step fails (no device to report): the script must say so, not hide it.
     if not torch.cuda.is_available():
         assert rows["env"].startswith("FAILED") and done.returncode != 0
+
+
+def _fake_session(folder, records, slug="nvidia-h200"):
+    run = folder / "gpu_session" / "headline_cuda"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps({"machine": {"slug": slug}, "records": records}))
+    (run / "results.md").write_text("# table\n")
+    (folder / "gpu_session" / "summary.md").write_text("# summary\n")
+    bundle = folder / "gpu_session.tgz"
+    with tarfile.open(bundle, "w:gz") as tar:
+        tar.add(folder / "gpu_session", arcname="gpu_session")
+    return bundle
+
+
+def test_collect_copies_results_and_judges_targets(tmp_path, capsys):
+    from benchmarks import collect
+
+    rec = dict(provider="lstm_fused:cuda", dtype="bfloat16", skipped=None, note=None)
+    records = [
+        dict(rec, shape="T1000_B1_I256_H256", mode="fwd", ms=0.5, speedup_vs_nn_lstm=1.6),
+        dict(rec, shape="T100_B64_I512_H512", mode="fwd", ms=1.0, speedup_vs_nn_lstm=1.2),
+        dict(rec, shape="T100_B64_I512_H512", mode="fwdbwd", ms=None, speedup_vs_nn_lstm=None,
+             note="RuntimeError: boom"),
+        dict(rec, shape="T1000_B1_I256_H256", mode="fwd", dtype="float16", ms=9.0, speedup_vs_nn_lstm=0.1),
+    ]  # fmt: skip
+    bundle = _fake_session(tmp_path, records)
+    dest = tmp_path / "results"
+    assert collect.main([str(bundle), "--dest", str(dest)]) == 0
+    assert sorted(p.name for p in (dest / "nvidia-h200").iterdir()) == [
+        "gpu_session.md", "headline_cuda.json", "headline_cuda.md"]
+    table = capsys.readouterr().out
+    row = lambda shape, mode: next(line for line in table.splitlines()  # noqa: E731
+                                   if f"| 5 (cuda) | {shape} | {mode} |" in line)
+    assert row("T1000_B1_I256_H256", "fwd").endswith("| 0.800 | 0.500 | 1.60x | met |")  # fp16 ignored
+    assert row("T100_B64_I512_H512", "fwd").endswith("| 1.20x | missed |")
+    assert row("T100_B64_I512_H512", "fwdbwd").endswith("| RuntimeError: boom |")
+    assert row("T1024_B16_I768_H768", "fwd").endswith("| not measured |")
