@@ -187,6 +187,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     p.h_n[static_cast<int64_t>(b0 + my_bl) * H + my_j] = Hown[tid];
     p.c_n[static_cast<int64_t>(b0 + my_bl) * H + my_j] = from_float<Scalar>(Cs[tid]);
   }
+#elif defined(__CUDA_ARCH__)
+  // Built for an older GPU than this kernel needs, yet launched (the planners check the device,
+  // not the build, e.g. TORCH_CUDA_ARCH_LIST without 9.0 running through PTX JIT): fail
+  // the launch loudly rather than return outputs nobody wrote.
+  __trap();
 #endif
 }
 

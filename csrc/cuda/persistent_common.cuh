@@ -167,6 +167,10 @@ struct TileSplit {
   }
 };
 
+// The multiply engines need sm_80's wmma shapes (TF32); for older targets they are left out
+// whole (the kernels' bodies are too), so the extension still builds for such GPUs.
+#if defined(LSTM_FUSED_SIMT_EMULATION) || !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+
 // The per-warp multiply engines. Each owns up to kMaxTilesPerWarp 16x16 output tiles of
 // out^T = W_slice @ state^T, accumulates kK columns at a time from shared memory, and stores its
 // tiles to Acc[ks][b][row] (column-major, so the pointwise pass reads consecutive units of one
@@ -330,6 +334,8 @@ __device__ inline void block_matmul_resident(const Scalar* __restrict__ Wsm, int
   set.accumulate(Wsm, ldw, 0, Kpad, Hs, ldh);
   set.store(Acc, Bpad, rows);
 }
+
+#endif  // the multiply engines
 
 // Sum of the ksplit partial products for output row r, batch b.
 __device__ inline float acc_sum(const float* __restrict__ Acc, int ksplit, int Bpad, int rows,

@@ -209,6 +209,11 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_forward_persistent(ForwardPa
     p.h_n[static_cast<int64_t>(b) * H + j] = Hown[idx];
     p.c_n[static_cast<int64_t>(b) * H + j] = from_float<Scalar>(Cs[idx]);
   }
+#elif defined(__CUDA_ARCH__)
+  // Built for an older GPU than this kernel needs, yet launched (the planners check the device,
+  // not the build, e.g. TORCH_CUDA_ARCH_LIST without 8.0 running through PTX JIT): fail
+  // the launch loudly rather than return outputs nobody wrote.
+  __trap();
 #endif
 }
 
