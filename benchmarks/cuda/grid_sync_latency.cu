@@ -25,13 +25,13 @@
 
 namespace cg = cooperative_groups;
 
-#define CHECK(x)                                                                      \
-  do {                                                                                \
-    cudaError_t e_ = (x);                                                             \
-    if (e_ != cudaSuccess) {                                                          \
+#define CHECK(x)                                                                              \
+  do {                                                                                        \
+    cudaError_t e_ = (x);                                                                     \
+    if (e_ != cudaSuccess) {                                                                  \
       std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                   \
-    }                                                                                 \
+      std::exit(1);                                                                           \
+    }                                                                                         \
   } while (0)
 
 constexpr int kThreads = 256;
@@ -176,7 +176,8 @@ float time_cluster(int blocks, int steps, float* state, unsigned* sync, float* s
   config.attrs = attr;
   config.numAttrs = 1;
   int clusters = 0;
-  if (cudaOccupancyMaxActiveClusters(&clusters, sync_cluster, &config) != cudaSuccess || clusters < 1) {
+  if (cudaOccupancyMaxActiveClusters(&clusters, sync_cluster, &config) != cudaSuccess ||
+      clusters < 1) {
     cudaGetLastError();
     return -1.f;
   }
@@ -241,7 +242,10 @@ int main() {
   const struct {
     const char* name;
     Kernel k;
-  } options[] = {{"counter", sync_counter}, {"release", sync_release}, {"grid", sync_grid}, {"flags", sync_flags}};
+  } options[] = {{"counter", sync_counter},
+                 {"release", sync_release},
+                 {"grid", sync_grid},
+                 {"flags", sync_flags}};
   for (int blocks : {8, 16, 32, 48, 64, 96, 128, sms}) {
     if (blocks > sms) continue;
     for (const auto& o : options) {

@@ -72,9 +72,8 @@ cudaLaunchConfig_t launch_config(const ClusterPlan& plan, cudaStream_t stream,
 bool cluster_fits(const void* fn, const ClusterPlan& plan, int smem_optin) {
   if (cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_optin) !=
           cudaSuccess ||
-      (plan.cluster > 8 &&
-       cudaFuncSetAttribute(fn, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) !=
-           cudaSuccess)) {
+      (plan.cluster > 8 && cudaFuncSetAttribute(fn, cudaFuncAttributeNonPortableClusterSizeAllowed,
+                                                1) != cudaSuccess)) {
     cudaGetLastError();
     return false;
   }

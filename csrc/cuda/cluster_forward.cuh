@@ -61,8 +61,8 @@ struct ClusterForwardParams : ForwardCall<Scalar> {
 };
 
 template <typename Scalar>
-__host__ ClusterForwardParams<Scalar> make_cluster_forward_params(const ForwardArgs& a,
-                                                                  int cluster, int Bg) {
+__host__ ClusterForwardParams<Scalar> make_cluster_forward_params(const ForwardArgs& a, int cluster,
+                                                                  int Bg) {
   ClusterForwardParams<Scalar> p;
   fill_forward_call(a, &p);
   p.cluster = cluster;
@@ -153,7 +153,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (mine) {
       float z[4];
 #pragma unroll
-      for (int g = 0; g < 4; ++g) z[g] = acc_sum(Acc, ksplit, p.Bpad, rows, my_bl, g * UNITS + my_u) + x[g];
+      for (int g = 0; g < 4; ++g)
+        z[g] = acc_sum(Acc, ksplit, p.Bpad, rows, my_bl, g * UNITS + my_u) + x[g];
       ig = sigmoid(z[0]), fg = sigmoid(z[1]), gg = tanhf(z[2]), og = sigmoid(z[3]);
       active = t < Len[my_bl];
       if (active) {

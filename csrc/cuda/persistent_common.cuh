@@ -270,7 +270,9 @@ struct WarpTileSet {
     m_tiles = rows / 16;
     tiles.zero();
   }
-  __device__ int tile_of(int i) const { return ksplit == 1 ? warp + i * kWarps : warp % tiles_total; }
+  __device__ int tile_of(int i) const {
+    return ksplit == 1 ? warp + i * kWarps : warp % tiles_total;
+  }
 
   // Accumulates state columns [c0, c0 + kc), held in Hs (row b at Hs + b * ldh, column c0 first).
   __device__ void accumulate(const Scalar* __restrict__ Wsm, int ldw, int c0, int kc,

@@ -160,7 +160,8 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_forward_persistent(ForwardPa
     if (one_item) {
       if (mine) {
 #pragma unroll
-        for (int g = 0; g < 4; ++g) xr[g] = xt[my_bl * H4 + g * static_cast<int64_t>(H) + j0 + my_u];
+        for (int g = 0; g < 4; ++g)
+          xr[g] = xt[my_bl * H4 + g * static_cast<int64_t>(H) + j0 + my_u];
       }
     } else {
       for (int idx = tid; idx < nb * rows; idx += kThreads) {

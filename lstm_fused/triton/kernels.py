@@ -21,12 +21,12 @@ Three ways of running the same code, picked on the host (``recurrence.plan``), d
 * ``SYNC_GRID`` (layout b, "hidden split"): ``G > 1`` programs split the hidden dimension; each
   re-reads only its own W_hh slice every step, which stays in L2 (loads ask for ``evict_last``;
   not L1, which the barrier's acquire invalidates every step). New h chunks go to a global
-  exchange buffer and the programs of each batch tile meet at a barrier of their own (an atomic
-  counter, release/acquire at GPU scope) once per phase. The host picks this only when the grid fits one
-  program per SM, and launches it cooperatively, so the driver either makes every program
-  co-resident or refuses the launch (with other work holding SMs) instead of letting the spin
-  deadlock. This is what fills the GPU at small batch and large H. Never used under the
-  interpreter, which runs programs one after another.
+  exchange buffer and the programs of each batch tile meet at a barrier of their own (an
+  atomic counter, release/acquire at GPU scope) once per phase. The host picks this only when
+  the grid fits one program per SM, and launches it cooperatively, so the driver either makes
+  every program co-resident or refuses the launch (with other work holding SMs) instead of
+  letting the spin deadlock. This is what fills the GPU at small batch and large H. Never used
+  under the interpreter, which runs programs one after another.
 * ``SYNC_NONE`` ("per step"): one step (and one phase) per launch, the kernel boundary is the
   sync. Any size works; costs a launch per step and phase.
 

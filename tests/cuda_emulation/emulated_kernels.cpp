@@ -81,9 +81,9 @@ int forward_units(int units, int T, int B, int H, int KC, int groups, bool rever
 }
 
 template <typename Scalar, int UNITS, bool kExact>
-void cluster_forward(int T, int B, int H, int Bg, bool reverse, const void* xproj,
-                     const void* w_hh, const void* h0, const void* c0, const int64_t* lengths,
-                     void* y, void* h_n, void* c_n, void* gates, float* c_all) {
+void cluster_forward(int T, int B, int H, int Bg, bool reverse, const void* xproj, const void* w_hh,
+                     const void* h0, const void* c0, const int64_t* lengths, void* y, void* h_n,
+                     void* c_n, void* gates, float* c_all) {
   lstm_fused::cuda::ForwardArgs a;
   a.T = T, a.B = B, a.H = H, a.P = H;
   a.xproj = xproj, a.w_hh = w_hh, a.h0 = h0, a.c0 = c0, a.lengths = lengths, a.reverse = reverse;
@@ -97,13 +97,12 @@ void cluster_forward(int T, int B, int H, int Bg, bool reverse, const void* xpro
 
 template <typename Scalar, bool kExact = false>
 int cluster_forward_units(int units, int T, int B, int H, int Bg, bool reverse, const void* xproj,
-                          const void* w_hh, const void* h0, const void* c0,
-                          const int64_t* lengths, void* y, void* h_n, void* c_n, void* gates,
-                          float* c_all) {
+                          const void* w_hh, const void* h0, const void* c0, const int64_t* lengths,
+                          void* y, void* h_n, void* c_n, void* gates, float* c_all) {
   switch (units) {
     case 8:
-      cluster_forward<Scalar, 8, kExact>(T, B, H, Bg, reverse, xproj, w_hh, h0, c0, lengths, y,
-                                         h_n, c_n, gates, c_all);
+      cluster_forward<Scalar, 8, kExact>(T, B, H, Bg, reverse, xproj, w_hh, h0, c0, lengths, y, h_n,
+                                         c_n, gates, c_all);
       return 0;
     case 16:
       cluster_forward<Scalar, 16, kExact>(T, B, H, Bg, reverse, xproj, w_hh, h0, c0, lengths, y,
@@ -155,8 +154,8 @@ int emulated_cluster_forward(int dtype, int units, int T, int B, int H, int Bg, 
     return cluster_forward_units<__nv_bfloat16>(units, T, B, H, Bg, reverse, xproj, w_hh, h0, c0,
                                                 lengths, y, h_n, c_n, gates, c_all);
   if (dtype == 2)
-    return cluster_forward_units<__half>(units, T, B, H, Bg, reverse, xproj, w_hh, h0, c0,
-                                         lengths, y, h_n, c_n, gates, c_all);
+    return cluster_forward_units<__half>(units, T, B, H, Bg, reverse, xproj, w_hh, h0, c0, lengths,
+                                         y, h_n, c_n, gates, c_all);
   if (dtype == 0)
     return cluster_forward_units<float>(units, T, B, H, Bg, reverse, xproj, w_hh, h0, c0, lengths,
                                         y, h_n, c_n, gates, c_all);

@@ -42,10 +42,10 @@ struct Inputs {
 
 int run(int T, int B, int H, int units, int groups, bool reverse) {
   Inputs in(T, B, H, T * 1000 + B * 10 + groups);
-  const int rc = emulated_forward(kExactFp32, units, T, B, H, 32, groups, reverse, in.xproj.data(),
-                                  in.w.data(), in.h0.data(), in.c0.data(), in.lengths.data(),
-                                  in.y.data(), in.h_n.data(), in.c_n.data(), in.gates.data(),
-                                  in.c_all.data());
+  const int rc =
+      emulated_forward(kExactFp32, units, T, B, H, 32, groups, reverse, in.xproj.data(),
+                       in.w.data(), in.h0.data(), in.c0.data(), in.lengths.data(), in.y.data(),
+                       in.h_n.data(), in.c_n.data(), in.gates.data(), in.c_all.data());
   if (rc != 0) return rc;
   // dy, dh_n, dc_n: a second draw's xproj (T*B*4H values, of which dy takes T*B*H), h0, c0.
   const Inputs grad(T, B, H, 7 + T);
@@ -71,10 +71,10 @@ int main() {
     int T, B, H, units, groups;
     bool reverse;
   } cases[] = {
-      {3, 5, 20, 4, 1, false},  // one item per thread, forward and backward
-      {3, 6, 20, 4, 2, true},   // two batch groups
-      {3, 70, 20, 4, 1, true},  // forward: several items per thread (70 x 4 > 256)
-      {3, 20, 20, 4, 1, false}, // backward: several items per thread (20 x 16 > 256)
+      {3, 5, 20, 4, 1, false},   // one item per thread, forward and backward
+      {3, 6, 20, 4, 2, true},    // two batch groups
+      {3, 70, 20, 4, 1, true},   // forward: several items per thread (70 x 4 > 256)
+      {3, 20, 20, 4, 1, false},  // backward: several items per thread (20 x 16 > 256)
   };
   for (const Case& c : cases) {
     const int rc = run(c.T, c.B, c.H, c.units, c.groups, c.reverse);
@@ -91,8 +91,8 @@ int main() {
   };
   for (const ClusterCase& c : cluster_cases) {
     const int rc = run_cluster(c.T, c.B, c.H, c.units, c.Bg, c.reverse);
-    std::printf("cluster T=%d B=%d H=%d units=%d Bg=%d reverse=%d: rc %d\n", c.T, c.B, c.H,
-                c.units, c.Bg, c.reverse, rc);
+    std::printf("cluster T=%d B=%d H=%d units=%d Bg=%d reverse=%d: rc %d\n", c.T, c.B, c.H, c.units,
+                c.Bg, c.reverse, rc);
     if (rc != 0) return 1;
   }
   return 0;
