@@ -15,7 +15,8 @@
 # 5. python -m benchmarks.run --suite headline --providers nn.LSTM,lstm_fused:cuda (bf16) into
 #    bench_out/cuda_headline (the committed headline comes from benchmarks/gpu_all.sh, which runs
 #    every provider), the forward at T1000_B1 and T1024_B16 for each LSTM_FUSED_CUDA_UNITS (4, 8,
-#    16: tunes the planner's choice), then the headline with the general path forced.
+#    16: tunes the planner's choice), the cluster forward at T1000_B1 and T100_B64 for units 16
+#    and 32, then the headline with the general path forced.
 #
 # Knobs: PYTHON (default python3), SKIP_BUILD=1, SKIP_TESTS=1, SKIP_SANITIZER=1, SKIP_BENCH=1,
 # STEP_TIMEOUT=seconds per step (default 420: a hung persistent kernel must not eat a whole
@@ -108,6 +109,16 @@ if [[ "${SKIP_BENCH:-0}" != 1 ]]; then
             --dtypes bfloat16 --out "bench_out/cuda_units_$units" --no-progress ${EXTRA_BENCH_ARGS:-} \
             2>&1 | tee "$LOGS/bench_units_$units.log"
         [[ ${PIPESTATUS[0]} == 0 ]] || fail "benchmark with LSTM_FUSED_CUDA_UNITS=$units"
+    done
+
+    step "benchmark: the cluster forward (LSTM_FUSED_CUDA_PATH=cluster) per units per block, where it fits"
+    for units in 16 32; do
+        # shellcheck disable=SC2086
+        LSTM_FUSED_CUDA_PATH=cluster LSTM_FUSED_CUDA_UNITS=$units timeout "$LIMIT" "$PY" -m benchmarks.run \
+            --suite headline --shapes T1000_B1,T100_B64 --modes fwd --providers nn.LSTM,lstm_fused:cuda \
+            --dtypes bfloat16 --out "bench_out/cuda_cluster_units_$units" --no-progress ${EXTRA_BENCH_ARGS:-} \
+            2>&1 | tee "$LOGS/bench_cluster_units_$units.log"
+        [[ ${PIPESTATUS[0]} == 0 ]] || fail "benchmark with LSTM_FUSED_CUDA_PATH=cluster LSTM_FUSED_CUDA_UNITS=$units"
     done
 
     step "benchmark: headline with LSTM_FUSED_CUDA_PATH=general (not saved)"
