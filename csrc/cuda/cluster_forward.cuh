@@ -9,8 +9,8 @@
 //   * every block keeps a full copy of the group's h_{t-1} (Bpad x Kpad, zero-padded) in shared
 //     memory, double-buffered by step parity, so the per-step product reads only local memory;
 //   * after the gates, each block writes its units of h_t straight into every block's copy
-//     (st.shared::cluster through map_shared_rank), then one cluster barrier (arrive.release /
-//     wait.acquire) publishes them. The wait of step t+1 comes after this block's next xproj
+//     (stores to the peers' shared memory through map_shared_rank), then one cluster barrier
+//     (arrive.release / wait.acquire) publishes them. The wait of step t+1 comes after this block's next xproj
 //     loads are in flight and its y / gates / c stores are issued.
 // One barrier per step is enough: a block writes buffer t&1 of its peers only after the
 // barrier of step t-1, which every peer reaches only after its product of step t-1, the last
