@@ -24,6 +24,8 @@
 # Exits non-zero if any step fails (every step still runs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/gpu_tools.sh
+. scripts/gpu_tools.sh
 PY=${PYTHON:-python3}
 LOGS=bench_out/gpu_cuda_check
 mkdir -p "$LOGS"
@@ -59,13 +61,7 @@ fi
 
 
 if [[ "${SKIP_SANITIZER:-0}" != 1 ]]; then
-    SANITIZER=$(command -v compute-sanitizer || true)
-    if [[ -z "$SANITIZER" ]]; then
-        CUDA_ROOT=$("$PY" -c "from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME or '')")
-        for cand in "$CUDA_ROOT/bin/compute-sanitizer" /usr/local/cuda/bin/compute-sanitizer; do
-            [[ -x "$cand" ]] && { SANITIZER=$cand; break; }
-        done
-    fi
+    SANITIZER=$(find_compute_sanitizer "$PY")
     if [[ -z "$SANITIZER" ]]; then
         fail "compute-sanitizer not found (SKIP_SANITIZER=1 to skip this step)"
     else
@@ -80,7 +76,7 @@ fi
 
 if [[ "${SKIP_BENCH:-0}" != 1 ]]; then
     step "grid barrier options (benchmarks/cuda/grid_sync_latency.cu)"
-    NVCC=$(command -v nvcc || echo "$("$PY" -c "from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME)")/bin/nvcc")
+    NVCC=$(find_nvcc "$PY")
     ARCH=$("$PY" -c "import torch; print(''.join(map(str, torch.cuda.get_device_capability())))")
     { "$NVCC" -std=c++17 -O3 -arch="sm_$ARCH" benchmarks/cuda/grid_sync_latency.cu -o "$LOGS/grid_sync_latency" \
         && timeout "$LIMIT" "$LOGS/grid_sync_latency"; } 2>&1 | tee "$LOGS/grid_sync_latency.md"

@@ -38,6 +38,8 @@
 # (default headline; "smoke" makes a dry run of the script's plumbing possible on a CPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/gpu_tools.sh
+. scripts/gpu_tools.sh
 PY=${PYTHON:-python3}
 DEADLINE=${DEADLINE:-570}
 BENCH_ARGS=${BENCH_ARGS:---budget 0.3}
@@ -55,7 +57,6 @@ echo "# gpu_session: $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/
 echo >>"$SUMMARY"
 echo "| step | result | seconds |" >>"$SUMMARY"
 echo "|---|---|---|" >>"$SUMMARY"
-STEPS_DONE=()
 
 publish() {  # refresh what comes back from the device machine
     [[ "$RESULT_DIR" == "$WORK" ]] && return 0
@@ -95,7 +96,6 @@ run_step() {
         status=1
     fi
     echo "| $name | $result | $took |" >>"$SUMMARY"
-    STEPS_DONE+=("$name")
     publish
     return "$rc"
 }
@@ -138,27 +138,18 @@ bench() {  # OUT_NAME PROVIDERS DTYPES [more benchmark CLI arguments]
 }
 sanitize() {
     local sanitizer
-    sanitizer=$(command -v compute-sanitizer || true)
-    if [[ -z "$sanitizer" ]]; then
-        local cuda_root
-        cuda_root=$("$PY" -c "from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME or '')")
-        for cand in "$cuda_root/bin/compute-sanitizer" /usr/local/cuda/bin/compute-sanitizer; do
-            [[ -x "$cand" ]] && { sanitizer=$cand; break; }
-        done
-    fi
+    sanitizer=$(find_compute_sanitizer "$PY")
     [[ -n "$sanitizer" ]] || { echo "compute-sanitizer not found"; return 1; }
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool memcheck --error-exitcode 1 \
         "$PY" scripts/cuda_sanitize_case.py
 }
 grid_sync() {
-    local nvcc
-    nvcc=$(command -v nvcc || echo "$("$PY" -c "from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME)")/bin/nvcc")
-    "$nvcc" -std=c++17 -O3 -arch="sm_${ARCH/./}" benchmarks/cuda/grid_sync_latency.cu -o "$WORK/grid_sync_latency" \
-        && "$WORK/grid_sync_latency"
+    "$(find_nvcc "$PY")" -std=c++17 -O3 -arch="sm_${ARCH/./}" benchmarks/cuda/grid_sync_latency.cu \
+        -o "$WORK/grid_sync_latency" && "$WORK/grid_sync_latency"
 }
 
 export PY WORK ARCH BENCH_ARGS BENCH_SUITE
-export -f env_report backends_report build bench sanitize grid_sync
+export -f env_report backends_report build bench sanitize grid_sync find_compute_sanitizer find_nvcc
 
 run_step env 30 env_report
 run_step build 240 build || {

@@ -7,7 +7,6 @@
 // broadcast cost grows with the cluster, so which way is faster is for the GPU to say:
 // LSTM_FUSED_CUDA_UNITS=8|16|32 forces the units. Clusters never exchange data, so the grid
 // need not be co-resident: the planner only asks that one cluster fits.
-#include <cstdlib>
 
 #include "cuda/cluster.h"
 #include "cuda/cluster_forward.cuh"
@@ -17,6 +16,7 @@ namespace cuda {
 namespace {
 
 using persistent::ClusterForwardLayout;
+using persistent::forced_units;
 using persistent::kMaxClusterBlocks;
 using persistent::kThreads;
 using persistent::round_up;
@@ -85,11 +85,6 @@ bool cluster_fits(const void* fn, const ClusterPlan& plan, int smem_optin) {
     return false;
   }
   return clusters >= 1;
-}
-
-int forced_units() {
-  const char* v = std::getenv("LSTM_FUSED_CUDA_UNITS");
-  return v ? std::atoi(v) : 0;
 }
 
 }  // namespace

@@ -10,8 +10,8 @@
 //     memory, double-buffered by step parity, so the per-step product reads only local memory;
 //   * after the gates, each block writes its units of h_t straight into every block's copy
 //     (stores to the peers' shared memory through map_shared_rank), then one cluster barrier
-//     (arrive.release / wait.acquire) publishes them. The wait of step t+1 comes after this block's next xproj
-//     loads are in flight and its y / gates / c stores are issued.
+//     (arrive.release / wait.acquire) publishes them. The wait of step t+1 comes after this block's
+//     next xproj loads are in flight and its y / gates / c stores are issued.
 // One barrier per step is enough: a block writes buffer t&1 of its peers only after the
 // barrier of step t-1, which every peer reaches only after its product of step t-1, the last
 // read of that buffer (it held h_{t-2}).
@@ -148,20 +148,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     const Scalar* h_prev = Hs + ((s + 1) & 1) * buffer;  // buffer (s-1)&1; h0 in 1 at s = 0
     block_matmul_resident<Scalar, kExactFp32>(Wsm, ldw, rows, h_prev, ldh, p.Kpad, p.Bpad, Acc);
 
-    float ig = 0.0f, fg = 0.0f, gg = 0.0f, og = 0.0f;
-    bool active = false;
+    GateItem it{};
     if (mine) {
-      float z[4];
-#pragma unroll
-      for (int g = 0; g < 4; ++g)
-        z[g] = acc_sum(Acc, ksplit, p.Bpad, rows, my_bl, g * UNITS + my_u) + x[g];
-      ig = sigmoid(z[0]), fg = sigmoid(z[1]), gg = tanhf(z[2]), og = sigmoid(z[3]);
-      active = t < Len[my_bl];
-      if (active) {
-        const float c = fg * Cs[tid] + ig * gg;
-        Cs[tid] = c;
-        Hown[tid] = from_float<Scalar>(og * tanhf(c));
-      }
+      it = forward_item(Acc, ksplit, p.Bpad, rows, UNITS, my_bl, my_u, x, t < Len[my_bl], &Cs[tid],
+                        &Hown[tid]);
     }
     if (s + 1 < p.steps) {
       if (mine) {
@@ -171,16 +161,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       cluster_arrive();  // release: this thread's h_t writes, for every peer's next product
     }
     if (mine) {  // outputs nobody reads during the launch, after the arrive
-      const int64_t row = static_cast<int64_t>(t) * B + b0 + my_bl;
-      p.y[row * H + my_j] = active ? Hown[tid] : zero;
-      if (p.gates) {
-        Scalar* gt = p.gates + row * H4 + my_j;
-        gt[0] = active ? from_float<Scalar>(ig) : zero;
-        gt[H] = active ? from_float<Scalar>(fg) : zero;
-        gt[2 * static_cast<int64_t>(H)] = active ? from_float<Scalar>(gg) : zero;
-        gt[3 * static_cast<int64_t>(H)] = active ? from_float<Scalar>(og) : zero;
-      }
-      if (p.c_all) p.c_all[row * H + my_j] = Cs[tid];
+      store_forward_outputs(p, static_cast<int64_t>(t) * B + b0 + my_bl, my_j, it, Hown[tid],
+                            Cs[tid]);
     }
   }
 
@@ -189,10 +171,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     p.c_n[static_cast<int64_t>(b0 + my_bl) * H + my_j] = from_float<Scalar>(Cs[tid]);
   }
 #elif defined(__CUDA_ARCH__)
-  // Built for an older GPU than this kernel needs, yet launched (the planners check the device,
-  // not the build, e.g. TORCH_CUDA_ARCH_LIST without 9.0 running through PTX JIT): fail
-  // the launch loudly rather than return outputs nobody wrote.
-  __trap();
+  trap_unsupported_build();
 #endif
 }
 

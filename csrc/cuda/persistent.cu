@@ -26,6 +26,7 @@ namespace {
 
 using persistent::BackwardLayout;
 using persistent::counter_bytes;
+using persistent::forced_units;
 using persistent::ForwardLayout;
 using persistent::kBackwardUnits;
 using persistent::kMaxTilesPerWarp;
@@ -57,11 +58,6 @@ int max_chunks() {
   const char* v = std::getenv("LSTM_FUSED_CUDA_MAX_CHUNKS");
   const int n = v ? std::atoi(v) : 0;
   return n > 0 ? n : kMaxChunks;
-}
-
-int forced_units() {
-  const char* v = std::getenv("LSTM_FUSED_CUDA_UNITS");
-  return v ? std::atoi(v) : 0;
 }
 
 // kExact: fp32 storage multiplied with exact fp32 FMAs (TF32 not allowed) instead of TF32 MMA.

@@ -238,10 +238,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_backward_persistent(Backward
     p.dc0[static_cast<int64_t>(b) * H + j] = from_float<Scalar>(DC[idx]);
   }
 #elif defined(__CUDA_ARCH__)
-  // Built for an older GPU than this kernel needs, yet launched (the planners check the device,
-  // not the build, e.g. TORCH_CUDA_ARCH_LIST without 8.0 running through PTX JIT): fail
-  // the launch loudly rather than return outputs nobody wrote.
-  __trap();
+  trap_unsupported_build();
 #endif
 }
 

@@ -16,6 +16,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 
 #include "cuda/recurrence_args.h"
@@ -380,6 +381,65 @@ __host__ void fill_forward_call(const ForwardArgs& a, ForwardCall<Scalar>* p) {
   p->c_n = static_cast<Scalar*>(a.c_n);
   p->gates = static_cast<Scalar*>(a.gates);
   p->c_all = a.c_all;
+}
+
+// One (row, unit) item of a forward step's pointwise pass: the activated gates, and whether the
+// step is active for that row.
+struct GateItem {
+  float ig, fg, gg, og;
+  bool active;
+};
+
+// The pointwise pass of item (bl, u), shared by both forward kernels: z = the product's sums +
+// the item's four xproj values, the gates in fp32, and where the step is active the cell update
+// of *c and the new hidden value *h (left as they are where it is not).
+template <typename Scalar>
+__device__ inline GateItem forward_item(const float* __restrict__ Acc, int ksplit, int Bpad,
+                                        int rows, int units, int bl, int u, const float x[4],
+                                        bool active, float* c, Scalar* h) {
+  float z[4];
+#pragma unroll
+  for (int g = 0; g < 4; ++g) z[g] = acc_sum(Acc, ksplit, Bpad, rows, bl, g * units + u) + x[g];
+  const GateItem it{sigmoid(z[0]), sigmoid(z[1]), tanhf(z[2]), sigmoid(z[3]), active};
+  if (active) {
+    *c = it.fg * *c + it.ig * it.gg;
+    *h = from_float<Scalar>(it.og * tanhf(*c));
+  }
+  return it;
+}
+
+// y, the saved gates and c of one item (row = t * B + b, hidden unit j): outputs nothing reads
+// during the launch. Inactive steps store zeros (c_all keeps the carried cell state).
+template <typename Scalar>
+__device__ inline void store_forward_outputs(const ForwardCall<Scalar>& p, int64_t row, int j,
+                                             const GateItem& it, Scalar h, float c) {
+  const Scalar zero = from_float<Scalar>(0.0f);
+  const int64_t H = p.H;
+  p.y[row * H + j] = it.active ? h : zero;
+  if (p.gates) {
+    Scalar* gt = p.gates + row * 4 * H + j;
+    gt[0] = it.active ? from_float<Scalar>(it.ig) : zero;
+    gt[H] = it.active ? from_float<Scalar>(it.fg) : zero;
+    gt[2 * H] = it.active ? from_float<Scalar>(it.gg) : zero;
+    gt[3 * H] = it.active ? from_float<Scalar>(it.og) : zero;
+  }
+  if (p.c_all) p.c_all[row * H + j] = c;
+}
+
+// LSTM_FUSED_CUDA_UNITS: hidden units per block forced for tuning (0: the planner chooses).
+__host__ inline int forced_units() {
+  const char* v = std::getenv("LSTM_FUSED_CUDA_UNITS");
+  return v ? std::atoi(v) : 0;
+}
+
+// The body of a kernel compiled for an older GPU than it needs, should it ever be launched (the
+// planners check the device, not the build: e.g. a TORCH_CUDA_ARCH_LIST without the device's
+// architecture, running through PTX JIT): fail the launch loudly rather than return outputs
+// nobody wrote.
+__device__ inline void trap_unsupported_build() {
+#ifndef LSTM_FUSED_SIMT_EMULATION
+  __trap();
+#endif
 }
 
 // The tiling a launch was planned with (the planner's choice, see persistent.cu).

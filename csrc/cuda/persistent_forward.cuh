@@ -119,38 +119,15 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_forward_persistent(ForwardPa
   const int my_bl = tid / UNITS, my_u = tid - my_bl * UNITS;
   const bool mine = one_item && my_bl < nb && j0 + my_u < H;
 
-  // The pointwise pass of item idx = (bl, u) at step t, given its xproj values: the cell update,
-  // h_t published to h_out; returns the activated gates for the outputs.
-  struct Item {
-    float ig, fg, gg, og;
-    bool active;
-  };
+  // Item idx = (bl, u) at step t: the pointwise pass, then h_t published to h_out.
   auto update = [&](int idx, int bl, int u, int t, const float x[4], Scalar* h_out) {
-    float z[4];
-#pragma unroll
-    for (int g = 0; g < 4; ++g) z[g] = acc_sum(Acc, ksplit, p.Bpad, rows, bl, g * UNITS + u) + x[g];
-    const Item it{sigmoid(z[0]), sigmoid(z[1]), tanhf(z[2]), sigmoid(z[3]), t < Len[bl]};
-    if (it.active) {
-      const float c = it.fg * Cs[idx] + it.ig * it.gg;
-      Cs[idx] = c;
-      Hown[idx] = from_float<Scalar>(it.og * tanhf(c));
-    }
+    const GateItem it =
+        forward_item(Acc, ksplit, p.Bpad, rows, UNITS, bl, u, x, t < Len[bl], &Cs[idx], &Hown[idx]);
     h_out[static_cast<int64_t>(b0 + bl) * H + j0 + u] = Hown[idx];
     return it;
   };
-  // y, the saved gates and c of item idx at step t (nobody reads them during the launch).
-  auto store_outputs = [&](int idx, int bl, int u, int t, const Item& it) {
-    const int64_t row = static_cast<int64_t>(t) * B + b0 + bl;
-    const int j = j0 + u;
-    p.y[row * H + j] = it.active ? Hown[idx] : zero;
-    if (p.gates) {
-      Scalar* gt = p.gates + row * H4 + j;
-      gt[0] = it.active ? from_float<Scalar>(it.ig) : zero;
-      gt[H] = it.active ? from_float<Scalar>(it.fg) : zero;
-      gt[2 * static_cast<int64_t>(H)] = it.active ? from_float<Scalar>(it.gg) : zero;
-      gt[3 * static_cast<int64_t>(H)] = it.active ? from_float<Scalar>(it.og) : zero;
-    }
-    if (p.c_all) p.c_all[row * H + j] = Cs[idx];
+  auto store_outputs = [&](int idx, int bl, int u, int t, const GateItem& it) {
+    store_forward_outputs(p, static_cast<int64_t>(t) * B + b0 + bl, j0 + u, it, Hown[idx], Cs[idx]);
   };
 
   for (int s = 0; s < p.steps; ++s) {
@@ -183,7 +160,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_forward_persistent(ForwardPa
     Scalar* h_out = p.hbuf + static_cast<int64_t>(s & 1) * B * H;
     const bool arrive = s + 1 < p.steps;
     if (one_item) {
-      Item it{};
+      GateItem it{};
       if (mine) {
         const float x[4] = {to_float(xr[0]), to_float(xr[1]), to_float(xr[2]), to_float(xr[3])};
         it = update(tid, my_bl, my_u, t, x, h_out);
@@ -211,10 +188,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_forward_persistent(ForwardPa
     p.c_n[static_cast<int64_t>(b) * H + j] = from_float<Scalar>(Cs[idx]);
   }
 #elif defined(__CUDA_ARCH__)
-  // Built for an older GPU than this kernel needs, yet launched (the planners check the device,
-  // not the build, e.g. TORCH_CUDA_ARCH_LIST without 8.0 running through PTX JIT): fail
-  // the launch loudly rather than return outputs nobody wrote.
-  __trap();
+  trap_unsupported_build();
 #endif
 }
 
