@@ -1,13 +1,14 @@
 """Builds lstm_fused._C: the C++ CPU kernels always, the CUDA kernels when torch has CUDA.
 
 LSTM_FUSED_CUDA=1 forces the CUDA kernels in (fails without nvcc), LSTM_FUSED_CUDA=0 keeps them
-out; unset, they are built when torch is a CUDA build and nvcc is found. On x86 the CPU kernels
-are compiled for the build machine (-march=native) unless LSTM_FUSED_CPU_ARCH names a target.
+out; unset, they are built when torch is a CUDA build and nvcc is found. The CPU code is compiled for
+the platform's baseline (any x86-64 CPU); its SIMD step kernels are compiled per instruction set
+inside their own files and chosen at run time (csrc/cpu/isa.h). LSTM_FUSED_CPU_ARCH=<arch> adds
+-march=<arch> for a build that only needs to run on such CPUs.
 """
 
 import glob
 import os
-import platform
 import shutil
 
 from setuptools import setup
@@ -32,11 +33,9 @@ def extension():
     # OpenMP on both compile and link, or at::parallel_for runs on one thread.
     # -fno-trapping-math lets GCC turn the clamps in activations.h into selects and vectorize.
     cxx = ["-O3", "-fopenmp", "-fno-trapping-math"]
-    if platform.machine() in ("x86_64", "AMD64"):
-        # The pointwise passes vectorize to the widest vectors the build machine has (AVX-512
-        # measured ~10% faster than AVX2 here). Building for other machines (a wheel, a mixed
-        # cluster): set LSTM_FUSED_CPU_ARCH, e.g. x86-64-v3 for any AVX2 CPU.
-        cxx += [f"-march={os.environ.get('LSTM_FUSED_CPU_ARCH', 'native')}"]
+    if os.environ.get("LSTM_FUSED_CPU_ARCH"):
+        # Never by default: a build must run on every CPU of its platform (a wheel, a cluster).
+        cxx += [f"-march={os.environ['LSTM_FUSED_CPU_ARCH']}"]
     link = ["-fopenmp"]
     include = [os.path.join(ROOT, "csrc")]
     if not want_cuda():
