@@ -111,22 +111,26 @@ class StepTeam {
     if (sleepers_.load(std::memory_order_seq_cst) > 0) wake_all();
   }
 
-  bool step_done(int64_t s) const {
-    // epoch_ holds the low 32 bits of the steps published; s + 1 - epoch is 0 or 1 here.
-    return epoch_.load(std::memory_order_acquire) == static_cast<uint32_t>(s + 1);
+  // epoch_ holds the low 32 bits of the number of steps published. A thread can be any number
+  // of steps behind (the others ran its blocks for it), so compare by the signed distance.
+  bool step_done(int64_t s) const { return published_since(epoch_.load(std::memory_order_acquire), s); }
+  static bool published_since(uint32_t epoch, int64_t s) {
+    return static_cast<int32_t>(epoch - static_cast<uint32_t>(s + 1)) >= 0;
   }
 
   void sleep_until_done(int64_t s) {
     sleepers_.fetch_add(1, std::memory_order_seq_cst);
-    while (!step_done(s)) {
+    for (uint32_t epoch = epoch_.load(std::memory_order_seq_cst); !published_since(epoch, s);
+         epoch = epoch_.load(std::memory_order_seq_cst)) {
 #if defined(__linux__)
-      // Sleeps only while epoch_ still holds the unfinished value (checked by the kernel).
-      syscall(SYS_futex, reinterpret_cast<uint32_t*>(&epoch_), FUTEX_WAIT_PRIVATE,
-              static_cast<uint32_t>(s), nullptr, nullptr, 0);
+      // Sleeps only while epoch_ still holds the value just read (checked by the kernel).
+      syscall(SYS_futex, reinterpret_cast<uint32_t*>(&epoch_), FUTEX_WAIT_PRIVATE, epoch, nullptr,
+              nullptr, 0);
 #else
       std::this_thread::yield();
 #endif
     }
+    std::atomic_thread_fence(std::memory_order_acquire);
     sleepers_.fetch_sub(1, std::memory_order_seq_cst);
   }
 
