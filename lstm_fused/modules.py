@@ -7,13 +7,37 @@ recurrence op. ``convert`` swaps them into an existing model in place.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import dispatch, functional
+
+try:  # per-sample gradients (torch.nn.utils._per_sample_grad.call_for_per_sample_grads)
+    from torch.nn.utils._expanded_weights.expanded_weights_impl import ExpandedWeight
+except ImportError:  # a torch without expanded weights: nothing to detect
+    ExpandedWeight = ()
+
+
+def _has_expanded_weights(params) -> bool:
+    return any(isinstance(p, ExpandedWeight) for p in params)
+
+
+@contextlib.contextmanager
+def _mkldnn_disabled():
+    # torch's LSTM decomposition picks a oneDNN layer op (which expanded weights cannot handle)
+    # for fp32/bf16 CPU input that does not require grad; without oneDNN it takes the per-step
+    # F.linear path that expanded weights do handle.
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
 
 
 def _check_devices(input: Tensor, params, hx) -> None:
@@ -65,6 +89,11 @@ class LSTM(nn.LSTM):
 
     def forward(self, input, hx: Optional[tuple] = None):
         self._update_flat_weights()
+        if _has_expanded_weights(self._flat_weights):
+            # Per-sample gradients: expanded weights know how to split nn.LSTM's computation
+            # (torch's per-step decomposition of it) into per-sample GEMMs, not our fused op.
+            with _mkldnn_disabled():
+                return super().forward(input, hx)
         num_dirs = 2 if self.bidirectional else 1
         out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
         packed = isinstance(input, PackedSequence)
@@ -190,6 +219,9 @@ class LSTMCell(nn.LSTMCell):
         _check_state_dtypes(x, hx)
         _check_devices(x, [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh], hx)
 
+        if _has_expanded_weights((self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)):
+            h, c = self._expanded_weights_step(x, hx)
+            return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))
         xproj = functional.input_projection(x, self.weight_ih, self.bias_ih, self.bias_hh)
         _, h, c = functional.recurrence(
             xproj.unsqueeze(0), self.weight_hh, None, hx[0], hx[1], backend=self.backend
@@ -197,6 +229,14 @@ class LSTMCell(nn.LSTMCell):
         if not is_batched:
             return h.squeeze(0), c.squeeze(0)
         return h, c
+
+    def _expanded_weights_step(self, x: Tensor, hx: tuple):
+        # Per-sample gradients: expanded weights handle each weight through its own F.linear
+        # (nn.LSTMCell's lstm_cell op is not handled by them), so spell the step out that way.
+        z = F.linear(x, self.weight_ih, self.bias_ih) + F.linear(hx[0], self.weight_hh, self.bias_hh)
+        i, f, g, o = z.chunk(4, dim=1)
+        c = f.sigmoid() * hx[1] + i.sigmoid() * g.tanh()
+        return o.sigmoid() * c.tanh(), c
 
 
 def convert(module: nn.Module, backend: str = "auto") -> nn.Module:
