@@ -116,8 +116,6 @@ class LSTM(nn.LSTM):
             self.check_input(x, None)
             if self.batch_first:
                 x = x.transpose(0, 1)
-        if x.size(0) == 0:
-            raise RuntimeError("lstm_fused: the input sequence has length 0")
         batch = x.size(1)
 
         if hx is None:
@@ -140,8 +138,11 @@ class LSTM(nn.LSTM):
             expected_c = (self.num_layers * num_dirs, batch, self.hidden_size)
             self.check_hidden_size(hx[0], expected_h, "Expected hidden[0] size {}, got {}")
             self.check_hidden_size(hx[1], expected_c, "Expected hidden[1] size {}, got {}")
-            _check_state_dtypes(x, hx)
             hx = self.permute_hidden(hx, sorted_indices)
+        # nn.LSTM's own text and place: after the shape checks, before the dtype checks.
+        if x.size(0) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        _check_state_dtypes(x, hx)
         _check_devices(x, self._flat_weights, hx)
 
         y, h_n, c_n = functional.lstm(
@@ -201,21 +202,26 @@ class LSTMCell(nn.LSTMCell):
             raise RuntimeError(
                 f"input has inconsistent input_size: got {x.size(1)} expected {self.input_size}"
             )
-        if x.dtype != self.weight_ih.dtype:
-            raise RuntimeError(
-                f"lstm_fused: input dtype ({x.dtype}) does not match weight dtype ({self.weight_ih.dtype})"
-            )
         if hx is None:
             zeros = torch.zeros(x.size(0), self.hidden_size, dtype=x.dtype, device=x.device)
             hx = (zeros, zeros)
         elif not is_batched:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
-        for idx, value in enumerate(hx):
-            if value.shape != (x.size(0), self.hidden_size):
+        # nn.LSTMCell's texts and order: all shapes (h before c, batch before width), then dtypes.
+        for label, value in enumerate(hx):
+            if value.size(0) != x.size(0):
                 raise RuntimeError(
-                    f"LSTMCell: Expected hx[{idx}] of size {(x.size(0), self.hidden_size)}, "
-                    f"got {tuple(value.shape)}"
+                    f"Input batch size {x.size(0)} doesn't match hidden{label} batch size {value.size(0)}"
                 )
+            if value.size(1) != self.hidden_size:
+                raise RuntimeError(
+                    f"hidden{label} has inconsistent hidden_size: got {value.size(1)}, "
+                    f"expected {self.hidden_size}"
+                )
+        if x.dtype != self.weight_ih.dtype:
+            raise RuntimeError(
+                f"lstm_fused: input dtype ({x.dtype}) does not match weight dtype ({self.weight_ih.dtype})"
+            )
         _check_state_dtypes(x, hx)
         _check_devices(x, [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh], hx)
 
