@@ -36,18 +36,37 @@ LSTM_CASES = {
 }  # fmt: skip
 
 
-def _triton_backend():
-    return "triton" if "triton" in lstm_fused.available_backends() else None
+CUDA = torch.cuda.is_available()
 
 
-def _make_lstm(backend, dtype, config):
+def _kernel_backends():
+    """(backend, device, dtype) for every backend that runs here; float64 where it exists."""
+    available = lstm_fused.available_backends()
+    found = [(b, "cpu", F64) for b in cpu_backends()]
+    if "triton" in available:  # no float64 kernels; on CPU tensors under the interpreter
+        found.append(("triton", "cuda" if CUDA else "cpu", torch.float32))
+    if CUDA and "cuda" in available:
+        found.append(("cuda", "cuda", torch.float32))
+    return found
+
+
+FP32_KERNEL_BACKENDS = [k for k in _kernel_backends() if k[2] == torch.float32]
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32_on_gpus(monkeypatch):
+    # The CUDA kernels follow cuDNN's TF32 switch as nn.LSTM does; fp32 bounds need it off.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
+def _make_lstm(backend, dtype, config, device="cpu"):
     oracle = nn.LSTM(**config, dtype=F64)
     with torch.no_grad():  # wider than the default init, so the gates are not all ~linear
         for p in oracle.parameters():
             p.uniform_(-0.6, 0.6)
     fused = lstm_fused.LSTM(**config, backend=backend, dtype=F64)
     fused.load_state_dict(oracle.state_dict())
-    return oracle, fused.to(dtype)
+    return oracle, fused.to(device=device, dtype=dtype)
 
 
 def _lstm_inputs(config, T, B, lengths, dtype=F64):
@@ -131,21 +150,24 @@ def _hessian_vector_product(module, x, hx, directions):
 SECOND_ORDER_CASES = ["2layers_bidir", "proj", "packed_unsorted", "batch_first_packed_proj"]
 
 
-def _check_second_order_against_nn(backend, dtype, case, tol):
+def _check_second_order_against_nn(backend, dtype, case, tol, device="cpu"):
     config, T, B, lengths, _ = LSTM_CASES[case]
-    oracle, fused = _make_lstm(backend, dtype, config)
+    oracle, fused = _make_lstm(backend, dtype, config, device)
     x, h0, c0 = _lstm_inputs(config, T, B, lengths)
+    ours = dict(device=device, dtype=dtype)
     want = _gradient_penalty_grads(oracle, x, (h0, c0), lengths)
-    got = _gradient_penalty_grads(fused, x.to(dtype), (h0.to(dtype), c0.to(dtype)), lengths)
-    errors = {name: rel_error(got[name], g) for name, g in want.items()}
+    got = _gradient_penalty_grads(fused, x.to(**ours), (h0.to(**ours), c0.to(**ours)), lengths)
+    errors = {name: rel_error(got[name].cpu(), g) for name, g in want.items()}
     bad = {k: v for k, v in errors.items() if not v <= tol}
     assert not bad, f"gradient-penalty relative errors above {tol}: {bad}"
 
     if lengths is None:
         directions = [torch.randn_like(x), *(torch.randn_like(p) for p in oracle.parameters())]
         want_hv = _hessian_vector_product(oracle, x, (h0, c0), directions)
-        got_hv = _hessian_vector_product(fused, x.to(dtype), (h0.to(dtype), c0.to(dtype)), directions)
-        errors = [rel_error(a, e) for a, e in zip(got_hv, want_hv)]
+        got_hv = _hessian_vector_product(
+            fused, x.to(**ours), (h0.to(**ours), c0.to(**ours)), [v.to(device) for v in directions]
+        )
+        errors = [rel_error(a.cpu(), e) for a, e in zip(got_hv, want_hv)]
         assert max(errors) <= tol, f"Hessian-vector product relative errors: {errors}"
 
 
@@ -155,11 +177,12 @@ def test_second_order_matches_nn_lstm(backend, case):
     _check_second_order_against_nn(backend, F64, case, 1e-10)
 
 
-@pytest.mark.skipif(_triton_backend() is None, reason="Triton backend unavailable")
+@pytest.mark.skipif(not FP32_KERNEL_BACKENDS, reason="no Triton or CUDA backend here")
+@pytest.mark.parametrize("backend,device,dtype", FP32_KERNEL_BACKENDS, ids=[k[0] for k in FP32_KERNEL_BACKENDS])
 @pytest.mark.parametrize("case", ["proj", "packed_unsorted"])
-def test_second_order_matches_nn_lstm_triton(case):
-    # The Triton kernels have no float64: float32 against the float64 nn.LSTM.
-    _check_second_order_against_nn("triton", torch.float32, case, FP32_TOL)
+def test_second_order_matches_nn_lstm_fp32_kernels(backend, device, dtype, case):
+    # These kernels have no float64: float32 against the float64 nn.LSTM.
+    _check_second_order_against_nn(backend, dtype, case, FP32_TOL, device)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
@@ -179,20 +202,17 @@ def test_cell_second_order_matches_nn_lstm_cell(backend):
         assert rel_error(got, want) <= 1e-10
 
 
-def _backends_for_warning_checks():
-    backends = [(b, F64) for b in cpu_backends()]
-    if _triton_backend() is not None:
-        backends.append(("triton", torch.float32))
-    return backends
+KERNEL_IDS = [k[0] for k in _kernel_backends()]
 
 
-@pytest.mark.parametrize("backend,dtype", _backends_for_warning_checks(), ids=lambda v: str(v))
-def test_no_silently_incorrect_warning(backend, dtype):
-    lstm = lstm_fused.LSTM(2, 3, backend=backend, dtype=dtype)
-    cell = lstm_fused.LSTMCell(2, 3, backend=backend, dtype=dtype)
+@pytest.mark.parametrize("backend,device,dtype", _kernel_backends(), ids=KERNEL_IDS)
+def test_no_silently_incorrect_warning(backend, device, dtype):
+    lstm = lstm_fused.LSTM(2, 3, backend=backend, device=device, dtype=dtype)
+    cell = lstm_fused.LSTMCell(2, 3, backend=backend, device=device, dtype=dtype)
+    like = dict(device=device, dtype=dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for module, x in ((lstm, torch.randn(3, 2, 2, dtype=dtype)), (cell, torch.randn(2, 2, dtype=dtype))):
+        for module, x in ((lstm, torch.randn(3, 2, 2, **like)), (cell, torch.randn(2, 2, **like))):
             x.requires_grad_()
             out = module(x)[0]
             (g,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
@@ -201,15 +221,15 @@ def test_no_silently_incorrect_warning(backend, dtype):
             assert w_ih.grad.abs().sum() > 0
 
 
-_BACKWARD_OPS = {"cpu": "recurrence", "reference": "reference", "triton": "triton"}
+_OP_PREFIX = {"cpu": "recurrence", "cuda": "recurrence", "reference": "reference", "triton": "triton"}
 
 
-@pytest.mark.parametrize("backend,dtype", _backends_for_warning_checks(), ids=lambda v: str(v))
-def test_backward_op_itself_raises_instead_of_zeros(backend, dtype):
-    prefix = _BACKWARD_OPS[backend]
+@pytest.mark.parametrize("backend,device,dtype", _kernel_backends(), ids=KERNEL_IDS)
+def test_backward_op_itself_raises_instead_of_zeros(backend, device, dtype):
+    prefix = _OP_PREFIX[backend]
     forward = getattr(torch.ops.lstm_fused, f"{prefix}_forward")
     backward = getattr(torch.ops.lstm_fused, f"{prefix}_backward")
-    (xproj, w_hh, w_hr, h0, c0), lengths, (dy, dh_n, dc_n) = draw_op_inputs(3, 2, 4, None, None, "cpu")
+    (xproj, w_hh, w_hr, h0, c0), lengths, (dy, dh_n, dc_n) = draw_op_inputs(3, 2, 4, None, None, device)
     xproj, w_hh, h0, c0, dy, dh_n, dc_n = (t.to(dtype) for t in (xproj, w_hh, h0, c0, dy, dh_n, dc_n))
     y, _, _, gates, c_all = forward(xproj, w_hh, None, h0, c0, None, False, True)
     dy.requires_grad_()
