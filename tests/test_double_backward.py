@@ -238,3 +238,29 @@ def test_backward_op_itself_raises_instead_of_zeros(backend, device, dtype):
         dxproj = backward(dy, dh_n, dc_n, w_hh, None, h0, c0, None, False, y, gates, c_all, True)[0]
     with pytest.raises(RuntimeError, match=f"lstm_fused: lstm_fused::{prefix}_backward has no derivative"):
         dxproj.sum().backward()
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_only_create_graph_takes_the_recomputing_path(backend, monkeypatch):
+    from lstm_fused import ops
+
+    recomputed = []
+    original = ops.reference.recurrence_forward_ref
+
+    def counting(*args):
+        recomputed.append(args[6])  # reverse
+        return original(*args)
+
+    monkeypatch.setattr(ops.reference, "recurrence_forward_ref", counting)
+    lstm = lstm_fused.LSTM(3, 4, bidirectional=True, backend=backend, dtype=F64)
+    x = torch.randn(5, 2, 3, dtype=F64, requires_grad=True)
+    y = lstm(x)[0]
+    in_forward = len(recomputed)  # the reference backend's forward op runs that function too
+    y.pow(2).sum().backward()
+    assert len(recomputed) == in_forward, "a plain backward must run the fused backward op"
+
+    recomputed.clear()
+    y = lstm(x)[0]
+    in_forward = len(recomputed)
+    torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    assert sorted(recomputed[in_forward:]) == [False, True]  # once per direction
