@@ -2,8 +2,8 @@
 
 gradgradcheck in float64 on every backend that runs float64 here (cpu, reference), second-order
 results against nn.LSTM / nn.LSTMCell in float64 (gradient penalty, Hessian-vector product), the
-Triton backend (float32 only, run under its interpreter on CPU) against the float64 nn.LSTM, and no
-"silently incorrect" autograd warning anywhere.
+float32-only kernels (Triton, under its interpreter on CPU tensors here; CUDA on a GPU) against the
+float64 nn.LSTM, and no "silently incorrect" autograd warning anywhere.
 """
 
 import os
