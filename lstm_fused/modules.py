@@ -94,6 +94,8 @@ class LSTM(nn.LSTM):
             if torch.onnx.is_in_onnx_export():
                 onnx_export.refuse_projection(self.proj_size)
             return super().forward(input, hx)
+        if torch.onnx.is_in_onnx_export() and isinstance(input, PackedSequence):
+            onnx_export.refuse_packed_input()
         self._update_flat_weights()
         num_dirs = 2 if self.bidirectional else 1
         out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
