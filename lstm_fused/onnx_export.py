@@ -7,22 +7,28 @@ ONNX ``LSTM`` nodes, PackedSequence lengths included.
 ``torch.onnx.export(..., dynamo=True)`` captures with torch.export, where our recurrence is a
 custom op the ONNX translator does not know. While exporting, ``functional.lstm`` therefore
 builds each layer and direction with ``lstm_direction`` below: one ONNX ``LSTM`` node taking the
-layer input and the weights in ONNX's layout.
+layer input and the weights in ONNX's layout. ONNX's LSTM has no output projection, so with
+``proj_size > 0`` the recurrence is instead written as a ``scan`` over time, which the
+exporter turns into an ONNX ``Scan`` loop (dynamic length kept).
 """
 
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+# No public scan yet; the ONNX exporter translates this higher-order op to ONNX Scan.
+from torch._higher_order_ops.scan import scan
 
 
 def refuse_projection(proj_size: int) -> None:
-    """ONNX's LSTM operator has no projection (W_hr): say so before an exporter fails obscurely."""
+    """For dynamo=False: ONNX's LSTM operator has no projection (W_hr), and the TorchScript
+    exporter's own message about it does not say what works instead."""
     if proj_size > 0:
         raise NotImplementedError(
-            "lstm_fused: ONNX export of an LSTM with proj_size > 0 is not supported: ONNX's LSTM "
-            "operator has no output projection. Export with proj_size=0, or use torch.export / "
-            "AOTInductor, which support it."
+            "lstm_fused: torch.onnx.export(..., dynamo=False) cannot export an LSTM with "
+            "proj_size > 0: ONNX's LSTM operator has no output projection. Export with "
+            "dynamo=True, which writes the projected recurrence as an ONNX Scan loop."
         )
 
 
@@ -63,7 +69,9 @@ def lstm_direction(
     ``lengths`` becomes ``sequence_lens``: each sequence stops (or, reversed, starts) at its
     own length, as in our op.
     """
-    refuse_projection(0 if w_hr is None else w_hr.size(0))
+    if w_hr is not None:
+        xproj = F.linear(x, w_ih, None if b_ih is None or b_hh is None else b_ih + b_hh)
+        return projected_recurrence(xproj, w_hh, w_hr, h0, c0, lengths, reverse)
     hidden = w_hh.size(1)
     seq_len, batch = x.size(0), x.size(1)
     bias = None
@@ -86,3 +94,39 @@ def lstm_direction(
         shapes=[[seq_len, 1, batch, hidden], [1, batch, hidden], [1, batch, hidden]],
     )
     return y.squeeze(1), h_n.squeeze(0), c_n.squeeze(0)
+
+
+def projected_recurrence(
+    xproj: Tensor,
+    w_hh: Tensor,
+    w_hr: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    lengths: Optional[Tensor],
+    reverse: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The recurrence op's contract (reference.py) with a projection, as a ``scan`` over time.
+
+    Inactive steps (t >= lengths[b]) keep the state and write zeros, as the op does; reversed,
+    the steps are visited T-1 .. 0 so each sequence starts at its own last element.
+    """
+    steps = xproj.size(0)
+    if lengths is None:
+        active = xproj.new_ones(steps, xproj.size(1), 1, dtype=torch.bool)
+    else:
+        time = torch.arange(steps, device=xproj.device).view(steps, 1)
+        active = (time < lengths.view(1, -1)).unsqueeze(2)
+    if reverse:
+        xproj, active = xproj.flip(0), active.flip(0)
+
+    def step(state, inputs):
+        h, c = state
+        xproj_t, active_t = inputs
+        i, f, g, o = (xproj_t + h @ w_hh.t()).chunk(4, 1)
+        c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h_next = (torch.sigmoid(o) * torch.tanh(c_next)) @ w_hr.t()
+        next_state = (torch.where(active_t, h_next, h), torch.where(active_t, c_next, c))
+        return next_state, torch.where(active_t, h_next, torch.zeros_like(h_next))
+
+    (h_n, c_n), y = scan(step, (h0, c0), (xproj, active))
+    return (y.flip(0) if reverse else y), h_n, c_n
