@@ -5,7 +5,7 @@ handling, and replace only the computation: ``functional.lstm`` over a backend's
 recurrence op. ``convert`` swaps them into an existing model in place.
 """
 
-
+# No ``from __future__ import annotations`` here: TorchScript reads forward's annotations as types.
 from typing import Optional, Tuple
 
 import torch
@@ -94,7 +94,7 @@ class LSTM(nn.LSTM):
             if torch.onnx.is_in_onnx_export():
                 onnx_export.refuse_projection(self.proj_size)
             return super().forward(input, hx)
-        if torch.onnx.is_in_onnx_export() and isinstance(input, PackedSequence):
+        if isinstance(input, PackedSequence) and torch.onnx.is_in_onnx_export():
             onnx_export.refuse_packed_input()
         self._update_flat_weights()
         num_dirs = 2 if self.bidirectional else 1

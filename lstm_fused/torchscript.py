@@ -7,7 +7,8 @@ weights; they match our fused kernels to rounding. ``torch.jit.trace`` needs non
 modules call ``nn.LSTM.forward`` while tracing, which records ``aten::lstm``.
 """
 
-
+# No ``from __future__ import annotations``: TorchScript compiles these functions from their
+# annotations.
 from typing import List, Optional, Tuple
 
 import torch

@@ -45,16 +45,16 @@ class PackedTagger(nn.Module):
         super().__init__()
         self.rnn = lstm_fused.LSTM(5, 7, backend=backend, dtype=torch.float64, **config)
 
-    def forward(self, x: Tensor, lengths: Tensor):
+    def forward(self, x: Tensor, lengths: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None):
         packed = pack_padded_sequence(x, lengths, batch_first=self.rnn.batch_first, enforce_sorted=False)
-        y, (h, c) = self.rnn(packed)
+        y, (h, c) = self.rnn(packed, hx)
         return pad_packed_sequence(y, batch_first=self.rnn.batch_first)[0], h, c
 
 
 class Stepper(nn.Module):
-    def __init__(self, backend):
+    def __init__(self, backend, bias=True):
         super().__init__()
-        self.cell = lstm_fused.LSTMCell(5, 7, backend=backend, dtype=torch.float64)
+        self.cell = lstm_fused.LSTMCell(5, 7, bias=bias, backend=backend, dtype=torch.float64)
 
     def forward(self, x: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None):
         return self.cell(x, hx)
@@ -111,8 +111,9 @@ def test_script_packed_sequence(backend, config):
     for B in (3, 5):
         lengths = torch.randint(1, 8, (B,))
         lengths[0] = 8
-        (x,) = _inputs(config, 8, B, with_state=False)
+        x, hx = _inputs(config, 8, B, with_state=True)
         _assert_same(loaded(x, lengths), model(x, lengths))
+        _assert_same(loaded(x, lengths, hx), model(x, lengths, hx))
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
@@ -138,8 +139,9 @@ def test_trace_packed_sequence(backend):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
-def test_cell_script_and_trace(backend):
-    model = Stepper(backend)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_cell_script_and_trace(backend, bias):
+    model = Stepper(backend, bias)
     x0 = torch.randn(3, 5, dtype=torch.float64)
     hx0 = (torch.randn(3, 7, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64))
     scripted = _save_and_load(torch.jit.script(model))
