@@ -67,7 +67,8 @@ def lstm_direction(
     written with ``torch.onnx.ops.symbolic_multi_out``: during export it becomes one ONNX node
     whose output shapes follow x's (symbolic) sizes, so batch and length stay dynamic.
     ``lengths`` becomes ``sequence_lens``: each sequence stops (or, reversed, starts) at its
-    own length, as in our op.
+    own length, as in our op. ONNX's LSTM has no projection: with ``w_hr`` the direction is
+    ``projected_recurrence`` (an ONNX Scan) instead.
     """
     if w_hr is not None:
         xproj = F.linear(x, w_ih, None if b_ih is None or b_hh is None else b_ih + b_hh)

@@ -16,8 +16,12 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import lstm_fused
 from helpers import cpu_backends, rel_error
 
-# TorchScript is deprecated in torch 2.13 (it warns on script/save/load); it still has to work.
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+pytestmark = [
+    # TorchScript is deprecated in torch 2.13 (it warns on script/save/load); it still has to work.
+    pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning"),
+    # nn.LSTM's own shape checks, as when tracing any nn.LSTM; the tests run other shapes.
+    pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
+]
 
 TOL = 1e-12  # float64: both sides are the same math in a different order
 
