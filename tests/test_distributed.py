@@ -5,8 +5,6 @@ ranks by DDP, reduce-scattered by FSDP2) must equal a single process's gradients
 batch. The workers are spawned by the test and bounded by a generous timeout.
 """
 
-import os
-import socket
 import time
 from datetime import timedelta
 
@@ -53,11 +51,11 @@ def _draw_problem(path):
     return model, batch
 
 
-def _worker(rank, mode, port, problem_path, out_path):
+def _worker(rank, mode, store_path, problem_path, out_path):
     torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=120))
+    # A file store: no TCP port to find, and no store server living in one of the workers.
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
+                            world_size=WORLD_SIZE, timeout=timedelta(seconds=120))
     try:
         problem = torch.load(problem_path)
         model = Tagger()
@@ -84,19 +82,15 @@ def _worker(rank, mode, port, problem_path, out_path):
             grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
         if rank == 0:
             torch.save(grads, out_path)
+        # Neither rank tears down its connections while the other may still be receiving.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_workers(mode, problem_path, out_path):
+def _run_workers(mode, store_path, problem_path, out_path):
     context = mp.start_processes(
-        _worker, args=(mode, _free_port(), str(problem_path), str(out_path)),
+        _worker, args=(mode, str(store_path), str(problem_path), str(out_path)),
         nprocs=WORLD_SIZE, join=False, start_method="spawn",
     )
     deadline = time.monotonic() + HANG_GUARD_S
@@ -118,7 +112,7 @@ def _single_process_grads(model, batch):
 def test_data_parallel_grads_equal_single_process(mode, tmp_path):
     model, batch = _draw_problem(tmp_path / "problem.pt")
     expected = _single_process_grads(model, batch)
-    _run_workers(mode, tmp_path / "problem.pt", tmp_path / "grads.pt")
+    _run_workers(mode, tmp_path / "store", tmp_path / "problem.pt", tmp_path / "grads.pt")
     got = torch.load(tmp_path / "grads.pt")
     assert got.keys() == expected.keys()
     for name, grad in expected.items():
