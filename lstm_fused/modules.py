@@ -5,17 +5,16 @@ handling, and replace only the computation: ``functional.lstm`` over a backend's
 recurrence op. ``convert`` swaps them into an existing model in place.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: TorchScript reads forward's annotations as types.
 import contextlib
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import dispatch, functional
+from . import dispatch, functional, onnx_export, torchscript
 
 try:  # per-sample gradients (torch.nn.utils._per_sample_grad.call_for_per_sample_grads)
     from torch.nn.utils._expanded_weights.expanded_weights_impl import ExpandedWeight
@@ -87,7 +86,40 @@ class LSTM(nn.LSTM):
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")
 
-    def forward(self, input, hx: Optional[tuple] = None):
+    # Signatures for TorchScript, which compiles forward once per input type (as for nn.LSTM).
+    @torch._jit_internal._overload_method  # noqa: F811
+    def forward(
+        self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None
+    ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+        pass
+
+    @torch._jit_internal._overload_method  # noqa: F811
+    def forward(
+        self, input: PackedSequence, hx: Optional[Tuple[Tensor, Tensor]] = None
+    ) -> Tuple[PackedSequence, Tuple[Tensor, Tensor]]:
+        pass
+
+    def forward(self, input, hx=None):  # noqa: F811
+        if torch.jit.is_scripting():
+            # TorchScript cannot compile the fused path; it runs ATen's LSTM on our parameters
+            # (the code below this branch is never compiled).
+            if isinstance(input, PackedSequence):
+                return torchscript.packed_lstm(
+                    input, hx, self._flat_weights, self.bias, self.num_layers, self.dropout,
+                    self.training, self.bidirectional, self.proj_size, self.hidden_size,
+                )
+            return torchscript.lstm(
+                input, hx, self._flat_weights, self.bias, self.num_layers, self.dropout,
+                self.training, self.bidirectional, self.batch_first, self.proj_size, self.hidden_size,
+            )
+        if torch.jit.is_tracing():
+            # torch.jit.trace and torch.onnx.export(dynamo=False) record nn.LSTM's aten::lstm:
+            # TorchScript replays it, and the ONNX exporter maps it to ONNX's LSTM operator.
+            if torch.onnx.is_in_onnx_export():
+                onnx_export.refuse_projection(self.proj_size)
+            return super().forward(input, hx)
+        if isinstance(input, PackedSequence) and torch.onnx.is_in_onnx_export():
+            onnx_export.refuse_packed_input()
         self._update_flat_weights()
         if _has_expanded_weights(self._flat_weights):
             # Per-sample gradients: expanded weights know how to split nn.LSTM's computation
@@ -119,10 +151,10 @@ class LSTM(nn.LSTM):
         batch = x.size(1)
 
         if hx is None:
-            zeros = dict(dtype=x.dtype, device=x.device)
+            num_states = self.num_layers * num_dirs
             hx = (
-                torch.zeros(self.num_layers * num_dirs, batch, out_size, **zeros),
-                torch.zeros(self.num_layers * num_dirs, batch, self.hidden_size, **zeros),
+                torch.zeros(num_states, batch, out_size, dtype=x.dtype, device=x.device),
+                torch.zeros(num_states, batch, self.hidden_size, dtype=x.dtype, device=x.device),
             )
         else:
             want = 3 if is_batched else 2
@@ -187,7 +219,16 @@ class LSTMCell(nn.LSTMCell):
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")
 
-    def forward(self, input: Tensor, hx: Optional[tuple] = None):
+    def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None):
+        if torch.jit.is_scripting():
+            # TorchScript cannot compile the fused path; it runs ATen's cell on our parameters.
+            return torchscript.lstm_cell(
+                input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
+            )
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            # Tracing, and both ONNX exporters, record nn.LSTMCell's aten::lstm_cell (plain
+            # GEMMs and pointwise ops after decomposition) instead of our custom op.
+            return super().forward(input, hx)
         if input.dim() not in (1, 2):
             raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if hx is not None:
