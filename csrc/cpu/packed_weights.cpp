@@ -14,7 +14,7 @@ namespace lstm_fused::cpu {
 namespace {
 
 template <typename scalar_t>
-void pack_typed(const at::Tensor& w, PanelLayout layout, int V, float* out) {
+void pack_typed(const at::Tensor& w, PanelLayout layout, int V, scalar_t* out) {
   const int64_t H = w.size(0) / 4, K = w.size(1);
   const scalar_t* src = w.data_ptr<scalar_t>();  // contiguous (4H, K)
   if (layout == PanelLayout::kForwardGates) {
@@ -24,7 +24,7 @@ void pack_typed(const at::Tensor& w, PanelLayout layout, int V, float* out) {
         for (int64_t g = 0; g < 4; ++g)
           for (int64_t v = 0; v < V; ++v, ++out) {
             const int64_t j = u * V + v;
-            *out = j < H ? static_cast<float>(src[(g * H + j) * K + k]) : 0.0f;
+            *out = j < H ? src[(g * H + j) * K + k] : scalar_t(0);
           }
   } else {
     const int64_t width = 4 * V, blocks = (K + width - 1) / width;
@@ -32,7 +32,7 @@ void pack_typed(const at::Tensor& w, PanelLayout layout, int V, float* out) {
       for (int64_t k = 0; k < 4 * H; ++k)
         for (int64_t v = 0; v < width; ++v, ++out) {
           const int64_t j = q * width + v;
-          *out = j < K ? static_cast<float>(src[k * K + j]) : 0.0f;
+          *out = j < K ? src[k * K + j] : scalar_t(0);
         }
   }
 }
@@ -40,12 +40,12 @@ void pack_typed(const at::Tensor& w, PanelLayout layout, int V, float* out) {
 at::Tensor pack(const at::Tensor& w_in, PanelLayout layout, int V) {
   const at::Tensor w = w_in.contiguous();
   const int64_t H = w.size(0) / 4, K = w.size(1);
-  const int64_t floats = layout == PanelLayout::kForwardGates
+  const int64_t elements = layout == PanelLayout::kForwardGates
                              ? (H + V - 1) / V * V * 4 * K
                              : (K + 4 * V - 1) / (4 * V) * 4 * V * 4 * H;
-  at::Tensor out = at::empty({floats}, w.options().dtype(at::kFloat));
+  at::Tensor out = at::empty({elements}, w.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "lstm_fused_pack", [&] {
-    pack_typed<scalar_t>(w, layout, V, out.data_ptr<float>());
+    pack_typed<scalar_t>(w, layout, V, out.data_ptr<scalar_t>());
   });
   return out;
 }

@@ -18,7 +18,7 @@ enum class PanelLayout {
   kBackwardColumns,  // per block of 4V units: (4H, 4V)
 };
 
-// fp32 panels of w_hh (4H, H) in `layout` for vector width V. The returned tensor stays valid
+// Panels of w_hh (4H, H) in `layout` for vector width V, in w_hh's dtype. The returned tensor stays valid
 // however the cache changes afterwards.
 at::Tensor packed_panels(const at::Tensor& w_hh, PanelLayout layout, int V);
 

@@ -89,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> panel_for
   a.storage = storage_of(xproj.scalar_type());
   a.reverse = reverse, a.save = save;
   a.xproj = xproj.data_ptr();
-  a.panels = panels.data_ptr<float>();
+  a.panels = panels.data_ptr();
   a.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
   a.h[0] = h.data_ptr<float>();
   a.h[1] = a.h[0] + B * H;
@@ -135,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> panel_backward(
   a.gates = gates.data_ptr();
   a.c_all = c_all.data_ptr<float>();
   a.c0 = c0_f.data_ptr<float>();
-  a.panels = panels.data_ptr<float>();
+  a.panels = panels.data_ptr();
   a.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
   a.dh = dh.data_ptr<float>();
   a.dc = dc.data_ptr<float>();

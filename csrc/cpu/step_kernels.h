@@ -18,14 +18,14 @@ namespace lstm_fused::cpu {
 enum class Storage { kFloat, kBFloat16, kHalf };
 
 // Forward of one direction of one layer. Unit block u covers units [u*V, u*V + V) (the last
-// one may be partial); its panel is (H, 4, V) fp32: for every input column k, the i, f, g, o
-// weight rows of its V units, zero past H.
+// one may be partial); its panel is (H, 4, V): for every input column k, the i, f, g, o weight
+// rows of its V units, zero past H. Panels have the storage dtype (the weights' own values).
 struct ForwardStepArgs {
   int64_t T, B, H;
   Storage storage;
   bool reverse, save;
   const void* xproj;      // (T, B, 4H) storage dtype: x @ W_ih^T + biases
-  const float* panels;    // ceil(H / V) panels of H * 4 * V floats
+  const void* panels;     // ceil(H / V) panels of H * 4 * V elements, storage dtype
   const int64_t* lengths; // (B,) or null
   float* h[2];            // (B, H) each: h of even / odd steps (double-buffered across threads)
   float* c;               // (B, H)
@@ -34,8 +34,8 @@ struct ForwardStepArgs {
   float* c_all;           // (T, B, H) cell state after each step, or null (inference)
 };
 
-// Backward of the same. Column block q covers units [q*4V, q*4V + 4V); its panel is (4H, 4V)
-// fp32: W_hh[:, those units], zero past H. The backward runs T + 1 synchronized steps:
+// Backward of the same. Column block q covers units [q*4V, q*4V + 4V); its panel is (4H, 4V):
+// W_hh[:, those units], zero past H, in the storage dtype. The backward runs T + 1 synchronized steps:
 //   step T-1:      gate gradients from dh_n (no product),
 //   steps T-2..0:  dh = dz_{s+1} @ W_hh, then the gate gradients of step s,
 //   then kFinal:   dh0 = dz_0 @ W_hh.
@@ -47,7 +47,7 @@ struct BackwardStepArgs {
   const void* gates;       // (T, B, 4H) storage dtype, saved by the forward
   const float* c_all;      // (T, B, H)
   const float* c0;         // (B, H)
-  const float* panels;     // ceil(H / 4V) panels of 4H * 4V floats
+  const void* panels;      // ceil(H / 4V) panels of 4H * 4V elements, storage dtype
   const int64_t* lengths;  // (B,) or null
   float* dh;               // (B, H) gradient reaching h from later steps; starts as dh_n
   float* dc;               // (B, H) starts as dc_n

@@ -15,6 +15,16 @@ struct Vec {
     std::memcpy(&v, p, sizeof v);
     return v;
   }
+  static reg load(const c10::BFloat16* p) {
+    reg v;
+    for (int i = 0; i < kWidth; ++i) v[i] = static_cast<float>(p[i]);
+    return v;
+  }
+  static reg load(const c10::Half* p) {
+    reg v;
+    for (int i = 0; i < kWidth; ++i) v[i] = static_cast<float>(p[i]);
+    return v;
+  }
   static void store(float* p, reg v) { std::memcpy(p, &v, sizeof v); }
   static reg broadcast(float x) { return reg{} + x; }
   static reg add(reg a, reg b) { return a + b; }

@@ -11,8 +11,8 @@
 //   backward: dh of 4V consecutive units (one column block).
 // Its panel holds, for every k of the reduction, those 4 vectors of weights contiguously, so the
 // inner loop is: broadcast A[r][k] for each row, load 4 weight vectors, kRows x 4 FMAs. One pass
-// over the panel per tile; the panel (H*4V floats forward, 4H*4V backward) is re-read for each
-// row tile of the batch, from the L2 of the thread that owns the block. After the reduction the
+// over the panel per tile; the panel (H*4V weights forward, 4H*4V backward, in the storage dtype)
+// is re-read for each row tile of the batch, from the L2 of the thread that owns the block. After the reduction the
 // gate math runs on the accumulators (spilled once to a 4V-float stack tile in L1 so plain loops
 // can vectorize it): no gate pre-activation goes through a shared scratch buffer.
 
@@ -30,10 +30,11 @@ inline bool row_active(const int64_t* lengths, int64_t b, int64_t t) {
 }
 inline int64_t time_of(int64_t s, int64_t T, bool reverse) { return reverse ? T - 1 - s : s; }
 
-// acc[r][q] = sum_k A[r * lda + k] * panel[k * 4V + q * V + lane], r < R.
-template <int R>
+// acc[r][q] = sum_k A[r * lda + k] * panel[k * 4V + q * V + lane], r < R. Panels of 16-bit
+// weights stay 16-bit (half the bytes streamed from L2 per step) and widen exactly on load.
+template <int R, typename panel_t>
 inline void tile_product(const float* __restrict__ A, int64_t lda, int64_t K,
-                         const float* __restrict__ panel, reg (&acc)[R][4]) {
+                         const panel_t* __restrict__ panel, reg (&acc)[R][4]) {
   for (int r = 0; r < R; ++r)
     for (int q = 0; q < 4; ++q) acc[r][q] = Vec::zero();
   int64_t k = 0;
@@ -42,7 +43,7 @@ inline void tile_product(const float* __restrict__ A, int64_t lda, int64_t K,
     // second set of sums for odd k.
     reg odd[4] = {Vec::zero(), Vec::zero(), Vec::zero(), Vec::zero()};
     for (; k + 1 < K; k += 2) {
-      const float* p = panel + k * 4 * V;
+      const panel_t* p = panel + k * 4 * V;
       const reg a0 = Vec::broadcast(A[k]), a1 = Vec::broadcast(A[k + 1]);
       for (int q = 0; q < 4; ++q) acc[0][q] = Vec::fma(a0, Vec::load(p + q * V), acc[0][q]);
       for (int q = 0; q < 4; ++q) odd[q] = Vec::fma(a1, Vec::load(p + 4 * V + q * V), odd[q]);
@@ -50,7 +51,7 @@ inline void tile_product(const float* __restrict__ A, int64_t lda, int64_t K,
     for (int q = 0; q < 4; ++q) acc[0][q] = Vec::add(acc[0][q], odd[q]);
   }
   for (; k < K; ++k) {
-    const float* p = panel + k * 4 * V;
+    const panel_t* p = panel + k * 4 * V;
     reg a[R];
     for (int r = 0; r < R; ++r) a[r] = Vec::broadcast(A[r * lda + k]);
     for (int q = 0; q < 4; ++q) {
@@ -111,7 +112,7 @@ struct ForwardTile {
   int64_t t, j0, n;
   const float* h_cur;
   float* h_next;
-  const float* panel;
+  const scalar_t* panel;
 
   template <int R>
   void run(int64_t b0) {
@@ -153,7 +154,7 @@ template <typename scalar_t>
 void forward_block_typed(const ForwardStepArgs& a, int64_t s, int64_t u) {
   const int64_t t = time_of(s, a.T, a.reverse);
   const int64_t j0 = u * V, n = a.H - j0 < V ? a.H - j0 : V;
-  const float* panel = a.panels + u * a.H * 4 * V;
+  const scalar_t* panel = static_cast<const scalar_t*>(a.panels) + u * a.H * 4 * V;
   const float* h_cur = a.h[s % 2];
   float* h_next = a.h[(s + 1) % 2];
   if (a.save) {
@@ -210,7 +211,7 @@ struct BackwardTile {
   const BackwardStepArgs& a;
   int64_t s, j0, n;  // step, first unit, units (<= 4V)
   BackwardPhase phase;
-  const float* panel;
+  const scalar_t* panel;
 
   template <int R>
   void run(int64_t b0) {
@@ -265,7 +266,8 @@ struct BackwardTile {
 template <typename scalar_t>
 void backward_block_typed(const BackwardStepArgs& a, int64_t s, int64_t q, BackwardPhase phase) {
   const int64_t j0 = q * 4 * V, n = a.H - j0 < 4 * V ? a.H - j0 : 4 * V;
-  BackwardTile<scalar_t> tile{a, s, j0, n, phase, a.panels + q * 4 * a.H * 4 * V};
+  const scalar_t* panel = static_cast<const scalar_t*>(a.panels) + q * 4 * a.H * 4 * V;
+  BackwardTile<scalar_t> tile{a, s, j0, n, phase, panel};
   for_each_row_tile(a.B, tile);
 }
 
