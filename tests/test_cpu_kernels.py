@@ -5,7 +5,8 @@ Each variant is forced with LSTM_FUSED_CPU_ISA (read on every call) and compared
 nn.LSTM: output, h_n, c_n and every gradient. The shapes are chosen against the kernels' tiling:
 batch rows that leave a partial row tile, hidden sizes that leave a partial unit block, and sizes
 large enough that the call runs on several threads (at least 2^20 multiply-adds per call and 2^15
-per step: see panel_recurrence.cpp).
+per step: see panel_recurrence.cpp), and batches of several row tiles with reductions longer than
+one L1 chunk of the panel (step_kernels_impl.h).
 """
 
 import os
@@ -41,6 +42,8 @@ SHAPES = [
     ("threads_B1", 40, 1, 16, 130, {}, None),
     ("threads_bidir_packed", 10, 7, 8, 80, {"bidirectional": True}, [10, 3, 7, 1, 10, 6, 9]),
     ("threads_2layers_batch_first", 8, 6, 10, 90, {"num_layers": 2, "batch_first": True}, None),
+    # Several row tiles and a reduction longer than one L1 chunk of the panel, on every variant.
+    ("chunked_reduction", 6, 8, 12, 200, {}, [6, 2, 5, 6, 1, 3, 6, 4]),
 ]
 HALF_FLOOR = 2e-3
 
@@ -103,7 +106,7 @@ def test_float32_parity_every_variant(monkeypatch, variant, shape):
 
 @pytest.mark.parametrize("variant", supported_variants())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("shape", [s for s in SHAPES if s[0] in ("partial_row_tile", "threads_bidir_packed")],
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s[0] in ("partial_row_tile", "threads_bidir_packed", "chunked_reduction")],
                          ids=lambda s: s[0])
 def test_half_precision_every_variant(monkeypatch, variant, dtype, shape):
     monkeypatch.setenv("LSTM_FUSED_CPU_ISA", variant)

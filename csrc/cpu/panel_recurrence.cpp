@@ -97,8 +97,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> panel_for
   a.y = y.data_ptr();
   a.gates_out = save ? gates.data_ptr() : nullptr;
   a.c_all = save ? c_all.data_ptr<float>() : nullptr;
-
   const int64_t blocks = (H + V - 1) / V;
+  at::Tensor partial = at::empty({blocks, B, 4 * V}, f32);
+  a.partial = partial.data_ptr<float>();
+
   const int threads = panel_threads(T, B * 4 * H * H, blocks);
   run_steps(threads, T, blocks, [&](int64_t s, int64_t u) { kernels.forward_block(a, s, u); });
   const auto dtype = xproj.scalar_type();
@@ -142,9 +144,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> panel_backward(
   a.dz[0] = dz.data_ptr<float>();
   a.dz[1] = a.dz[0] + B * 4 * H;
   a.dxproj = dxproj.data_ptr();
+  const int64_t blocks = (H + 4 * V - 1) / (4 * V);
+  at::Tensor partial = at::empty({blocks, B, 4 * V}, f32);
+  a.partial = partial.data_ptr<float>();
 
   // Sync step i processes recurrence step T-1-i; the last one (i = T) is the final product.
-  const int64_t blocks = (H + 4 * V - 1) / (4 * V);
   const int threads = panel_threads(T, B * 4 * H * H, blocks);
   run_steps(threads, T + 1, blocks, [&](int64_t i, int64_t q) {
     const int64_t s = T - 1 - i;
