@@ -143,19 +143,19 @@ struct ForwardTile {
 
   template <int R>
   void run(int64_t b0) {
-    const int64_t H = a.H, B = a.B;
+    const int64_t H = a.H, B = a.B, K = a.K;
     reg acc[R][4];
-    chunk_product<R>(h_cur + b0 * H, H, panel, k0, k1, partial + b0 * 4 * V, acc);
-    if (k1 < H) return save_partial<R>(partial + b0 * 4 * V, acc);
+    chunk_product<R>(h_cur + b0 * K, K, panel, k0, k1, partial + b0 * 4 * V, acc);
+    if (k1 < K) return save_partial<R>(partial + b0 * 4 * V, acc);
     for (int r = 0; r < R; ++r) {
       const int64_t b = b0 + r, row = t * B + b;
       float* c = a.c + b * H + j0;
-      float* hn = h_next + b * H + j0;
+      float* hn = h_next + b * K + j0;
       scalar_t* y = static_cast<scalar_t*>(a.y) + row * H + j0;
       scalar_t* gates_out = kSave ? static_cast<scalar_t*>(a.gates_out) + row * 4 * H + j0 : nullptr;
       float* c_all = kSave ? a.c_all + row * H + j0 : nullptr;
       if (!row_active(a.lengths, b, t)) {  // padding: state carried, output zero
-        const float* hc = h_cur + b * H + j0;
+        const float* hc = h_cur + b * K + j0;
         for (int64_t j = 0; j < n; ++j) {
           hn[j] = hc[j];
           y[j] = store_as<scalar_t>(0.0f);
@@ -170,7 +170,7 @@ struct ForwardTile {
       }
       alignas(64) float z[4][V];
       for (int q = 0; q < 4; ++q) Vec::store(z[q], acc[r][q]);
-      const scalar_t* xp = static_cast<const scalar_t*>(a.xproj) + row * 4 * H + j0;
+      const scalar_t* xp = static_cast<const scalar_t*>(a.xproj) + row * a.xproj_stride + j0;
       // A constant trip count for whole blocks lets the loop compile to straight vector code.
       if (n == V) forward_gates<scalar_t, kSave>(V, H, z, xp, c, hn, y, gates_out, c_all);
       else forward_gates<scalar_t, kSave>(n, H, z, xp, c, hn, y, gates_out, c_all);
@@ -182,15 +182,15 @@ template <typename scalar_t>
 void forward_block_typed(const ForwardStepArgs& a, int64_t s, int64_t u) {
   const int64_t t = time_of(s, a.T, a.reverse);
   const int64_t j0 = u * V, n = a.H - j0 < V ? a.H - j0 : V;
-  const scalar_t* panel = static_cast<const scalar_t*>(a.panels) + u * a.H * 4 * V;
+  const scalar_t* panel = static_cast<const scalar_t*>(a.panels) + u * a.K * 4 * V;
   const float* h_cur = a.h[s % 2];
   float* h_next = a.h[(s + 1) % 2];
   float* partial = a.partial + u * a.B * 4 * V;
-  const int64_t kc = chunk_length<scalar_t>(a.B, a.H);
+  const int64_t kc = chunk_length<scalar_t>(a.B, a.K);
   const auto chunks = [&](auto& tile) {
-    for (int64_t k0 = 0; k0 < a.H; k0 += kc) {
+    for (int64_t k0 = 0; k0 < a.K; k0 += kc) {
       tile.k0 = k0;
-      tile.k1 = a.H - k0 < kc ? a.H : k0 + kc;
+      tile.k1 = a.K - k0 < kc ? a.K : k0 + kc;
       for_each_row_tile(a.B, tile);
     }
   };
