@@ -130,7 +130,8 @@ def test_smoke_writes_markdown_and_plot(smoke):
     out, results = smoke
     md = (out / "results.md").read_text()
     assert "| shape | mode | dtype | provider |" in md
-    assert md.count("| nn.LSTM |") == sum(r["provider"] == "nn.LSTM" for r in results["records"])
+    # Provider column (the "vs" column names nn.LSTM too).
+    assert md.count("| float32 | nn.LSTM |") == sum(r["provider"] == "nn.LSTM" for r in results["records"])
     png = (out / "results.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
