@@ -1,7 +1,8 @@
 // Drivers of the SIMD step kernels (step_kernels.h): the forward and backward recurrence of a
 // layer without projection in float32, bfloat16 or float16, for the instruction set isa.h picks.
 //
-// One parallel region per call. The blocks of a step are split over the threads (step_team.h);
+// One team of threads per call (worker_pool.h). The blocks of a step are split over the threads
+// (step_team.h);
 // each thread's blocks read their own panels of W_hh (packed once and cached across calls,
 // packed_weights.h), which stay in that thread's L2 for all T steps when they fit. The state a
 // step reads (h forward, dz backward) was written by every thread the step before, so it is
@@ -13,21 +14,21 @@
 #include "cpu/recurrence.h"
 #include "cpu/step_kernels.h"
 #include "cpu/step_team.h"
+#include "cpu/worker_pool.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
-#include <omp.h>
 
 namespace lstm_fused::cpu {
 namespace {
 
-// A parallel region and a synchronization per step pay only above these sizes: at least this
-// much work per step and thread, and either this much work per call or more weight than one
-// core's L2 holds comfortably (split over the threads, each share stays in its own L2: a cell
-// step of H = 256 streams 2 MB of fp32 weights, 2 MB from L3 alone but 1 MB from each L2 on two).
+// A team and a synchronization per step pay only above these sizes: at least this much work per
+// step and thread, and either this much work per call or more weight than one core's L2 holds
+// comfortably (split over the threads, each share stays in its own L2: a cell step of H = 256
+// streams 2 MB of fp32 weights, from L3 on one thread, 1 MB from each L2 on two).
 constexpr int64_t kMinStepMacsPerThread = 16384;
 constexpr int64_t kMinCallMacsForThreads = int64_t(1) << 20;
 constexpr int64_t kOneCoreWeightBytes = int64_t(512) << 10;
@@ -39,7 +40,8 @@ int panel_threads(int64_t T, int64_t step_macs, int64_t blocks, int64_t weight_b
   return static_cast<int>(std::max<int64_t>(1, threads));
 }
 
-// Runs fn(s, block) for s in steps (in order) and every block, on `threads` threads.
+// Runs fn(s, block) for s in steps (in order) and every block, on `threads` threads: the caller
+// and pool workers (worker_pool.h), which join without waiting for a late one.
 template <typename Fn>
 void run_steps(int threads, int64_t steps, int64_t blocks, const Fn& fn) {
   if (threads == 1) {
@@ -48,13 +50,9 @@ void run_steps(int threads, int64_t steps, int64_t blocks, const Fn& fn) {
     return;
   }
   StepTeam team(threads, blocks);
-#pragma omp parallel num_threads(threads)
-  {
-    const int k = omp_get_thread_num();
-    if (k < threads) {  // the runtime may give fewer threads; the others' slices get stolen
-      for (int64_t s = 0; s < steps; ++s) team.run_step(k, s, [&](int64_t blk) { fn(s, blk); });
-    }
-  }
+  WorkerPool::run(threads, [&](int k) {
+    for (int64_t s = 0; s < steps; ++s) team.run_step(k, s, [&](int64_t blk) { fn(s, blk); });
+  });
 }
 
 Storage storage_of(at::ScalarType dtype) {
