@@ -2,9 +2,7 @@
 backend choice, hx handling, unbatched input, dropout, grad modes."""
 
 import copy
-import io
 import os
-import pickle
 
 import pytest
 import torch
@@ -43,18 +41,14 @@ def test_state_dict_round_trip(direction):
     assert rel_error(yb, ya) < 1e-5
 
 
-def test_deepcopy_and_pickle_keep_backend_and_weights():
+def test_deepcopy_keeps_backend_and_weights():
+    # pickle and torch.save write the stock nn class instead: tests/test_checkpoint.py
     m = lstm_fused.LSTM(3, 4, backend="reference")
     x = torch.randn(5, 2, 3)
     y, _ = m(x)
-    for clone in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
-        assert clone.backend == "reference"
-        torch.testing.assert_close(clone(x)[0], y, rtol=0, atol=0)
-    buf = io.BytesIO()
-    torch.save(m, buf)
-    buf.seek(0)
-    loaded = torch.load(buf, weights_only=False)
-    torch.testing.assert_close(loaded(x)[0], y, rtol=0, atol=0)
+    clone = copy.deepcopy(m)
+    assert type(clone) is lstm_fused.LSTM and clone.backend == "reference"
+    torch.testing.assert_close(clone(x)[0], y, rtol=0, atol=0)
 
 
 def test_to_dtype_moves_parameters_and_computes_in_it():
