@@ -62,6 +62,18 @@ def torch_requirement() -> str:
     return f"torch=={have[0]}.{have[1]}.*"
 
 
+def check_compiler():
+    # torch's build calls $CXX (default c++) through ninja, whose failure would read
+    # "c++: not found" deep inside a compile log.
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx.split()[0]) is None:
+        sys.exit(
+            f"lstm_fused: no C++ compiler: '{cxx}' is not on PATH. Install a C++17 compiler "
+            "with OpenMP (Debian/Ubuntu: apt-get install g++; Fedora: dnf install gcc-c++), "
+            "or point CXX at one."
+        )
+
+
 def want_cuda() -> bool:
     forced = os.environ.get("LSTM_FUSED_CUDA")
     if forced is not None:
@@ -107,6 +119,7 @@ def extension():
 if SDIST:
     setup(install_requires=[torch_requirement()])
 else:
+    check_compiler()
     setup(
         install_requires=[torch_requirement()],
         ext_modules=[extension()],
