@@ -30,19 +30,20 @@ rm -rf "$WORK/dist" "$WORK/clone" "$WORK/sdist-src" "$WORK/run"
 mkdir -p "$WORK/dist" "$WORK/run"
 
 # --- the fresh venv: torch only (kept between local runs; CI starts from a clean clone) -------
-if ! "$VPY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
+if ! "$VPY" -W ignore -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
   rm -rf "$VENV"
   "$PYTHON" -m venv "$VENV"
   pip_q "$VPY" install -q --upgrade pip
   pip_q "$VPY" install -q "torch==$TORCH_VERSION"
 fi
 "$VPY" -m pip uninstall -q -y lstm_fused 2>/dev/null || true
-phase "fresh venv $VENV: $("$VPY" -c 'import torch; print("torch", torch.__version__)')"
+phase "fresh venv $VENV: $("$VPY" -W ignore -c 'import torch; print("torch", torch.__version__)')"
 
 # What each install must pass, run from $WORK/run (no lstm_fused source there).
 check() {
   (cd "$WORK/run" && "$VPY" - "$VENV" <<'PY'
-import os, sys
+import os, sys, warnings
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch without numpy
 import torch
 from torch import nn
 import lstm_fused
@@ -72,14 +73,16 @@ PY
 }
 
 # --- 1. sdist, and a wheel built from it ---------------------------------------------------------
+[ -x .venv/bin/python ] || { echo "[ci_install_check] FAIL: no .venv: run scripts/setup.sh first" >&2; exit 1; }
 . .venv/bin/activate
 python -c "import build, wheel" 2>/dev/null || pip_q python install -q build wheel
 python -m build --sdist --outdir "$WORK/dist" > "$WORK/sdist.log" 2>&1 || { tail -n 40 "$WORK/sdist.log"; exit 1; }
 SDIST=$(ls "$WORK"/dist/lstm_fused-*.tar.gz)
-for need in build_backend/lstm_fused_build.py csrc/ops.cpp csrc/cpu csrc/cuda setup.py pyproject.toml; do
-  tar tzf "$SDIST" | grep -q "^lstm_fused-[^/]*/$need" || { echo "[ci_install_check] FAIL: $need missing from $SDIST" >&2; exit 1; }
+LISTING=$(tar tzf "$SDIST")
+for need in build_backend/lstm_fused_build.py csrc/ops.cpp csrc/cpu/ csrc/cuda/ setup.py pyproject.toml MANIFEST.in; do
+  grep -q "^lstm_fused-[^/]*/$need" <<<"$LISTING" || { echo "[ci_install_check] FAIL: $need missing from $SDIST" >&2; exit 1; }
 done
-phase "sdist: $(basename "$SDIST") ($(tar tzf "$SDIST" | wc -l) entries)"
+phase "sdist: $(basename "$SDIST") ($(wc -l <<<"$LISTING") entries)"
 mkdir -p "$WORK/sdist-src" && tar xzf "$SDIST" -C "$WORK/sdist-src"
 python -m build --wheel --no-isolation --outdir "$WORK/dist" "$WORK"/sdist-src/lstm_fused-* > "$WORK/wheel.log" 2>&1 \
   || { tail -n 40 "$WORK/wheel.log"; exit 1; }
@@ -108,7 +111,7 @@ if [ -n "$(git status --porcelain --untracked-files=no)" ]; then
   echo "[ci_install_check] note: the clone is HEAD ($(git rev-parse --short HEAD)); uncommitted changes are not in it"
 fi
 "$VPY" -m pip install --no-cache-dir "$WORK/clone" > "$WORK/pip-clone.log" 2>&1 || { tail -n 40 "$WORK/pip-clone.log"; exit 1; }
-(cd "$WORK/run" && "$VPY" -c "import lstm_fused, torch; m = lstm_fused.LSTM(8, 16, backend='cpu'); print(m(torch.randn(5, 2, 8))[0].shape)")
+(cd "$WORK/run" && "$VPY" -W ignore -c "import lstm_fused, torch; m = lstm_fused.LSTM(8, 16, backend='cpu'); print(m(torch.randn(5, 2, 8))[0].shape)")
 check
 "$VPY" -m pip uninstall -q -y lstm_fused
 phase "OK: pip install <clone> checked"
