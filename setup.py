@@ -8,13 +8,14 @@ supports. LSTM_FUSED_SDIST=1 (set by the backend for source distributions): no t
 used; the requirement is the supported range.
 
 LSTM_FUSED_CUDA=1 forces the CUDA kernels in (fails without nvcc), LSTM_FUSED_CUDA=0 keeps them
-out; unset, they are built when torch is a CUDA build and nvcc is found. On x86 the CPU kernels
-are compiled for the build machine (-march=native) unless LSTM_FUSED_CPU_ARCH names a target.
+out; unset, they are built when torch is a CUDA build and nvcc is found. The CPU code is compiled for
+the platform's baseline (any x86-64 CPU); its SIMD step kernels are compiled per instruction set
+inside their own files and chosen at run time (csrc/cpu/isa.h). LSTM_FUSED_CPU_ARCH=<arch> adds
+-march=<arch> for a build that only needs to run on such CPUs.
 """
 
 import glob
 import os
-import platform
 import shutil
 import sys
 
@@ -86,11 +87,9 @@ def cxx_flags():
     # OpenMP on both compile and link, or at::parallel_for runs on one thread.
     # -fno-trapping-math lets GCC turn the clamps in activations.h into selects and vectorize.
     cxx = ["-O3", "-fopenmp", "-fno-trapping-math"]
-    if platform.machine() in ("x86_64", "AMD64"):
-        # The pointwise passes vectorize to the widest vectors the build machine has (AVX-512
-        # measured ~10% faster than AVX2 here). Building for other machines (a wheel, a mixed
-        # cluster): set LSTM_FUSED_CPU_ARCH, e.g. x86-64-v3 for any AVX2 CPU.
-        cxx += [f"-march={os.environ.get('LSTM_FUSED_CPU_ARCH', 'native')}"]
+    if os.environ.get("LSTM_FUSED_CPU_ARCH"):
+        # Never by default: a build must run on every CPU of its platform (a wheel, a cluster).
+        cxx += [f"-march={os.environ['LSTM_FUSED_CPU_ARCH']}"]
     return cxx
 
 

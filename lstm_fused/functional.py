@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import dispatch
+from . import dispatch, onnx_export
 
 
 def input_projection(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]) -> Tensor:
@@ -79,6 +79,8 @@ def lstm(
         x, h0, c0 = x.to(cast), h0.to(cast), c0.to(cast)
         weights = [w.to(cast) for w in weights]
 
+    # torch.onnx.export(dynamo=True) gets ONNX LSTM nodes instead of our op (onnx_export.py).
+    onnx_exporting = torch.onnx.is_in_onnx_export()
     h_n, c_n = [], []
     layer_input = x
     for layer in range(num_layers):
@@ -89,10 +91,15 @@ def lstm(
             w_ih, w_hh = w[0], w[1]
             b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
             w_hr = w[-1] if proj_size > 0 else None
-            xproj = input_projection(layer_input, w_ih, b_ih, b_hh)
-            y, h, c = recurrence(
-                xproj, w_hh, w_hr, h0[k], c0[k], lengths, reverse=direction == 1, backend=backend
-            )
+            if onnx_exporting:
+                y, h, c = onnx_export.lstm_direction(
+                    layer_input, w_ih, w_hh, b_ih, b_hh, w_hr, h0[k], c0[k], lengths, direction == 1
+                )
+            else:
+                xproj = input_projection(layer_input, w_ih, b_ih, b_hh)
+                y, h, c = recurrence(
+                    xproj, w_hh, w_hr, h0[k], c0[k], lengths, reverse=direction == 1, backend=backend
+                )
             outputs.append(y)
             h_n.append(h)
             c_n.append(c)

@@ -10,16 +10,39 @@ not, and ``torch.load(..., weights_only=True)`` needs only nn.LSTM's allow-list;
 the loaded modules fused again. ``copy.copy``/``copy.deepcopy`` keep the fused class and backend.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: TorchScript reads forward's annotations as types.
+import contextlib
 import copy
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import dispatch, functional
+from . import dispatch, functional, onnx_export, torchscript
+
+try:  # per-sample gradients (torch.nn.utils._per_sample_grad.call_for_per_sample_grads)
+    from torch.nn.utils._expanded_weights.expanded_weights_impl import ExpandedWeight
+except ImportError:  # a torch without expanded weights: nothing to detect
+    ExpandedWeight = ()
+
+
+def _has_expanded_weights(params) -> bool:
+    return any(isinstance(p, ExpandedWeight) for p in params)
+
+
+@contextlib.contextmanager
+def _mkldnn_disabled():
+    # torch's LSTM decomposition picks a oneDNN layer op (which expanded weights cannot handle)
+    # for fp32/bf16 CPU input that does not require grad; without oneDNN it takes the per-step
+    # F.linear path that expanded weights do handle.
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
 
 
 def _check_devices(input: Tensor, params, hx) -> None:
@@ -107,8 +130,46 @@ class LSTM(nn.LSTM):
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")
 
-    def forward(self, input, hx: Optional[tuple] = None):
+    # Signatures for TorchScript, which compiles forward once per input type (as for nn.LSTM).
+    @torch._jit_internal._overload_method  # noqa: F811
+    def forward(
+        self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None
+    ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+        pass
+
+    @torch._jit_internal._overload_method  # noqa: F811
+    def forward(
+        self, input: PackedSequence, hx: Optional[Tuple[Tensor, Tensor]] = None
+    ) -> Tuple[PackedSequence, Tuple[Tensor, Tensor]]:
+        pass
+
+    def forward(self, input, hx=None):  # noqa: F811
+        if torch.jit.is_scripting():
+            # TorchScript cannot compile the fused path; it runs ATen's LSTM on our parameters
+            # (the code below this branch is never compiled).
+            if isinstance(input, PackedSequence):
+                return torchscript.packed_lstm(
+                    input, hx, self._flat_weights, self.bias, self.num_layers, self.dropout,
+                    self.training, self.bidirectional, self.proj_size, self.hidden_size,
+                )
+            return torchscript.lstm(
+                input, hx, self._flat_weights, self.bias, self.num_layers, self.dropout,
+                self.training, self.bidirectional, self.batch_first, self.proj_size, self.hidden_size,
+            )
+        if torch.jit.is_tracing():
+            # torch.jit.trace and torch.onnx.export(dynamo=False) record nn.LSTM's aten::lstm:
+            # TorchScript replays it, and the ONNX exporter maps it to ONNX's LSTM operator.
+            if torch.onnx.is_in_onnx_export():
+                onnx_export.refuse_projection(self.proj_size)
+            return super().forward(input, hx)
+        if isinstance(input, PackedSequence) and torch.onnx.is_in_onnx_export():
+            onnx_export.refuse_packed_input()
         self._update_flat_weights()
+        if _has_expanded_weights(self._flat_weights):
+            # Per-sample gradients: expanded weights know how to split nn.LSTM's computation
+            # (torch's per-step decomposition of it) into per-sample GEMMs, not our fused op.
+            with _mkldnn_disabled():
+                return super().forward(input, hx)
         num_dirs = 2 if self.bidirectional else 1
         out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
         packed = isinstance(input, PackedSequence)
@@ -131,15 +192,13 @@ class LSTM(nn.LSTM):
             self.check_input(x, None)
             if self.batch_first:
                 x = x.transpose(0, 1)
-        if x.size(0) == 0:
-            raise RuntimeError("lstm_fused: the input sequence has length 0")
         batch = x.size(1)
 
         if hx is None:
-            zeros = dict(dtype=x.dtype, device=x.device)
+            num_states = self.num_layers * num_dirs
             hx = (
-                torch.zeros(self.num_layers * num_dirs, batch, out_size, **zeros),
-                torch.zeros(self.num_layers * num_dirs, batch, self.hidden_size, **zeros),
+                torch.zeros(num_states, batch, out_size, dtype=x.dtype, device=x.device),
+                torch.zeros(num_states, batch, self.hidden_size, dtype=x.dtype, device=x.device),
             )
         else:
             want = 3 if is_batched else 2
@@ -155,8 +214,11 @@ class LSTM(nn.LSTM):
             expected_c = (self.num_layers * num_dirs, batch, self.hidden_size)
             self.check_hidden_size(hx[0], expected_h, "Expected hidden[0] size {}, got {}")
             self.check_hidden_size(hx[1], expected_c, "Expected hidden[1] size {}, got {}")
-            _check_state_dtypes(x, hx)
             hx = self.permute_hidden(hx, sorted_indices)
+        # nn.LSTM's own text and place: after the shape checks, before the dtype checks.
+        if x.size(0) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        _check_state_dtypes(x, hx)
         _check_devices(x, self._flat_weights, hx)
 
         y, h_n, c_n = functional.lstm(
@@ -206,7 +268,16 @@ class LSTMCell(nn.LSTMCell):
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")
 
-    def forward(self, input: Tensor, hx: Optional[tuple] = None):
+    def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None):
+        if torch.jit.is_scripting():
+            # TorchScript cannot compile the fused path; it runs ATen's cell on our parameters.
+            return torchscript.lstm_cell(
+                input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
+            )
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            # Tracing, and both ONNX exporters, record nn.LSTMCell's aten::lstm_cell (plain
+            # GEMMs and pointwise ops after decomposition) instead of our custom op.
+            return super().forward(input, hx)
         if input.dim() not in (1, 2):
             raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if hx is not None:
@@ -221,24 +292,32 @@ class LSTMCell(nn.LSTMCell):
             raise RuntimeError(
                 f"input has inconsistent input_size: got {x.size(1)} expected {self.input_size}"
             )
-        if x.dtype != self.weight_ih.dtype:
-            raise RuntimeError(
-                f"lstm_fused: input dtype ({x.dtype}) does not match weight dtype ({self.weight_ih.dtype})"
-            )
         if hx is None:
             zeros = torch.zeros(x.size(0), self.hidden_size, dtype=x.dtype, device=x.device)
             hx = (zeros, zeros)
         elif not is_batched:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
-        for idx, value in enumerate(hx):
-            if value.shape != (x.size(0), self.hidden_size):
+        # nn.LSTMCell's texts and order: all shapes (h before c, batch before width), then dtypes.
+        for label, value in enumerate(hx):
+            if value.size(0) != x.size(0):
                 raise RuntimeError(
-                    f"LSTMCell: Expected hx[{idx}] of size {(x.size(0), self.hidden_size)}, "
-                    f"got {tuple(value.shape)}"
+                    f"Input batch size {x.size(0)} doesn't match hidden{label} batch size {value.size(0)}"
                 )
+            if value.size(1) != self.hidden_size:
+                raise RuntimeError(
+                    f"hidden{label} has inconsistent hidden_size: got {value.size(1)}, "
+                    f"expected {self.hidden_size}"
+                )
+        if x.dtype != self.weight_ih.dtype:
+            raise RuntimeError(
+                f"lstm_fused: input dtype ({x.dtype}) does not match weight dtype ({self.weight_ih.dtype})"
+            )
         _check_state_dtypes(x, hx)
         _check_devices(x, [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh], hx)
 
+        if _has_expanded_weights((self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)):
+            h, c = self._expanded_weights_step(x, hx)
+            return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))
         xproj = functional.input_projection(x, self.weight_ih, self.bias_ih, self.bias_hh)
         _, h, c = functional.recurrence(
             xproj.unsqueeze(0), self.weight_hh, None, hx[0], hx[1], backend=self.backend
@@ -246,6 +325,14 @@ class LSTMCell(nn.LSTMCell):
         if not is_batched:
             return h.squeeze(0), c.squeeze(0)
         return h, c
+
+    def _expanded_weights_step(self, x: Tensor, hx: tuple):
+        # Per-sample gradients: expanded weights handle each weight through its own F.linear
+        # (nn.LSTMCell's lstm_cell op is not handled by them), so spell the step out that way.
+        z = F.linear(x, self.weight_ih, self.bias_ih) + F.linear(hx[0], self.weight_hh, self.bias_hh)
+        i, f, g, o = z.chunk(4, dim=1)
+        c = f.sigmoid() * hx[1] + i.sigmoid() * g.tanh()
+        return o.sigmoid() * c.tanh(), c
 
 
 def convert(module: nn.Module, backend: str = "auto") -> nn.Module:

@@ -121,6 +121,13 @@ def backward_fake(dy, dh_n, dc_n, w_hh, w_hr, h0, c0, lengths, reverse, y, gates
 
 # --------------------------------------------------------------------------------------------
 # Autograd: forward op -> paired backward op.
+#
+# First order (create_graph=False, grad mode off in backward) runs the backend's fused backward
+# op. With create_graph=True the first-order gradients must themselves be differentiable, which
+# the fused backward ops are not; so that path recomputes the recurrence from its saved inputs
+# with the reference's plain-PyTorch math and differentiates it with autograd, and every higher
+# order comes out of autograd. That needs xproj at backward time, so it is saved too: T*B*4H
+# more elements per layer and direction (xproj would otherwise be freed after the forward).
 
 
 def _setup_context(ctx, inputs, output):
@@ -129,7 +136,31 @@ def _setup_context(ctx, inputs, output):
     ctx.reverse = reverse
     ctx.saved = save
     ctx.has_proj = w_hr is not None
-    ctx.save_for_backward(w_hh, w_hr, h0, c0, lengths, y, gates, c_all)
+    ctx.save_for_backward(xproj, w_hh, w_hr, h0, c0, lengths, y, gates, c_all)
+
+
+def _differentiable_backward(ctx, dy, dh_n, dc_n, xproj, w_hh, w_hr, h0, c0, lengths):
+    """First-order gradients as a graph (for create_graph=True): autograd of the reference."""
+    candidates = (xproj, w_hh, w_hr, h0, c0)
+    wanted = [i for i, t in enumerate(candidates) if ctx.needs_input_grad[i] and t is not None]
+    grads = [None] * len(ctx.needs_input_grad)
+    if not wanted:
+        return grads
+    with torch.enable_grad():
+        y, h_n, c_n, _, _ = reference.recurrence_forward_ref(
+            xproj, w_hh, w_hr, h0, c0, lengths, ctx.reverse, False
+        )
+        found = torch.autograd.grad(
+            (y, h_n, c_n),
+            [candidates[i] for i in wanted],
+            (dy, dh_n, dc_n),
+            create_graph=True,
+            allow_unused=True,
+        )
+    for i, g in zip(wanted, found):
+        # An input the outputs do not depend on gets an explicit zero, as the fused op returns.
+        grads[i] = torch.zeros_like(candidates[i]) if g is None else g
+    return grads
 
 
 def _make_backward(backward_op):
@@ -139,11 +170,17 @@ def _make_backward(backward_op):
                 "lstm_fused: backward through a recurrence that was run with save=False "
                 "(the forward saw no tensor requiring grad, or grad mode was off)"
             )
-        w_hh, w_hr, h0, c0, lengths, y, gates, c_all = ctx.saved_tensors
+        xproj, w_hh, w_hr, h0, c0, lengths, y, gates, c_all = ctx.saved_tensors
         dy = torch.zeros_like(y) if dy is None else dy.contiguous()
         dh_n = torch.zeros_like(h0) if dh_n is None else dh_n.contiguous()
         dc_n = torch.zeros_like(c0) if dc_n is None else dc_n.contiguous()
         need = ctx.needs_input_grad
+        # Grad mode is on in a backward only under create_graph=True; the fused op's results
+        # would carry no graph, so a second backward through them would silently be zero.
+        if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (xproj, w_hh, w_hr, h0, c0, dy, dh_n, dc_n)
+        ):
+            return tuple(_differentiable_backward(ctx, dy, dh_n, dc_n, xproj, w_hh, w_hr, h0, c0, lengths))
         weight_grads = bool(need[1] or need[2])
         dxproj, dw_hh, dw_hr, dh0, dc0 = backward_op(
             dy, dh_n, dc_n, w_hh, w_hr, h0, c0, lengths, ctx.reverse, y, gates, c_all, weight_grads
@@ -162,6 +199,16 @@ def _make_backward(backward_op):
     return backward
 
 
+def _backward_op_is_not_differentiable(backward_name: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"lstm_fused: {backward_name} has no derivative; differentiate the forward op "
+            "instead (its backward with create_graph=True builds a differentiable graph)"
+        )
+
+    return backward
+
+
 def register_backend_ops(forward_name: str, backward_name: str) -> None:
     """Attach the shared fake kernels and autograd to a backend's op pair."""
     torch.library.register_fake(forward_name)(forward_fake)
@@ -170,6 +217,10 @@ def register_backend_ops(forward_name: str, backward_name: str) -> None:
     torch.library.register_autograd(
         forward_name, _make_backward(backward_op), setup_context=_setup_context
     )
+    # An explicit autograd kernel for the backward op: calling it on tensors that require grad
+    # then raises on differentiation instead of PyTorch's "no autograd kernel" warning and
+    # silently zero gradients.
+    torch.library.register_autograd(backward_name, _backward_op_is_not_differentiable(backward_name))
 
 
 register_backend_ops(f"{LIB}::reference_forward", f"{LIB}::reference_backward")

@@ -82,9 +82,64 @@ def test_device_mismatch_is_named(lstm):
         lstm(torch.randn(5, 3, 4), (h0, torch.randn(2, 3, 6)))
 
 
-def test_empty_sequence(lstm):
-    with pytest.raises(RuntimeError, match="length 0"):
-        lstm(torch.randn(0, 3, 4))
+def _raised(call):
+    """(exception type, message) of what ``call`` raises."""
+    with pytest.raises(Exception) as info:
+        call()
+    return type(info.value), str(info.value)
+
+
+F64 = torch.float64
+
+# id: nn.LSTM config, input, (h0, c0) or None; each must fail exactly as nn.LSTM fails
+LSTM_LIKE_NN = {
+    "empty_sequence": (dict(num_layers=2), lambda: torch.randn(0, 3, 4), None),
+    "empty_sequence_batch_first": (dict(batch_first=True), lambda: torch.randn(3, 0, 4), None),
+    "empty_sequence_unbatched": ({}, lambda: torch.randn(0, 4), None),
+    "empty_sequence_with_state": ({}, lambda: torch.randn(0, 3, 4), lambda: (torch.randn(1, 3, 6), torch.randn(1, 3, 6))),
+    "empty_sequence_state_shape_first": ({}, lambda: torch.randn(0, 3, 4),
+                                         lambda: (torch.randn(1, 5, 6), torch.randn(1, 3, 6))),
+    "empty_sequence_before_state_dtype": ({}, lambda: torch.randn(0, 3, 4),
+                                          lambda: (torch.randn(1, 3, 6, dtype=F64), torch.randn(1, 3, 6))),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("case", LSTM_LIKE_NN)
+def test_lstm_fails_like_nn_lstm(backend, case):
+    config, make_input, make_state = LSTM_LIKE_NN[case]
+    ours = lstm_fused.LSTM(4, 6, **config, backend=backend)
+    theirs = torch.nn.LSTM(4, 6, **config)
+    x = make_input()
+    hx = None if make_state is None else make_state()
+    assert _raised(lambda: ours(x, hx)) == _raised(lambda: theirs(x, hx))
+
+
+# id: input, (h, c) for an LSTMCell(4, 20); each must fail exactly as nn.LSTMCell fails
+CELL_LIKE_NN = {
+    "hidden0_size": (lambda: torch.randn(3, 4), lambda: (torch.randn(3, 21), torch.randn(3, 20))),
+    "hidden1_size": (lambda: torch.randn(3, 4), lambda: (torch.randn(3, 20), torch.randn(3, 21))),
+    "hidden0_batch": (lambda: torch.randn(3, 4), lambda: (torch.randn(5, 20), torch.randn(3, 20))),
+    "hidden1_batch": (lambda: torch.randn(3, 4), lambda: (torch.randn(3, 20), torch.randn(5, 20))),
+    "batch_before_size": (lambda: torch.randn(3, 4), lambda: (torch.randn(5, 21), torch.randn(5, 21))),
+    "hidden0_before_hidden1": (lambda: torch.randn(3, 4), lambda: (torch.randn(3, 21), torch.randn(5, 20))),
+    "unbatched_hidden_size": (lambda: torch.randn(4), lambda: (torch.randn(21), torch.randn(20))),
+    "unbatched_input_batched_state": (lambda: torch.randn(4), lambda: (torch.randn(3, 20), torch.randn(3, 20))),
+    "batched_input_unbatched_state": (lambda: torch.randn(3, 4), lambda: (torch.randn(20), torch.randn(20))),
+    "shape_before_state_dtype": (lambda: torch.randn(3, 4), lambda: (torch.randn(5, 20, dtype=F64), torch.randn(5, 20))),
+    "shape_before_input_dtype": (lambda: torch.randn(3, 4, dtype=F64), lambda: (torch.randn(3, 21), torch.randn(3, 20))),
+    "input_size_before_dtype": (lambda: torch.randn(3, 5, dtype=F64), lambda: None),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("case", CELL_LIKE_NN)
+def test_cell_fails_like_nn_lstm_cell(backend, case):
+    make_input, make_state = CELL_LIKE_NN[case]
+    ours = lstm_fused.LSTMCell(4, 20, backend=backend)
+    theirs = torch.nn.LSTMCell(4, 20)
+    x, hx = make_input(), make_state()
+    assert _raised(lambda: ours(x, hx)) == _raised(lambda: theirs(x, hx))
 
 
 def test_cell_errors():
@@ -93,7 +148,7 @@ def test_cell_errors():
         cell(torch.randn(1, 2, 4))
     with pytest.raises(RuntimeError, match="inconsistent input_size: got 5 expected 4"):
         cell(torch.randn(2, 5))
-    with pytest.raises(RuntimeError, match="Expected hx\\[1\\] of size \\(2, 6\\)"):
+    with pytest.raises(RuntimeError, match="Input batch size 2 doesn't match hidden1 batch size 3"):
         cell(torch.randn(2, 4), (torch.randn(2, 6), torch.randn(3, 6)))
 
 

@@ -238,6 +238,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrenc
   const auto opts = gates_in.options();
   const auto acc_opts = opts.dtype(acc);
   const int64_t T = s.T, B = s.B, H = s.H, P = s.P;
+  if (panel_kernels_apply(dtype, s.has_proj)) {
+    auto [dxproj, dh0, dc0] =
+        panel_backward(dy_in, dh_n, dc_n, w_hh_in, c0, lengths_in, reverse, gates_in, c_all_in);
+    at::Tensor dw_hh = weight_grads ? recurrent_weight_grad(dxproj, y, h0, lengths_in, reverse)
+                                    : at::empty({0}, opts);
+    return {dxproj, dw_hh, at::empty({0}, opts), dh0, dc0};
+  }
 
   const at::Tensor dy = dy_in.contiguous();
   const at::Tensor gates = gates_in.contiguous();

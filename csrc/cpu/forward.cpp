@@ -179,6 +179,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrenc
     bool reverse, bool save) {
   const RecurrenceSizes s = check_forward_args(xproj_in, w_hh_in, w_hr_in, h0, c0, lengths_in);
   const auto dtype = xproj_in.scalar_type();
+  if (panel_kernels_apply(dtype, s.has_proj)) {
+    return panel_forward(xproj_in, w_hh_in, h0, c0, lengths_in, reverse, save);
+  }
   const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = xproj_in.options();
   const auto acc_opts = opts.dtype(acc);

@@ -21,6 +21,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrenc
     const std::optional<at::Tensor>& lengths, bool reverse, const at::Tensor& y,
     const at::Tensor& gates, const at::Tensor& c_all, bool weight_grads);
 
+// The SIMD step-kernel path (panel_recurrence.cpp): layers without projection in float32,
+// bfloat16 and float16. The other cases (projection, float64) take the per-thread GEMM path.
+bool panel_kernels_apply(at::ScalarType dtype, bool has_proj);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> panel_forward(
+    const at::Tensor& xproj, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
+    const std::optional<at::Tensor>& lengths, bool reverse, bool save);
+// Returns d(xproj), dh0, dc0; the weight gradients are the caller's T*B-row GEMMs.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> panel_backward(
+    const at::Tensor& dy, const at::Tensor& dh_n, const at::Tensor& dc_n, const at::Tensor& w_hh,
+    const at::Tensor& c0, const std::optional<at::Tensor>& lengths, bool reverse,
+    const at::Tensor& gates, const at::Tensor& c_all);
+
 // How the hidden units (or projected units) are divided among the threads of a recurrence.
 // Blocks are multiples of 8 units so each thread's pointwise loop runs whole vectors.
 struct WorkSplit {

@@ -1,0 +1,73 @@
+// CPU feature detection for the step kernels (see isa.h).
+#include "cpu/isa.h"
+
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <cstring>
+
+namespace lstm_fused::cpu {
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "generic";
+  }
+}
+
+bool isa_supported(Isa isa) {
+  if (isa == Isa::kGeneric) return true;
+#if defined(__x86_64__) && defined(__GNUC__)
+  // libgcc's checks include the OS's XSAVE support for the ymm/zmm state, not only CPUID bits.
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa == Isa::kAvx2) return avx2;
+  return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
+namespace {
+
+Isa widest_supported() {
+  static const Isa widest = isa_supported(Isa::kAvx512) ? Isa::kAvx512
+                            : isa_supported(Isa::kAvx2) ? Isa::kAvx2
+                                                        : Isa::kGeneric;
+  return widest;
+}
+
+}  // namespace
+
+Isa selected_isa() {
+  const char* forced = std::getenv("LSTM_FUSED_CPU_ISA");
+  if (forced == nullptr || *forced == '\0' || std::strcmp(forced, "auto") == 0) return widest_supported();
+  for (Isa isa : {Isa::kGeneric, Isa::kAvx2, Isa::kAvx512}) {
+    if (std::strcmp(forced, isa_name(isa)) != 0) continue;
+    TORCH_CHECK(isa_supported(isa), "lstm_fused: LSTM_FUSED_CPU_ISA=", forced,
+                " but this CPU cannot run that variant (widest here: ", isa_name(widest_supported()), ")");
+    return isa;
+  }
+  TORCH_CHECK(false, "lstm_fused: LSTM_FUSED_CPU_ISA=", forced,
+              " is not one of auto, generic, avx2, avx512");
+}
+
+}  // namespace lstm_fused::cpu
+
+// ------------------------------------------------------------------------------------------
+#include "cpu/step_kernels.h"
+
+namespace lstm_fused::cpu {
+
+const StepKernels& step_kernels(Isa isa) {
+#if defined(__x86_64__)
+  if (isa == Isa::kAvx512) return step_kernels_avx512();
+  if (isa == Isa::kAvx2) return step_kernels_avx2();
+#endif
+  (void)isa;
+  return step_kernels_generic();
+}
+
+}  // namespace lstm_fused::cpu

@@ -1,0 +1,32 @@
+// Ops that report the CPU step kernels' instruction-set choice (tests and benchmarks read them).
+#include <torch/library.h>
+
+#include "cpu/isa.h"
+#include "cpu/packed_weights.h"
+
+#include <string>
+
+namespace {
+
+bool cpu_isa_supported(const std::string& name) {
+  using lstm_fused::cpu::Isa;
+  for (Isa isa : {Isa::kGeneric, Isa::kAvx2, Isa::kAvx512})
+    if (name == lstm_fused::cpu::isa_name(isa)) return lstm_fused::cpu::isa_supported(isa);
+  TORCH_CHECK(false, "lstm_fused: unknown CPU instruction set variant '", name,
+              "' (expected generic, avx2 or avx512)");
+}
+
+std::string cpu_isa_selected() { return lstm_fused::cpu::isa_name(lstm_fused::cpu::selected_isa()); }
+
+int64_t cpu_packed_cache_size() { return lstm_fused::cpu::packed_cache_size(); }
+
+void cpu_packed_cache_clear() { lstm_fused::cpu::packed_cache_clear(); }
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
+  m.def("cpu_isa_supported(str name) -> bool", &cpu_isa_supported);
+  m.def("cpu_isa_selected() -> str", &cpu_isa_selected);
+  m.def("cpu_packed_cache_size() -> int", &cpu_packed_cache_size);
+  m.def("cpu_packed_cache_clear() -> ()", &cpu_packed_cache_clear);
+}

@@ -1,0 +1,135 @@
+// Panel packing and the cache of packed weights (see packed_weights.h).
+#include "cpu/packed_weights.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/TensorImpl.h>
+#include <c10/util/intrusive_ptr.h>
+
+#include <cstring>
+#include <list>
+#include <mutex>
+
+namespace lstm_fused::cpu {
+namespace {
+
+template <typename scalar_t>
+void pack_typed(const at::Tensor& w, PanelLayout layout, int V, scalar_t* out) {
+  const int64_t H = w.size(0) / 4, K = w.size(1);
+  const scalar_t* src = w.data_ptr<scalar_t>();  // contiguous (4H, K)
+  if (layout == PanelLayout::kForwardGates) {
+    const int64_t blocks = (H + V - 1) / V;
+    for (int64_t u = 0; u < blocks; ++u)
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t g = 0; g < 4; ++g)
+          for (int64_t v = 0; v < V; ++v, ++out) {
+            const int64_t j = u * V + v;
+            *out = j < H ? src[(g * H + j) * K + k] : scalar_t(0);
+          }
+  } else {
+    const int64_t width = 4 * V, blocks = (K + width - 1) / width;
+    for (int64_t q = 0; q < blocks; ++q)
+      for (int64_t k = 0; k < 4 * H; ++k)
+        for (int64_t v = 0; v < width; ++v, ++out) {
+          const int64_t j = q * width + v;
+          *out = j < K ? src[k * K + j] : scalar_t(0);
+        }
+  }
+}
+
+at::Tensor pack(const at::Tensor& w_in, PanelLayout layout, int V) {
+  const at::Tensor w = w_in.contiguous();
+  const int64_t H = w.size(0) / 4, K = w.size(1);
+  const int64_t elements = layout == PanelLayout::kForwardGates
+                             ? (H + V - 1) / V * V * 4 * K
+                             : (K + 4 * V - 1) / (4 * V) * 4 * V * 4 * H;
+  at::Tensor out = at::empty({elements}, w.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "lstm_fused_pack", [&] {
+    pack_typed<scalar_t>(w, layout, V, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+// 64 elements spread over the tensor, hashed bytewise: changes when a write through `.data`
+// touches any of them (a reinitialization or a loaded checkpoint does).
+uint64_t fingerprint(const at::Tensor& w) {
+  const at::Tensor c = w.contiguous();
+  const auto* bytes = static_cast<const unsigned char*>(c.data_ptr());
+  const int64_t n = c.numel(), size = c.element_size();
+  uint64_t hash = 1469598103934665603ull;  // FNV-1a
+  for (int64_t i = 0; i < 64 && n > 0; ++i) {
+    const int64_t at = (n - 1) * i / 63;
+    for (int64_t b = 0; b < size; ++b) hash = (hash ^ bytes[at * size + b]) * 1099511628211ull;
+  }
+  return hash;
+}
+
+struct Entry {
+  c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> weight;
+  const c10::TensorImpl* impl;
+  const void* data;
+  uint32_t version;
+  at::ScalarType dtype;
+  std::vector<int64_t> sizes, strides;
+  PanelLayout layout;
+  int V;
+  uint64_t fingerprint;
+  at::Tensor panels;
+
+  bool matches(const at::Tensor& w, uint32_t w_version, PanelLayout l, int v, uint64_t fp) const {
+    return impl == w.unsafeGetTensorImpl() && !weight.expired() && data == w.data_ptr() &&
+           version == w_version && dtype == w.scalar_type() && sizes == w.sizes().vec() &&
+           strides == w.strides().vec() && layout == l && V == v && fingerprint == fp;
+  }
+};
+
+// Least recently used first; bounded in entries and bytes (big weights pack fast enough, small
+// ones are what streaming callers repeat).
+constexpr size_t kMaxEntries = 16;
+constexpr int64_t kMaxBytes = int64_t(64) << 20;
+
+std::mutex cache_mutex;
+std::list<Entry> cache;
+
+}  // namespace
+
+at::Tensor packed_panels(const at::Tensor& w, PanelLayout layout, int V) {
+  // Inference tensors have no version counter; weights of the autograd kind always do.
+  if (w.is_inference() || w.nbytes() > static_cast<size_t>(kMaxBytes)) return pack(w, layout, V);
+  const uint32_t version = w.unsafeGetTensorImpl()->version_counter().current_version();
+  const uint64_t fp = fingerprint(w);
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  for (auto it = cache.begin(); it != cache.end();) {
+    if (it->weight.expired()) {
+      it = cache.erase(it);
+    } else if (it->matches(w, version, layout, V, fp)) {
+      cache.splice(cache.end(), cache, it);  // most recently used last
+      return cache.back().panels;
+    } else {
+      ++it;
+    }
+  }
+  at::Tensor panels = pack(w, layout, V);
+  cache.push_back(Entry{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(w.getIntrusivePtr()),
+                        w.unsafeGetTensorImpl(), w.data_ptr(), version, w.scalar_type(),
+                        w.sizes().vec(), w.strides().vec(), layout, V, fp, panels});
+  int64_t bytes = 0;
+  for (const Entry& e : cache) bytes += static_cast<int64_t>(e.panels.nbytes());
+  while (cache.size() > 1 && (cache.size() > kMaxEntries || bytes > kMaxBytes)) {
+    bytes -= static_cast<int64_t>(cache.front().panels.nbytes());
+    cache.pop_front();
+  }
+  return panels;
+}
+
+int64_t packed_cache_size() {
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  return static_cast<int64_t>(cache.size());
+}
+
+void packed_cache_clear() {
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  cache.clear();
+}
+
+}  // namespace lstm_fused::cpu

@@ -1,0 +1,160 @@
+// Drivers of the SIMD step kernels (step_kernels.h): the forward and backward recurrence of a
+// layer without projection in float32, bfloat16 or float16, for the instruction set isa.h picks.
+//
+// One parallel region per call. The blocks of a step are split over the threads (step_team.h);
+// each thread's blocks read their own panels of W_hh (packed once and cached across calls,
+// packed_weights.h), which stay in that thread's L2 for all T steps when they fit. The state a
+// step reads (h forward, dz backward) was written by every thread the step before, so it is
+// double-buffered and the steps are separated by the team's synchronization.
+
+#include "checks.h"
+#include "cpu/huge_pages.h"
+#include "cpu/packed_weights.h"
+#include "cpu/recurrence.h"
+#include "cpu/step_kernels.h"
+#include "cpu/step_team.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <omp.h>
+
+namespace lstm_fused::cpu {
+namespace {
+
+// A parallel region and a synchronization per step pay only above these sizes.
+constexpr int64_t kMinStepMacsPerThread = 16384;
+constexpr int64_t kMinCallMacsForThreads = int64_t(1) << 20;
+
+int panel_threads(int64_t T, int64_t step_macs, int64_t blocks) {
+  int64_t threads = std::min<int64_t>(at::get_num_threads(), blocks);
+  threads = std::min<int64_t>(threads, std::max<int64_t>(1, step_macs / kMinStepMacsPerThread));
+  if (T * step_macs < kMinCallMacsForThreads) threads = 1;
+  return static_cast<int>(std::max<int64_t>(1, threads));
+}
+
+// Runs fn(s, block) for s in steps (in order) and every block, on `threads` threads.
+template <typename Fn>
+void run_steps(int threads, int64_t steps, int64_t blocks, const Fn& fn) {
+  if (threads == 1) {
+    for (int64_t s = 0; s < steps; ++s)
+      for (int64_t blk = 0; blk < blocks; ++blk) fn(s, blk);
+    return;
+  }
+  StepTeam team(threads, blocks);
+#pragma omp parallel num_threads(threads)
+  {
+    const int k = omp_get_thread_num();
+    if (k < threads) {  // the runtime may give fewer threads; the others' slices get stolen
+      for (int64_t s = 0; s < steps; ++s) team.run_step(k, s, [&](int64_t blk) { fn(s, blk); });
+    }
+  }
+}
+
+Storage storage_of(at::ScalarType dtype) {
+  if (dtype == at::kBFloat16) return Storage::kBFloat16;
+  if (dtype == at::kHalf) return Storage::kHalf;
+  return Storage::kFloat;
+}
+
+}  // namespace
+
+bool panel_kernels_apply(at::ScalarType dtype, bool has_proj) {
+  return !has_proj && (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> panel_forward(
+    const at::Tensor& xproj_in, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
+    const std::optional<at::Tensor>& lengths_in, bool reverse, bool save) {
+  const int64_t T = xproj_in.size(0), B = xproj_in.size(1), H = xproj_in.size(2) / 4;
+  const auto opts = xproj_in.options();
+  const auto f32 = opts.dtype(at::kFloat);
+  const StepKernels& kernels = step_kernels(selected_isa());
+  const int V = kernels.vector_width;
+
+  const at::Tensor xproj = xproj_in.contiguous();
+  const at::Tensor panels = packed_panels(w_hh, PanelLayout::kForwardGates, V);
+  const at::Tensor lengths = lengths_in.has_value() ? lengths_in->contiguous() : at::Tensor();
+  at::Tensor h = at::empty({2, B, H}, f32);
+  h[0].copy_(h0);
+  at::Tensor c = c0.to(at::kFloat, false, /*copy=*/true).contiguous();
+  at::Tensor y = at::empty({T, B, H}, opts);
+  at::Tensor gates = save ? at::empty({T, B, 4 * H}, opts) : at::empty({0}, opts);
+  at::Tensor c_all = save ? at::empty({T, B, H}, f32) : at::empty({0}, f32);
+  for (const at::Tensor* out : {&y, &gates, &c_all}) advise_huge_pages(*out);
+
+  ForwardStepArgs a;
+  a.T = T, a.B = B, a.H = H;
+  a.storage = storage_of(xproj.scalar_type());
+  a.reverse = reverse, a.save = save;
+  a.xproj = xproj.data_ptr();
+  a.panels = panels.data_ptr();
+  a.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+  a.h[0] = h.data_ptr<float>();
+  a.h[1] = a.h[0] + B * H;
+  a.c = c.data_ptr<float>();
+  a.y = y.data_ptr();
+  a.gates_out = save ? gates.data_ptr() : nullptr;
+  a.c_all = save ? c_all.data_ptr<float>() : nullptr;
+
+  const int64_t blocks = (H + V - 1) / V;
+  const int threads = panel_threads(T, B * 4 * H * H, blocks);
+  run_steps(threads, T, blocks, [&](int64_t s, int64_t u) { kernels.forward_block(a, s, u); });
+  const auto dtype = xproj.scalar_type();
+  return {y, h[T % 2].to(dtype, false, /*copy=*/true), c.to(dtype), gates, c_all};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> panel_backward(
+    const at::Tensor& dy_in, const at::Tensor& dh_n, const at::Tensor& dc_n, const at::Tensor& w_hh,
+    const at::Tensor& c0, const std::optional<at::Tensor>& lengths_in, bool reverse,
+    const at::Tensor& gates_in, const at::Tensor& c_all_in) {
+  const int64_t T = gates_in.size(0), B = gates_in.size(1), H = gates_in.size(2) / 4;
+  const auto opts = gates_in.options();
+  const auto f32 = opts.dtype(at::kFloat);
+  const StepKernels& kernels = step_kernels(selected_isa());
+  const int V = kernels.vector_width;
+
+  const at::Tensor dy = dy_in.contiguous();
+  const at::Tensor gates = gates_in.contiguous();
+  const at::Tensor c_all = c_all_in.contiguous();
+  const at::Tensor c0_f = c0.to(at::kFloat).contiguous();
+  const at::Tensor panels = packed_panels(w_hh, PanelLayout::kBackwardColumns, V);
+  const at::Tensor lengths = lengths_in.has_value() ? lengths_in->contiguous() : at::Tensor();
+  at::Tensor dh = dh_n.to(at::kFloat, false, /*copy=*/true).contiguous();
+  at::Tensor dc = dc_n.to(at::kFloat, false, /*copy=*/true).contiguous();
+  at::Tensor dz = at::empty({2, B, 4 * H}, f32);
+  at::Tensor dxproj = at::empty({T, B, 4 * H}, opts);
+  advise_huge_pages(dxproj);
+
+  BackwardStepArgs a;
+  a.T = T, a.B = B, a.H = H;
+  a.storage = storage_of(gates.scalar_type());
+  a.reverse = reverse;
+  a.dy = dy.data_ptr();
+  a.gates = gates.data_ptr();
+  a.c_all = c_all.data_ptr<float>();
+  a.c0 = c0_f.data_ptr<float>();
+  a.panels = panels.data_ptr();
+  a.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+  a.dh = dh.data_ptr<float>();
+  a.dc = dc.data_ptr<float>();
+  a.dz[0] = dz.data_ptr<float>();
+  a.dz[1] = a.dz[0] + B * 4 * H;
+  a.dxproj = dxproj.data_ptr();
+
+  // Sync step i processes recurrence step T-1-i; the last one (i = T) is the final product.
+  const int64_t blocks = (H + 4 * V - 1) / (4 * V);
+  const int threads = panel_threads(T, B * 4 * H * H, blocks);
+  run_steps(threads, T + 1, blocks, [&](int64_t i, int64_t q) {
+    const int64_t s = T - 1 - i;
+    const BackwardPhase phase = i == 0 ? BackwardPhase::kFirst
+                                : i == T ? BackwardPhase::kFinal
+                                         : BackwardPhase::kStep;
+    kernels.backward_block(a, s < 0 ? 0 : s, q, phase);
+  });
+  const auto dtype = gates.scalar_type();
+  return {dxproj, dh.to(dtype), dc.to(dtype)};
+}
+
+}  // namespace lstm_fused::cpu

@@ -1,0 +1,75 @@
+// The SIMD step kernels of the CPU recurrence (no projection; float32 math; float32, bfloat16 or
+// float16 storage), compiled once per instruction set (step_kernels_<isa>.cpp) from one source
+// (step_kernels_impl.h). Torch-free: plain pointers and sizes, so the wide-vector translation
+// units include nothing but these kernels.
+//
+// Both directions split a step into independent blocks of hidden units; a block multiplies the
+// shared state by its packed panel of W_hh and applies the gate math to the product while it
+// is still in registers (see step_kernels_impl.h). step_team.h runs the blocks of a step on the
+// thread team and separates the steps.
+#pragma once
+
+#include <cstdint>
+
+#include "cpu/isa.h"
+
+namespace lstm_fused::cpu {
+
+enum class Storage { kFloat, kBFloat16, kHalf };
+
+// Forward of one direction of one layer. Unit block u covers units [u*V, u*V + V) (the last
+// one may be partial); its panel is (H, 4, V): for every input column k, the i, f, g, o weight
+// rows of its V units, zero past H. Panels have the storage dtype (the weights' own values).
+struct ForwardStepArgs {
+  int64_t T, B, H;
+  Storage storage;
+  bool reverse, save;
+  const void* xproj;      // (T, B, 4H) storage dtype: x @ W_ih^T + biases
+  const void* panels;     // ceil(H / V) panels of H * 4 * V elements, storage dtype
+  const int64_t* lengths; // (B,) or null
+  float* h[2];            // (B, H) each: h of even / odd steps (double-buffered across threads)
+  float* c;               // (B, H)
+  void* y;                // (T, B, H) storage dtype
+  void* gates_out;        // (T, B, 4H) storage dtype, activated gates, or null (inference)
+  float* c_all;           // (T, B, H) cell state after each step, or null (inference)
+};
+
+// Backward of the same. Column block q covers units [q*4V, q*4V + 4V); its panel is (4H, 4V):
+// W_hh[:, those units], zero past H, in the storage dtype. The backward runs T + 1 synchronized steps:
+//   step T-1:      gate gradients from dh_n (no product),
+//   steps T-2..0:  dh = dz_{s+1} @ W_hh, then the gate gradients of step s,
+//   then kFinal:   dh0 = dz_0 @ W_hh.
+struct BackwardStepArgs {
+  int64_t T, B, H;
+  Storage storage;
+  bool reverse;
+  const void* dy;          // (T, B, H) storage dtype
+  const void* gates;       // (T, B, 4H) storage dtype, saved by the forward
+  const float* c_all;      // (T, B, H)
+  const float* c0;         // (B, H)
+  const void* panels;      // ceil(H / 4V) panels of 4H * 4V elements, storage dtype
+  const int64_t* lengths;  // (B,) or null
+  float* dh;               // (B, H) gradient reaching h from later steps; starts as dh_n
+  float* dc;               // (B, H) starts as dc_n
+  float* dz[2];            // (B, 4H) each: pre-activation gate gradients of even / odd steps
+  void* dxproj;            // (T, B, 4H) storage dtype
+};
+
+enum class BackwardPhase { kFirst, kStep, kFinal };
+
+struct StepKernels {
+  Isa isa;
+  int vector_width;  // V: floats per vector register
+  void (*forward_block)(const ForwardStepArgs&, int64_t s, int64_t unit_block);
+  void (*backward_block)(const BackwardStepArgs&, int64_t s, int64_t column_block, BackwardPhase);
+};
+
+// The kernels of a supported variant (see isa.h for the choice).
+const StepKernels& step_kernels(Isa isa);
+
+// Per-ISA tables, defined in step_kernels_<isa>.cpp (the x86 ones only on x86-64).
+const StepKernels& step_kernels_generic();
+const StepKernels& step_kernels_avx2();
+const StepKernels& step_kernels_avx512();
+
+}  // namespace lstm_fused::cpu

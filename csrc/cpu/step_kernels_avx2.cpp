@@ -1,0 +1,48 @@
+// Step kernels for AVX2 + FMA CPUs (x86-64-v3: Haswell and later, AMD Zen 1-3): 8-float
+// vectors, 16 registers: tiles of 3 rows (12 accumulators, 3 broadcasts, 1 weight vector).
+#include "cpu/step_kernels_prelude.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+namespace lstm_fused::cpu::isa_avx2 {
+
+struct Vec {
+  using reg = __m256;
+  static constexpr int kWidth = 8;
+  static reg zero() { return _mm256_setzero_ps(); }
+  static reg load(const float* p) { return _mm256_loadu_ps(p); }
+  // bf16 is the high half of a float: widen each 16-bit lane and shift it up.
+  static reg load(const c10::BFloat16* p) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  }
+  static reg load(const c10::Half* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
+  static reg broadcast(float x) { return _mm256_set1_ps(x); }
+  static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
+  static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+};
+constexpr int kMaxRows = 3;
+
+#include "cpu/step_kernels_impl.h"
+
+}  // namespace lstm_fused::cpu::isa_avx2
+
+#pragma GCC pop_options
+
+namespace lstm_fused::cpu {
+
+const StepKernels& step_kernels_avx2() {
+  static const StepKernels kernels{Isa::kAvx2, isa_avx2::V, &isa_avx2::forward_block,
+                                   &isa_avx2::backward_block};
+  return kernels;
+}
+
+}  // namespace lstm_fused::cpu
+#endif  // __x86_64__

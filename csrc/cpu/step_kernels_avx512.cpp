@@ -1,0 +1,48 @@
+// Step kernels for AVX-512 CPUs (x86-64-v4: Skylake-SP and later, AMD Zen 4+): 16-float
+// vectors, 32 registers: tiles of 6 rows (24 accumulators, 6 broadcasts, 1 weight vector).
+#include "cpu/step_kernels_prelude.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+
+namespace lstm_fused::cpu::isa_avx512 {
+
+struct Vec {
+  using reg = __m512;
+  static constexpr int kWidth = 16;
+  static reg zero() { return _mm512_setzero_ps(); }
+  static reg load(const float* p) { return _mm512_loadu_ps(p); }
+  // bf16 is the high half of a float: widen each 16-bit lane and shift it up.
+  static reg load(const c10::BFloat16* p) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  }
+  static reg load(const c10::Half* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
+  static reg broadcast(float x) { return _mm512_set1_ps(x); }
+  static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
+  static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+};
+constexpr int kMaxRows = 6;
+
+#include "cpu/step_kernels_impl.h"
+
+}  // namespace lstm_fused::cpu::isa_avx512
+
+#pragma GCC pop_options
+
+namespace lstm_fused::cpu {
+
+const StepKernels& step_kernels_avx512() {
+  static const StepKernels kernels{Isa::kAvx512, isa_avx512::V, &isa_avx512::forward_block,
+                                   &isa_avx512::backward_block};
+  return kernels;
+}
+
+}  // namespace lstm_fused::cpu
+#endif  // __x86_64__

@@ -1,0 +1,280 @@
+// Body of the CPU step kernels, compiled once per instruction set. Included by
+// step_kernels_<isa>.cpp inside a namespace of its own, after that file has defined
+//   struct Vec  { using reg; kWidth; zero, load, store, broadcast, add, fma }  (one SIMD register)
+//   constexpr int kMaxRows;                 rows of a register tile
+// and switched the compiler's target to the instruction set. Include no header here: anything
+// defined under the wider target must stay in this file's namespace, so the linker can never
+// hand another translation unit a copy compiled for a CPU it may not have.
+//
+// The register tile. A tile is kRows batch rows x 4 vectors of accumulators:
+//   forward:  the i, f, g, o pre-activations of V units (one unit block);
+//   backward: dh of 4V consecutive units (one column block).
+// Its panel holds, for every k of the reduction, those 4 vectors of weights contiguously, so the
+// inner loop is: broadcast A[r][k] for each row, load 4 weight vectors, kRows x 4 FMAs. One pass
+// over the panel per tile; the panel (H*4V weights forward, 4H*4V backward, in the storage dtype)
+// is re-read for each row tile of the batch, from the L2 of the thread that owns the block. After the reduction the
+// gate math runs on the accumulators (spilled once to a 4V-float stack tile in L1 so plain loops
+// can vectorize it): no gate pre-activation goes through a shared scratch buffer.
+
+using reg = typename Vec::reg;
+constexpr int V = Vec::kWidth;
+
+inline float load_f(const float* p) { return *p; }
+inline float load_f(const c10::BFloat16* p) { return static_cast<float>(*p); }
+inline float load_f(const c10::Half* p) { return static_cast<float>(*p); }
+template <typename scalar_t>
+inline scalar_t store_as(float v) { return static_cast<scalar_t>(v); }
+
+inline bool row_active(const int64_t* lengths, int64_t b, int64_t t) {
+  return lengths == nullptr || t < lengths[b];
+}
+inline int64_t time_of(int64_t s, int64_t T, bool reverse) { return reverse ? T - 1 - s : s; }
+
+// acc[r][q] = sum_k A[r * lda + k] * panel[k * 4V + q * V + lane], r < R. Panels of 16-bit
+// weights stay 16-bit (half the bytes streamed from L2 per step) and widen exactly on load.
+template <int R, typename panel_t>
+inline void tile_product(const float* __restrict__ A, int64_t lda, int64_t K,
+                         const panel_t* __restrict__ panel, reg (&acc)[R][4]) {
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < 4; ++q) acc[r][q] = Vec::zero();
+  int64_t k = 0;
+  if constexpr (R == 1) {
+    // One row gives only 4 independent FMA chains, too few to hide the FMA latency: keep a
+    // second set of sums for odd k.
+    reg odd[4] = {Vec::zero(), Vec::zero(), Vec::zero(), Vec::zero()};
+    for (; k + 1 < K; k += 2) {
+      const panel_t* p = panel + k * 4 * V;
+      const reg a0 = Vec::broadcast(A[k]), a1 = Vec::broadcast(A[k + 1]);
+      for (int q = 0; q < 4; ++q) acc[0][q] = Vec::fma(a0, Vec::load(p + q * V), acc[0][q]);
+      for (int q = 0; q < 4; ++q) odd[q] = Vec::fma(a1, Vec::load(p + 4 * V + q * V), odd[q]);
+    }
+    for (int q = 0; q < 4; ++q) acc[0][q] = Vec::add(acc[0][q], odd[q]);
+  }
+  for (; k < K; ++k) {
+    const panel_t* p = panel + k * 4 * V;
+    reg a[R];
+    for (int r = 0; r < R; ++r) a[r] = Vec::broadcast(A[r * lda + k]);
+    for (int q = 0; q < 4; ++q) {
+      const reg w = Vec::load(p + q * V);
+      for (int r = 0; r < R; ++r) acc[r][q] = Vec::fma(a[r], w, acc[r][q]);
+    }
+  }
+}
+
+// Calls body.template operator()<R>(b0) for row tiles covering [0, B): full tiles of kMaxRows,
+// then one tile of the remainder.
+template <int R, typename Body>
+inline void tile_rows_remainder(int64_t rows, int64_t b0, Body& body) {
+  if constexpr (R > 0) {
+    if (rows == R) body.template run<R>(b0);
+    else tile_rows_remainder<R - 1>(rows, b0, body);
+  }
+}
+template <typename Body>
+inline void for_each_row_tile(int64_t B, Body& body) {
+  int64_t b0 = 0;
+  for (; b0 + kMaxRows <= B; b0 += kMaxRows) body.template run<kMaxRows>(b0);
+  if (b0 < B) tile_rows_remainder<kMaxRows - 1>(B - b0, b0, body);
+}
+
+// ------------------------------------------------------------------------------------------
+// Forward
+
+// Gates, c and h of n units of one row. z: the 4 x V product tile; xp, gates_out: gate q of
+// unit j at q * H + j.
+template <typename scalar_t, bool kSave>
+inline void forward_gates(int64_t n, int64_t H, const float (&z)[4][V], const scalar_t* __restrict__ xp,
+                          float* __restrict__ c, float* __restrict__ h_next, scalar_t* __restrict__ y,
+                          scalar_t* __restrict__ gates_out, float* __restrict__ c_all) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float i = sigmoid(load_f(xp + j) + z[0][j]);
+    const float f = sigmoid(load_f(xp + H + j) + z[1][j]);
+    const float g = tanh_act(load_f(xp + 2 * H + j) + z[2][j]);
+    const float o = sigmoid(load_f(xp + 3 * H + j) + z[3][j]);
+    const float c_new = f * c[j] + i * g;
+    const float h_new = o * tanh_act(c_new);
+    c[j] = c_new;
+    h_next[j] = h_new;
+    y[j] = store_as<scalar_t>(h_new);
+    if constexpr (kSave) {
+      gates_out[j] = store_as<scalar_t>(i);
+      gates_out[H + j] = store_as<scalar_t>(f);
+      gates_out[2 * H + j] = store_as<scalar_t>(g);
+      gates_out[3 * H + j] = store_as<scalar_t>(o);
+      c_all[j] = c_new;
+    }
+  }
+}
+
+template <typename scalar_t, bool kSave>
+struct ForwardTile {
+  const ForwardStepArgs& a;
+  int64_t t, j0, n;
+  const float* h_cur;
+  float* h_next;
+  const scalar_t* panel;
+
+  template <int R>
+  void run(int64_t b0) {
+    const int64_t H = a.H, B = a.B;
+    reg acc[R][4];
+    tile_product<R>(h_cur + b0 * H, H, H, panel, acc);
+    for (int r = 0; r < R; ++r) {
+      const int64_t b = b0 + r, row = t * B + b;
+      float* c = a.c + b * H + j0;
+      float* hn = h_next + b * H + j0;
+      scalar_t* y = static_cast<scalar_t*>(a.y) + row * H + j0;
+      scalar_t* gates_out = kSave ? static_cast<scalar_t*>(a.gates_out) + row * 4 * H + j0 : nullptr;
+      float* c_all = kSave ? a.c_all + row * H + j0 : nullptr;
+      if (!row_active(a.lengths, b, t)) {  // padding: state carried, output zero
+        const float* hc = h_cur + b * H + j0;
+        for (int64_t j = 0; j < n; ++j) {
+          hn[j] = hc[j];
+          y[j] = store_as<scalar_t>(0.0f);
+        }
+        if constexpr (kSave) {
+          for (int64_t j = 0; j < n; ++j) {
+            for (int q = 0; q < 4; ++q) gates_out[q * H + j] = store_as<scalar_t>(0.0f);
+            c_all[j] = c[j];
+          }
+        }
+        continue;
+      }
+      alignas(64) float z[4][V];
+      for (int q = 0; q < 4; ++q) Vec::store(z[q], acc[r][q]);
+      const scalar_t* xp = static_cast<const scalar_t*>(a.xproj) + row * 4 * H + j0;
+      // A constant trip count for whole blocks lets the loop compile to straight vector code.
+      if (n == V) forward_gates<scalar_t, kSave>(V, H, z, xp, c, hn, y, gates_out, c_all);
+      else forward_gates<scalar_t, kSave>(n, H, z, xp, c, hn, y, gates_out, c_all);
+    }
+  }
+};
+
+template <typename scalar_t>
+void forward_block_typed(const ForwardStepArgs& a, int64_t s, int64_t u) {
+  const int64_t t = time_of(s, a.T, a.reverse);
+  const int64_t j0 = u * V, n = a.H - j0 < V ? a.H - j0 : V;
+  const scalar_t* panel = static_cast<const scalar_t*>(a.panels) + u * a.H * 4 * V;
+  const float* h_cur = a.h[s % 2];
+  float* h_next = a.h[(s + 1) % 2];
+  if (a.save) {
+    ForwardTile<scalar_t, true> tile{a, t, j0, n, h_cur, h_next, panel};
+    for_each_row_tile(a.B, tile);
+  } else {
+    ForwardTile<scalar_t, false> tile{a, t, j0, n, h_cur, h_next, panel};
+    for_each_row_tile(a.B, tile);
+  }
+}
+
+void forward_block(const ForwardStepArgs& a, int64_t s, int64_t u) {
+  switch (a.storage) {
+    case Storage::kFloat: return forward_block_typed<float>(a, s, u);
+    case Storage::kBFloat16: return forward_block_typed<c10::BFloat16>(a, s, u);
+    case Storage::kHalf: return forward_block_typed<c10::Half>(a, s, u);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Backward
+
+// Gate gradients of n units of one row at an active step. dh: gradient reaching h_t from later
+// steps; dz, dx: gate q of unit j at q * H + j.
+template <typename scalar_t>
+inline void backward_gates(int64_t n, int64_t H, const float* __restrict__ dh,
+                           const scalar_t* __restrict__ dy, const scalar_t* __restrict__ gt,
+                           const float* __restrict__ c, const float* __restrict__ c_prev,
+                           float* __restrict__ dc, float* __restrict__ dz, scalar_t* __restrict__ dx) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float dm = dh[j] + load_f(dy + j);
+    const float i = load_f(gt + j), f = load_f(gt + H + j);
+    const float g = load_f(gt + 2 * H + j), o = load_f(gt + 3 * H + j);
+    const float tc = tanh_act(c[j]);
+    const float dc_tot = dc[j] + dm * o * (1.0f - tc * tc);
+    const float dzi = dc_tot * g * i * (1.0f - i);
+    const float dzf = dc_tot * c_prev[j] * f * (1.0f - f);
+    const float dzg = dc_tot * i * (1.0f - g * g);
+    const float dzo = dm * tc * o * (1.0f - o);
+    dc[j] = dc_tot * f;
+    dz[j] = dzi;
+    dz[H + j] = dzf;
+    dz[2 * H + j] = dzg;
+    dz[3 * H + j] = dzo;
+    dx[j] = store_as<scalar_t>(dzi);
+    dx[H + j] = store_as<scalar_t>(dzf);
+    dx[2 * H + j] = store_as<scalar_t>(dzg);
+    dx[3 * H + j] = store_as<scalar_t>(dzo);
+  }
+}
+
+template <typename scalar_t>
+struct BackwardTile {
+  const BackwardStepArgs& a;
+  int64_t s, j0, n;  // step, first unit, units (<= 4V)
+  BackwardPhase phase;
+  const scalar_t* panel;
+
+  template <int R>
+  void run(int64_t b0) {
+    const int64_t H = a.H, B = a.B, T = a.T;
+    if (phase != BackwardPhase::kFirst) {
+      // dh of these units = dz of the step processed before (s + 1; step 0 for the final one)
+      // times W_hh. Rows that were padding there produced dz = 0 and keep the dh they carry.
+      const int64_t s_prev = phase == BackwardPhase::kFinal ? 0 : s + 1;
+      const int64_t t_prev = time_of(s_prev, T, a.reverse);
+      reg acc[R][4];
+      tile_product<R>(a.dz[s_prev % 2] + b0 * 4 * H, 4 * H, 4 * H, panel, acc);
+      for (int r = 0; r < R; ++r) {
+        if (!row_active(a.lengths, b0 + r, t_prev)) continue;
+        float* dh = a.dh + (b0 + r) * H + j0;
+        if (n == 4 * V) {
+          for (int q = 0; q < 4; ++q) Vec::store(dh + q * V, acc[r][q]);
+        } else {
+          alignas(64) float tmp[4 * V];
+          for (int q = 0; q < 4; ++q) Vec::store(tmp + q * V, acc[r][q]);
+          for (int64_t j = 0; j < n; ++j) dh[j] = tmp[j];
+        }
+      }
+    }
+    if (phase == BackwardPhase::kFinal) return;
+    const int64_t t = time_of(s, T, a.reverse);
+    const int64_t t_before = s > 0 ? time_of(s - 1, T, a.reverse) : -1;  // forward's previous step
+    float* dz_out = a.dz[s % 2];
+    for (int r = 0; r < R; ++r) {
+      const int64_t b = b0 + r, row = t * B + b;
+      float* dz = dz_out + b * 4 * H + j0;
+      scalar_t* dx = static_cast<scalar_t*>(a.dxproj) + row * 4 * H + j0;
+      if (!row_active(a.lengths, b, t)) {
+        for (int q = 0; q < 4; ++q)
+          for (int64_t j = 0; j < n; ++j) {
+            dz[q * H + j] = 0.0f;
+            dx[q * H + j] = store_as<scalar_t>(0.0f);
+          }
+        continue;
+      }
+      const float* c = a.c_all + row * H + j0;
+      const float* c_prev = (t_before >= 0 ? a.c_all + (t_before * B + b) * H : a.c0 + b * H) + j0;
+      const scalar_t* dy = static_cast<const scalar_t*>(a.dy) + row * H + j0;
+      const scalar_t* gt = static_cast<const scalar_t*>(a.gates) + row * 4 * H + j0;
+      float* dh = a.dh + b * H + j0;
+      float* dc = a.dc + b * H + j0;
+      if (n == 4 * V) backward_gates<scalar_t>(4 * V, H, dh, dy, gt, c, c_prev, dc, dz, dx);
+      else backward_gates<scalar_t>(n, H, dh, dy, gt, c, c_prev, dc, dz, dx);
+    }
+  }
+};
+
+template <typename scalar_t>
+void backward_block_typed(const BackwardStepArgs& a, int64_t s, int64_t q, BackwardPhase phase) {
+  const int64_t j0 = q * 4 * V, n = a.H - j0 < 4 * V ? a.H - j0 : 4 * V;
+  const scalar_t* panel = static_cast<const scalar_t*>(a.panels) + q * 4 * a.H * 4 * V;
+  BackwardTile<scalar_t> tile{a, s, j0, n, phase, panel};
+  for_each_row_tile(a.B, tile);
+}
+
+void backward_block(const BackwardStepArgs& a, int64_t s, int64_t q, BackwardPhase phase) {
+  switch (a.storage) {
+    case Storage::kFloat: return backward_block_typed<float>(a, s, q, phase);
+    case Storage::kBFloat16: return backward_block_typed<c10::BFloat16>(a, s, q, phase);
+    case Storage::kHalf: return backward_block_typed<c10::Half>(a, s, q, phase);
+  }
+}

@@ -1,0 +1,236 @@
+"""The CPU backend's SIMD step kernels: every instruction-set variant this machine can run, the
+packed-weight cache, and the thread team's work stealing.
+
+Each variant is forced with LSTM_FUSED_CPU_ISA (read on every call) and compared with a float64
+nn.LSTM: output, h_n, c_n and every gradient. The shapes are chosen against the kernels' tiling:
+batch rows that leave a partial row tile, hidden sizes that leave a partial unit block, and sizes
+large enough that the call runs on several threads (at least 2^20 multiply-adds per call and 2^15
+per step: see panel_recurrence.cpp).
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import lstm_fused
+from helpers import make_pair, rel_error
+
+pytestmark = pytest.mark.skipif("cpu" not in lstm_fused.available_backends(),
+                                reason="the C++ extension is not built")
+
+VARIANTS = ("generic", "avx2", "avx512")
+
+
+def supported_variants():
+    if "cpu" not in lstm_fused.available_backends():
+        return []
+    return [v for v in VARIANTS if torch.ops.lstm_fused.cpu_isa_supported(v)]
+
+
+# (id, T, B, I, H, extra nn.LSTM kwargs, packed lengths or None)
+SHAPES = [
+    ("T1_B1", 1, 1, 5, 7, {}, None),
+    ("partial_row_tile", 4, 13, 6, 21, {}, None),
+    ("threads_ragged_units", 12, 9, 7, 72, {}, None),
+    ("threads_B1", 40, 1, 16, 130, {}, None),
+    ("threads_bidir_packed", 10, 7, 8, 80, {"bidirectional": True}, [10, 3, 7, 1, 10, 6, 9]),
+    ("threads_2layers_batch_first", 8, 6, 10, 90, {"num_layers": 2, "batch_first": True}, None),
+]
+HALF_FLOOR = 2e-3
+
+
+def _run(module, dtype, x, hx, cot, lengths):
+    """Forward + backward of <out, cot>; returns outputs and every gradient, in float64."""
+    xi = x.detach().to(dtype).clone().requires_grad_()
+    hi = tuple(t.detach().to(dtype).clone().requires_grad_() for t in hx)
+    module.zero_grad(set_to_none=True)
+    if lengths is not None:
+        out, (h_n, c_n) = module(pack_padded_sequence(xi, lengths, enforce_sorted=False), hi)
+        y = pad_packed_sequence(out, total_length=x.shape[0])[0]
+    else:
+        y, (h_n, c_n) = module(xi, hi)
+    gy, gh, gc = cot
+    loss = (y * gy.to(dtype)).sum() + (h_n * gh.to(dtype)).sum() + (c_n * gc.to(dtype)).sum()
+    loss.backward()
+    grads = [xi.grad, hi[0].grad, hi[1].grad] + [p.grad for p in module.parameters()]
+    return [y, h_n, c_n] + grads
+
+
+def _errors(shape, dtype, backend="cpu"):
+    _, T, B, I, H, extra, lengths = shape
+    oracle, fused = make_pair(dtype, backend, input_size=I, hidden_size=H, **extra)
+    batch_first = extra.get("batch_first", False)
+    D = 2 if extra.get("bidirectional") else 1
+    L = extra.get("num_layers", 1) * D
+    x = torch.randn((B, T, I) if batch_first else (T, B, I), dtype=torch.float64)
+    hx = (torch.randn(L, B, H, dtype=torch.float64), torch.randn(L, B, H, dtype=torch.float64))
+    cot = (torch.randn((B, T, D * H) if batch_first else (T, B, D * H), dtype=torch.float64),
+           torch.randn(L, B, H, dtype=torch.float64), torch.randn(L, B, H, dtype=torch.float64))
+    lens = None if lengths is None else torch.tensor(lengths)
+    want = _run(oracle, torch.float64, x, hx, cot, lens)
+    got = _run(fused, dtype, x, hx, cot, lens)
+    native = None
+    if dtype in (torch.bfloat16, torch.float16):
+        # The yardstick: our reference backend in the same dtype (fp32 math, the same roundings
+        # of stored values), an oracle every CPU has; nn.LSTM itself has no bf16 LSTM on CPUs
+        # without AVX-512 (oneDNN). The reference is checked against nn.LSTM in test_parity.py.
+        same = lstm_fused.LSTM(input_size=I, hidden_size=H, **extra, backend="reference",
+                               dtype=torch.float64)
+        same.load_state_dict(oracle.state_dict())
+        native = _run(same.to(dtype), dtype, x, hx, cot, lens)
+    for a in got:
+        assert a is not None and a.dtype == dtype
+    ours = [rel_error(a, b) for a, b in zip(got, want)]
+    base = None if native is None else [rel_error(a, b) for a, b in zip(native, want)]
+    return ours, base
+
+
+@pytest.mark.parametrize("variant", supported_variants())
+@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
+def test_float32_parity_every_variant(monkeypatch, variant, shape):
+    monkeypatch.setenv("LSTM_FUSED_CPU_ISA", variant)
+    assert torch.ops.lstm_fused.cpu_isa_selected() == variant
+    ours, _ = _errors(shape, torch.float32)
+    bad = {i: e for i, e in enumerate(ours) if not e <= 2e-5}
+    assert not bad, f"relative errors above 2e-5 (0-2: y, h_n, c_n; then dx, dh0, dc0, params): {bad}"
+
+
+@pytest.mark.parametrize("variant", supported_variants())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s[0] in ("partial_row_tile", "threads_bidir_packed")],
+                         ids=lambda s: s[0])
+def test_half_precision_every_variant(monkeypatch, variant, dtype, shape):
+    monkeypatch.setenv("LSTM_FUSED_CPU_ISA", variant)
+    ours, base = _errors(shape, dtype)
+    bad = {i: (o, b) for i, (o, b) in enumerate(zip(ours, base)) if not o <= 2 * b + HALF_FLOOR}
+    assert not bad, f"(ours, reference backend in {dtype}) relative errors: {bad}"
+
+
+def test_forcing_a_variant_this_cpu_lacks_or_an_unknown_one_is_an_error(monkeypatch):
+    m = lstm_fused.LSTM(4, 8, backend="cpu")
+    x = torch.randn(3, 2, 4)
+    monkeypatch.setenv("LSTM_FUSED_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="LSTM_FUSED_CPU_ISA=sse9 is not one of"):
+        m(x)
+    missing = [v for v in VARIANTS if not torch.ops.lstm_fused.cpu_isa_supported(v)]
+    if missing:
+        monkeypatch.setenv("LSTM_FUSED_CPU_ISA", missing[0])
+        with pytest.raises(RuntimeError, match="this CPU cannot run that variant"):
+            m(x)
+    with pytest.raises(RuntimeError, match="unknown CPU instruction set variant"):
+        torch.ops.lstm_fused.cpu_isa_supported("sse9")
+
+
+def test_default_variant_is_the_widest_supported(monkeypatch):
+    monkeypatch.delenv("LSTM_FUSED_CPU_ISA", raising=False)
+    assert torch.ops.lstm_fused.cpu_isa_selected() == supported_variants()[-1]
+
+
+# --------------------------------------------------------------------------------------------
+# The packed-weight cache: reused while the weight is unchanged, never stale.
+
+
+def _fresh_pair(H=24):
+    ref = nn.LSTM(H, H)
+    fused = lstm_fused.LSTM(H, H, backend="cpu")
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+def _assert_same_as_nn(ref, fused, x):
+    with torch.no_grad():
+        want, _ = ref(x)
+        got, _ = fused(x)
+    assert rel_error(got, want) < 2e-5
+
+
+def test_cache_reuses_packed_weights_across_calls():
+    torch.ops.lstm_fused.cpu_packed_cache_clear()
+    _ref, fused = _fresh_pair()
+    x = torch.randn(1, 1, 24)
+    with torch.no_grad():
+        fused(x)
+        held = torch.ops.lstm_fused.cpu_packed_cache_size()
+        for _ in range(5):
+            fused(x)
+    assert held == 1
+    assert torch.ops.lstm_fused.cpu_packed_cache_size() == held
+
+
+@pytest.mark.parametrize("change", ["inplace_no_grad", "optimizer_step", "through_data", "new_storage",
+                                    "load_state_dict"])
+def test_cache_sees_every_kind_of_weight_change(change):
+    ref, fused = _fresh_pair()
+    x = torch.randn(5, 3, 24)
+    _assert_same_as_nn(ref, fused, x)  # packs and caches
+    w_ref, w = ref.weight_hh_l0, fused.weight_hh_l0
+    new = torch.randn_like(w)
+    if change == "inplace_no_grad":
+        with torch.no_grad():
+            w.copy_(new)
+    elif change == "optimizer_step":
+        w.grad = -new
+        torch.optim.SGD([w], lr=1.0).step()
+        new = w.detach().clone()
+    elif change == "through_data":  # bypasses the version counter: the fingerprint sees it
+        w.data.copy_(new)
+    elif change == "new_storage":
+        w.data = new.clone()
+    else:
+        state = fused.state_dict()
+        state["weight_hh_l0"] = new
+        fused.load_state_dict(state)
+    with torch.no_grad():
+        w_ref.copy_(new)
+    _assert_same_as_nn(ref, fused, x)
+
+
+def test_cache_drops_entries_of_freed_weights():
+    torch.ops.lstm_fused.cpu_packed_cache_clear()
+    x = torch.randn(2, 1, 24)
+    with torch.no_grad():
+        _ref, fused = _fresh_pair()
+        fused(x)
+        del fused, _ref
+        _ref, other = _fresh_pair()
+        other(x)  # a lookup sweeps out the entry whose weight is gone
+    assert torch.ops.lstm_fused.cpu_packed_cache_size() == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Work stealing: a thread the runtime never starts must not stall the steps.
+
+STEAL_SCRIPT = textwrap.dedent("""
+    import torch, lstm_fused
+    torch.manual_seed(0)
+    torch.set_num_threads(4)          # the recurrence plans 4 slices of blocks ...
+    # The oracle is our reference backend: nn.LSTM itself (oneDNN) computes wrong results in
+    # torch 2.13 when OMP_THREAD_LIMIT is below torch's thread count.
+    ref = lstm_fused.LSTM(96, 96, backend="reference")
+    m = lstm_fused.LSTM(96, 96, backend="cpu")
+    m.load_state_dict(ref.state_dict())
+    x = torch.randn(30, 5, 96, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    y, _ = m(x); y.square().sum().backward()
+    y2, _ = ref(x2); y2.square().sum().backward()
+    err = ((y - y2).norm() / y2.norm()).item()
+    gerr = ((x.grad - x2.grad).norm() / x2.grad.norm()).item()
+    werr = ((m.weight_hh_l0.grad - ref.weight_hh_l0.grad).norm() / ref.weight_hh_l0.grad.norm()).item()
+    print(err, gerr, werr)
+""")
+
+
+def test_slices_of_threads_that_never_run_are_stolen():
+    # ... but OpenMP may start only one thread: that thread must run every slice itself.
+    env = dict(os.environ, OMP_THREAD_LIMIT="1")
+    done = subprocess.run([sys.executable, "-c", STEAL_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    errors = [float(v) for v in done.stdout.split()]
+    assert len(errors) == 3 and all(e < 2e-5 for e in errors), errors
