@@ -7,7 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
 export ONEDNN_MAX_CPU_ISA=AVX2   # oneDNN's own cap
-# Our CPU kernels' cap goes here too, with their runtime ISA dispatch:
-# export LSTM_FUSED_CPU_ISA=avx2
+export LSTM_FUSED_CPU_ISA=avx2   # our CPU step kernels' cap (csrc/cpu/isa.h)
 python -m pytest -q -p no:cacheprovider tests/test_module.py tests/test_parity.py \
   tests/test_packed.py tests/test_errors.py tests/test_checkpoint.py tests/test_ops.py "$@"
