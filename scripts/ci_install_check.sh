@@ -52,20 +52,22 @@ venv = os.path.realpath(sys.argv[1])
 assert os.path.realpath(lstm_fused.__file__).startswith(venv), f"imported from {lstm_fused.__file__}, not {venv}"
 assert "cpu" in lstm_fused.available_backends(), f"no fused CPU backend: {lstm_fused.available_backends()}"
 torch.manual_seed(0)
-config = dict(input_size=8, hidden_size=16, num_layers=2, bidirectional=True, proj_size=5)
-oracle = nn.LSTM(**config, dtype=torch.float64)
-x = torch.randn(7, 3, 8, dtype=torch.float64, requires_grad=True)
-y_ref = oracle(x)[0]
-(dx_ref,) = torch.autograd.grad(y_ref.sum(), x)
-for backend in ("cpu", "reference"):
-    m = lstm_fused.LSTM(**config, backend=backend)
-    m.load_state_dict({k: v.float() for k, v in oracle.state_dict().items()})
-    xf = x.detach().float().requires_grad_()
-    y = m(xf)[0]
-    (dx,) = torch.autograd.grad(y.sum(), xf)
-    err = max(((a.double() - b).norm() / b.norm()).item() for a, b in ((y, y_ref), (dx, dx_ref)))
-    print(f"[ci_install_check]   backend={backend}: max relative error vs float64 nn.LSTM {err:.1e}")
-    assert err < 2e-5, (backend, err)
+# Both CPU kernel paths: the SIMD step kernels (no projection) and the projection one.
+for proj_size in (0, 5):
+    config = dict(input_size=8, hidden_size=16, num_layers=2, bidirectional=True, proj_size=proj_size)
+    oracle = nn.LSTM(**config, dtype=torch.float64)
+    x = torch.randn(7, 3, 8, dtype=torch.float64, requires_grad=True)
+    y_ref = oracle(x)[0]
+    (dx_ref,) = torch.autograd.grad(y_ref.sum(), x)
+    for backend in ("cpu", "reference"):
+        m = lstm_fused.LSTM(**config, backend=backend)
+        m.load_state_dict({k: v.float() for k, v in oracle.state_dict().items()})
+        xf = x.detach().float().requires_grad_()
+        y = m(xf)[0]
+        (dx,) = torch.autograd.grad(y.sum(), xf)
+        err = max(((a.double() - b).norm() / b.norm()).item() for a, b in ((y, y_ref), (dx, dx_ref)))
+        print(f"[ci_install_check]   backend={backend} proj_size={proj_size}: relative error vs float64 nn.LSTM {err:.1e}")
+        assert err < 2e-5, (backend, proj_size, err)
 print("[ci_install_check]   OK: lstm_fused", lstm_fused.__version__, "from", os.path.dirname(lstm_fused.__file__),
       "| backends", lstm_fused.available_backends())
 PY
