@@ -27,6 +27,32 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown cpu"
 
 
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_bf16")
+
+
+def cpu_flags() -> dict:
+    """Which of ``ISA_FLAGS`` /proc/cpuinfo lists for this CPU ({} where there is no such file)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return {flag: flag in have for flag in ISA_FLAGS}
+    except OSError:
+        pass
+    return {}
+
+
+def cpu_isa_selected() -> Optional[str]:
+    """The SIMD variant lstm_fused's CPU kernels run here (honours LSTM_FUSED_CPU_ISA)."""
+    try:
+        import lstm_fused  # noqa: F401
+
+        return str(torch.ops.lstm_fused.cpu_isa_selected())
+    except Exception:
+        return None
+
+
 def device_name(device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
@@ -87,6 +113,8 @@ def machine_info(device) -> dict:
         "device_type": device.type,
         "slug": device_slug(device_name(device), device.type),
         "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "cpu_isa_selected": cpu_isa_selected(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "cudnn": cudnn,

@@ -10,6 +10,7 @@ A provider that cannot run a case is skipped with a reason: either known up fron
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Callable, List, Optional
 import torch
 from torch import Tensor, nn
 
-from .shapes import Shape
+from .shapes import DTYPES, Shape, split_provider
 
 NATIVE = "nn.LSTM"
 FLASHRNN = "flashrnn"
@@ -34,13 +35,15 @@ _OPT_IN = ("reference", "auto")
 
 @dataclass
 class Built:
-    """One provider ready to run a case: a time-major ``forward(x) -> y`` and its parameters."""
+    """One provider ready to run a case: a time-major ``forward(x) -> y`` (``forward(x, hx)`` for a
+    shape with ``state``: hx = (h0, c0)) and its parameters. A cell shape's x is (B, I) and y is h."""
 
     name: str
-    forward: Callable[[Tensor], Tensor]
+    forward: Callable[..., Tensor]
     params: List[Tensor]
     module: Optional[nn.Module] = None
     notes: List[str] = field(default_factory=list)
+    dtype: Optional[torch.dtype] = None  # set when it differs from the case's (a baseline@dtype)
 
     def set_training(self, training: bool) -> None:
         # eval for fwd so nn.LSTM takes cuDNN's inference path; dropout is 0 so results match.
@@ -74,6 +77,9 @@ def flashrnn_installed() -> bool:
 
 
 def known(name: str) -> bool:
+    name, dtype = split_provider(name)
+    if dtype is not None and dtype not in DTYPES:
+        return False
     if name in (NATIVE, FLASHRNN):
         return True
     return name.startswith(FUSED_PREFIX) and name[len(FUSED_PREFIX):] in FUSED_BACKENDS
@@ -96,6 +102,7 @@ def default_providers(device) -> List[str]:
 def skip_reason(name: str, device, shape: Shape) -> Optional[str]:
     """Why ``name`` cannot run ``shape`` on ``device``, when that is known without trying."""
     dev = torch.device(device).type
+    name, _ = split_provider(name)
     if name.startswith(FUSED_PREFIX):
         mod, err = _import("lstm_fused")
         if mod is None:
@@ -114,33 +121,58 @@ def skip_reason(name: str, device, shape: Shape) -> Optional[str]:
             return "flashrnn is not installed"
         if shape.proj_size:
             return "flashrnn has no LSTM projection (proj_size)"
+        if shape.cell:
+            return "flashrnn has no LSTMCell"
+        if shape.state:
+            return "the flashrnn adapter starts from zero state (no given h0, c0)"
     return None
 
 
 # ----------------------------------------------------------------------------- building
 
-def make_native(shape: Shape, device, dtype: torch.dtype, seed: int = 0) -> nn.LSTM:
-    """The nn.LSTM whose (seeded, default-initialized) weights every provider copies."""
+def make_native(shape: Shape, device, dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    """The nn.LSTM (nn.LSTMCell for a cell shape) whose seeded, default-initialized weights every
+    provider copies."""
     torch.manual_seed(seed)
+    if shape.cell:
+        return nn.LSTMCell(shape.I, shape.H, device=device, dtype=dtype)
     return nn.LSTM(shape.I, shape.H, num_layers=shape.layers, bidirectional=shape.bidirectional,
                    proj_size=shape.proj_size, device=device, dtype=dtype)
 
 
-def build(name: str, native: nn.LSTM, shape: Shape) -> Built:
-    """Provider ``name`` holding ``native``'s weights. May raise: the caller records a skip."""
+def _module_forward(module: nn.Module, shape: Shape) -> Callable[..., Tensor]:
+    """``forward(x[, hx]) -> y``: the output sequence of an LSTM, h of a cell (both return it
+    first: (y, (h_n, c_n)) and (h, c))."""
+    return lambda x, hx=None: module(x, hx)[0]
+
+
+def build(name: str, native: nn.Module, shape: Shape) -> Built:
+    """Provider ``name`` holding ``native``'s weights. May raise: the caller records a skip.
+    ``name@dtype`` (e.g. ``lstm_fused:cpu@float32``) is that provider with the weights cast to
+    ``dtype``: a baseline in another dtype than the case's."""
+    name, dtype = split_provider(name)
+    if dtype is not None and getattr(torch, dtype) != next(native.parameters()).dtype:
+        native = copy.deepcopy(native).to(getattr(torch, dtype))
+        built = build(name, native, shape)
+        built.dtype = getattr(torch, dtype)
+        return built
     if name == NATIVE:
-        return Built(name, lambda x: native(x)[0], list(native.parameters()), native)
+        return Built(name, _module_forward(native, shape), list(native.parameters()), native)
     if name.startswith(FUSED_PREFIX):
         import lstm_fused
 
         p = next(native.parameters())
-        fused = lstm_fused.LSTM(
-            shape.I, shape.H, num_layers=shape.layers, bidirectional=shape.bidirectional,
-            proj_size=shape.proj_size, device=p.device, dtype=p.dtype,
-            backend=name[len(FUSED_PREFIX):],
-        )
+        backend = name[len(FUSED_PREFIX):]
+        if shape.cell:
+            fused = lstm_fused.LSTMCell(shape.I, shape.H, device=p.device, dtype=p.dtype,
+                                        backend=backend)
+        else:
+            fused = lstm_fused.LSTM(
+                shape.I, shape.H, num_layers=shape.layers, bidirectional=shape.bidirectional,
+                proj_size=shape.proj_size, device=p.device, dtype=p.dtype, backend=backend,
+            )
         fused.load_state_dict(native.state_dict())
-        return Built(name, lambda x: fused(x)[0], list(fused.parameters()), fused)
+        return Built(name, _module_forward(fused, shape), list(fused.parameters()), fused)
     if name == FLASHRNN:
         model = FlashRNNLSTM(native)
         return Built(name, model.forward, model.params, None, model.notes)

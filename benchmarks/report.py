@@ -23,6 +23,11 @@ def _shape(r: dict) -> str:
     return r.get("shape") or f"T{r['T']}_B{r['B']}_I{r['I']}_H{r['H']}"
 
 
+def _speedup(r: dict):
+    """Speedup over the row's baseline (``baseline``; nn.LSTM unless the shape names another)."""
+    return r["speedup"] if "speedup" in r else r.get("speedup_vs_nn_lstm")
+
+
 # (header, width, how to format a record)
 COLUMNS = [
     ("shape", 26, _shape),
@@ -30,8 +35,8 @@ COLUMNS = [
     ("dtype", 8, lambda r: r["dtype"]),
     ("provider", 22, lambda r: r["provider"]),
     ("ms", 10, _num("ms", ".3f")),
-    ("speedup", 8, lambda r: "-" if r.get("speedup_vs_nn_lstm") is None
-                            else f"{r['speedup_vs_nn_lstm']:.2f}x"),
+    ("speedup", 8, lambda r: "-" if _speedup(r) is None else f"{_speedup(r):.2f}x"),
+    ("vs", 15, lambda r: r.get("baseline") or "nn.LSTM"),
     ("Mtok/s", 9, _num("tokens_per_s", ".3f", 1e-6)),
     ("floor%", 7, _num("roofline_frac", ".1f", 100.0)),
     ("peak MB", 9, _mb("peak_mem_mb")),
@@ -70,6 +75,26 @@ def markdown(results: dict) -> str:
         f"{m.get('load_avg_end')} after)",
         f"- command: `{results.get('command', '')}`",
     ]
+    if m.get("device_type") == "cpu" or m.get("cpu_flags"):
+        flags = [k for k, v in (m.get("cpu_flags") or {}).items() if v]
+        lines.append(f"- CPU: **{m.get('cpu')}**, ISA flags: {' '.join(flags) or 'none listed'}; "
+                     f"lstm_fused kernels use: **{m.get('cpu_isa_selected')}**")
+    if m.get("fma_peak_gflops") is not None:
+        lines.append(
+            f"- measured peak (our loops, not MKL): **{m['fma_peak_gflops']:.1f} GFLOP/s** fp32 FMA "
+            f"({m.get('fma_isa')}, {m.get('peak_threads')} threads); read bandwidth "
+            f"{m.get('l2_read_gb_s', 0):.1f} GB/s at {m.get('l2_bytes_per_thread', 0) // 1024} KB "
+            f"per thread (L2), {m.get('big_read_gb_s', 0):.1f} GB/s over "
+            f"{m.get('big_read_bytes', 0) // 2**20} MB; for comparison MKL 1024^3 GEMM "
+            f"{m.get('mkl_gemm_gflops', 0):.1f} GFLOP/s, copy_ {m.get('copy_gb_s', 0):.1f} GB/s")
+    elif m.get("mkl_gemm_gflops") is not None:
+        lines.append(f"- peak: MKL 1024^3 GEMM {m['mkl_gemm_gflops']:.1f} GFLOP/s "
+                     f"({m.get('peak_source')})")
+    if "busy_core" in m:
+        lines.append("- busy core: " + (
+            f"**{m['busy_core']}**: a spinning process was pinned to core {m['busy_core']} during "
+            "the measurements (it counts among the other processes above)"
+            if m["busy_core"] is not None else "none"))
     peaks = results.get("peaks")
     if peaks:
         rates = ", ".join(f"{k} {v:.3g}" for k, v in peaks["tflops"].items())
@@ -77,7 +102,9 @@ def markdown(results: dict) -> str:
                      f"{peaks['bandwidth_tb_s']:.3g} TB/s; {peaks['step_latency_us']:.3g} us/step")
     lines += [
         "",
-        "`ms` is the median; speedup is nn.LSTM ms / provider ms from the same run; floor% is "
+        "`ms` is the median; speedup is the baseline's ms / provider ms from the same run, the "
+        "baseline (column vs) being nn.LSTM in the row's dtype unless the row names another "
+        "(e.g. `lstm_fused:cpu float32`: ours in bfloat16 over ours in float32); floor% is "
         "the roofline floor over ms (see benchmarks/roofline.py); peak MB is the GPU memory one "
         "call adds; saved MB is what autograd keeps for backward.",
         "",

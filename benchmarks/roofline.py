@@ -22,8 +22,18 @@ latency_time = sequential steps * a per-step cost. Step t needs h_{t-1}, so a di
 
 ``roofline_frac`` in the results is floor / measured: 1.0 would be at the floor.
 
-Peak rates: GPUs from a table of vendor datasheet numbers (dense, no sparsity); CPUs measured once,
-lazily, with a large ``torch.mm`` (per dtype) and a large tensor copy.
+Peak rates: GPUs from a table of vendor datasheet numbers (dense, no sparsity). CPUs measured at
+start-up with lstm_fused's own loops (csrc/cpu/machine_peak.cpp), independent of MKL/oneDNN (whose
+GEMM is far below the hardware on AMD CPUs):
+  * FLOP/s: ``torch.ops.lstm_fused.cpu_fma_peak_gflops(threads, isa)``, fp32 FMA throughput of the
+    instruction set the step kernels use (``cpu_isa_selected``: avx512, avx2 or generic) on the
+    run's thread count. The same rate is used for bfloat16/float16: the kernels compute in fp32
+    (half precision halves the bytes, not the FLOP time).
+  * bytes/s: ``cpu_read_bandwidth_gbs`` over 64 MB in all (beyond most last-level caches: DRAM or
+    a large L3); the L2 read bandwidth (256 KB per thread) is recorded beside it, not used by the
+    model (it has no per-step weight-streaming term).
+  The older figures, a 1024^3 ``torch.mm`` (MKL) and a 128 MB ``copy_``, are kept in the results for
+comparison (``mkl_gemm_gflops``, ``copy_gb_s``), and are the fallback when the ops are missing.
 """
 
 from __future__ import annotations
@@ -60,6 +70,7 @@ class Peaks:
     bandwidth: float
     step_s: float
     measure_flops: Optional[Callable[[str], float]] = field(default=None, repr=False)
+    cpu: Optional[dict] = None       # CPU only: what was measured, for the machine block
 
     def rate(self, dtype: str, tf32: bool) -> float:
         key = "tf32" if dtype == "float32" and tf32 and "tf32" in self.flops else dtype
@@ -68,9 +79,12 @@ class Peaks:
         return self.flops[key]
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "source": self.source,
-                "tflops": {k: v / T_FLOPS for k, v in self.flops.items()},
-                "bandwidth_tb_s": self.bandwidth / TB_S, "step_latency_us": self.step_s * 1e6}
+        d = {"name": self.name, "source": self.source,
+             "tflops": {k: v / T_FLOPS for k, v in self.flops.items()},
+             "bandwidth_tb_s": self.bandwidth / TB_S, "step_latency_us": self.step_s * 1e6}
+        if self.cpu is not None:
+            d["cpu"] = dict(self.cpu)
+        return d
 
 
 # ----------------------------------------------------------------------------- the model
@@ -147,6 +161,63 @@ def measure_cpu_copy(mbytes: int = 128, window_s: float = 0.3) -> float:
     return 2 * src.numel() * 4 / _best_seconds(lambda: dst.copy_(src), window_s)
 
 
+L2_BYTES_PER_THREAD = 256 * 2**10
+BIG_READ_BYTES = 64 * 2**20
+
+
+def peak_ops_available() -> bool:
+    try:
+        import lstm_fused  # noqa: F401  (loads the extension, which registers the ops)
+
+        return hasattr(torch.ops.lstm_fused, "cpu_fma_peak_gflops") and \
+            hasattr(torch.ops.lstm_fused, "cpu_read_bandwidth_gbs")
+    except Exception:
+        return False
+
+
+def selected_isa() -> Optional[str]:
+    """The instruction set lstm_fused's CPU step kernels use here (None: extension missing)."""
+    try:
+        import lstm_fused  # noqa: F401
+
+        return str(torch.ops.lstm_fused.cpu_isa_selected())
+    except Exception:
+        return None
+
+
+def measure_cpu_fma(threads: int, isa: str = "auto") -> float:
+    """FLOP/s of fp32 FMAs of ``isa`` on ``threads`` threads (our loop, not MKL)."""
+    return torch.ops.lstm_fused.cpu_fma_peak_gflops(int(threads), isa) * 1e9
+
+
+def measure_cpu_read(bytes_per_thread: int, threads: int) -> float:
+    """Bytes/s of reading a buffer of ``bytes_per_thread`` on each of ``threads`` threads."""
+    return torch.ops.lstm_fused.cpu_read_bandwidth_gbs(int(bytes_per_thread), int(threads)) * 1e9
+
+
+def cpu_peaks(device_name: str, threads: Optional[int] = None) -> Peaks:
+    """The CPU's peaks for the roofline: our FMA loop of the selected ISA on ``threads`` (default:
+    torch's thread count) and our read loop; MKL GEMM and copy kept beside them."""
+    threads = threads or torch.get_num_threads()
+    gemm, copy = measure_cpu_gemm("float32"), measure_cpu_copy()
+    info = {"mkl_gemm_gflops": gemm / 1e9, "copy_gb_s": copy / 1e9, "peak_threads": threads}
+    isa = selected_isa()
+    if isa is None or not peak_ops_available():
+        info["peak_source"] = "torch.mm (MKL) and copy_: lstm_fused's peak ops are unavailable"
+        return Peaks(device_name, "measured (MKL GEMM)", {"float32": gemm}, copy,
+                     STEP_LATENCY_S["cpu"], measure_flops=measure_cpu_gemm, cpu=info)
+    fma = measure_cpu_fma(threads, isa)
+    l2 = measure_cpu_read(L2_BYTES_PER_THREAD, threads)
+    big = measure_cpu_read(max(4096, BIG_READ_BYTES // threads), threads)
+    info.update(peak_source="lstm_fused FMA and read loops (csrc/cpu/machine_peak.cpp)",
+                fma_isa=isa, fma_peak_gflops=fma / 1e9, l2_read_gb_s=l2 / 1e9,
+                l2_bytes_per_thread=L2_BYTES_PER_THREAD, big_read_gb_s=big / 1e9,
+                big_read_bytes=BIG_READ_BYTES)
+    # The kernels compute in fp32 whatever the storage dtype: one FMA rate for all of them.
+    rates = {dt: fma for dt in ("float32", "bfloat16", "float16")}
+    return Peaks(device_name, f"measured (FMA {isa})", rates, big, STEP_LATENCY_S["cpu"], cpu=info)
+
+
 def device_peaks(device, device_name: str) -> Optional[Peaks]:
     """Peaks for ``device``; None for a GPU not in the table (the floor columns stay null)."""
     dev = torch.device(device).type
@@ -157,7 +228,5 @@ def device_peaks(device, device_name: str) -> Optional[Peaks]:
                 return Peaks(key, "datasheet", rates, p["bw"] * TB_S, STEP_LATENCY_S["cuda"])
         return None
     if dev == "cpu":
-        # float32 is measured now; other dtypes the first time a case asks for them.
-        return Peaks(device_name, "measured", {"float32": measure_cpu_gemm("float32")},
-                     measure_cpu_copy(), STEP_LATENCY_S["cpu"], measure_flops=measure_cpu_gemm)
+        return cpu_peaks(device_name)
     return None

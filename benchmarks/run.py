@@ -10,7 +10,12 @@ writes benchmarks/results/<device-slug>/<suite>.json|.md|.png, the committed cop
 ``python -m benchmarks.run --list`` shows the suites, their shapes and the providers found here.
 
 nn.LSTM is always timed, whatever ``--providers`` says: every speedup is relative to it, in the
-same run. A provider that cannot run a case is reported as skipped, with the reason.
+same run, except in rows whose shape names another baseline (e.g. ``lstm_fused:cpu@float32`` for a
+bfloat16 row: ours-bf16 over ours-fp32), which is then timed too. A provider that cannot run a case
+is reported as skipped, with the reason.
+
+``--busy-core [CORE]`` runs the measurements beside a busy process pinned to one core (default: the
+last core this process may use), stopped afterwards; suite ``cpu-load`` does that by default.
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ from typing import List, Optional
 
 import torch
 
-from . import machine, memory, providers, report, roofline, timing, workload
-from .shapes import MODES, SUITES, Shape, normalize_dtype, select_shapes
+from . import load, machine, memory, providers, report, roofline, timing, workload
+from .shapes import MODES, SUITES, Shape, normalize_dtype, provider_label, select_shapes, split_provider
 
 try:
     from tqdm import tqdm
@@ -66,6 +71,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(default: 0.2 on GPU, one call on CPU)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads for CPU runs")
     p.add_argument("--tf32", choices=("on", "off"), help="set both TF32 switches (default: torch's)")
+    p.add_argument("--busy-core", nargs="?", const="last", default=None, metavar="CORE",
+                   help="run beside a busy process pinned to core CORE (default: the last core "
+                   "this process may use); stopped when the run ends. Suite cpu-load turns it on")
+    p.add_argument("--no-busy-core", action="store_true",
+                   help="no busy process, even for a suite that has one by default (cpu-load)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG")
@@ -87,6 +97,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"unknown provider {name!r}; expected nn.LSTM, flashrnn or "
                     f"lstm_fused:<{'|'.join(providers.FUSED_BACKENDS)}>")
     args.shapes = _csv(args.shapes)
+    if args.busy_core not in (None, "last"):
+        try:
+            args.busy_core = int(args.busy_core)
+        except ValueError:
+            p.error(f"--busy-core takes a core number, got {args.busy_core!r}")
     return args
 
 
@@ -110,13 +125,32 @@ def _why(exc: BaseException) -> str:
 
 
 def new_record(shape: Shape, mode: str, dtype: str, provider: str) -> dict:
-    rec = dict(provider=provider, mode=mode, dtype=dtype, T=shape.T, B=shape.B, I=shape.I,
-               H=shape.H, layers=shape.layers, bidirectional=shape.bidirectional, ms=None,
-               speedup_vs_nn_lstm=None, peak_mem_mb=None)
+    """An empty record; ``provider`` may carry a dtype (``lstm_fused:cpu@float32``: a baseline in
+    another dtype than the case's), which then is the record's dtype."""
+    provider, own_dtype = split_provider(provider)
+    rec = dict(provider=provider, mode=mode, dtype=own_dtype or dtype, T=shape.T, B=shape.B,
+               I=shape.I, H=shape.H, layers=shape.layers, bidirectional=shape.bidirectional,
+               ms=None, speedup_vs_nn_lstm=None, peak_mem_mb=None)
     rec.update(shape=shape.name, proj_size=shape.proj_size, ms_min=None, reps=None,
                tokens_per_s=None, roofline_frac=None, floor_ms=None, floor_bound=None,
-               saved_mb=None, skipped=None, note=None)
+               saved_mb=None, skipped=None, note=None, cell=shape.cell, state=shape.state,
+               baseline=provider_label(shape.baseline_provider), speedup=None)
     return rec
+
+
+def case_providers(shape: Shape, dtype_name: str, names: List[str]) -> List[str]:
+    """The providers of one case: ``names`` (nn.LSTM first) plus the shape's own baseline right
+    after nn.LSTM when it is another one; ``x@dtype`` in the case's dtype is just ``x``."""
+    base = shape.baseline_provider
+    name, dt = split_provider(base)
+    if dt == dtype_name:
+        base = name
+    out = [names[0]] + ([base] if base != names[0] else []) + names[1:]
+    return list(dict.fromkeys(out))
+
+
+def case_baseline(shape: Shape, dtype_name: str) -> str:
+    return case_providers(shape, dtype_name, [providers.NATIVE])[-1]
 
 
 # ----------------------------------------------------------------------------- the run
@@ -172,8 +206,9 @@ def build_providers(shape: Shape, dtype: torch.dtype, names: List[str], device, 
 
 
 def time_mode(shape: Shape, dtype_name: str, mode: str, names: List[str], built: dict,
-              skipped: dict, device, args, suite, floor) -> List[dict]:
-    """One record per provider for one shape, dtype and mode."""
+              skipped: dict, device, args, suite, floor_for) -> List[dict]:
+    """One record per provider for one shape, dtype and mode. ``floor_for(dtype name)``: the
+    roofline (floor ms, bound) or None."""
     dtype = getattr(torch, dtype_name)
     cuda = device.type == "cuda"
     recs = {n: new_record(shape, mode, dtype_name, n) for n in names}
@@ -184,11 +219,14 @@ def time_mode(shape: Shape, dtype_name: str, mode: str, names: List[str], built:
         recs[name]["skipped"] = _why(exc)
         _free_cuda(device)
 
-    inputs = workload.make_inputs(shape, dtype, device, mode)
+    pools = {dtype: workload.make_inputs(shape, dtype, device, mode)}
     calls = {}
     for name, b in built.items():
         b.set_training(mode == "fwdbwd")
-        call = workload.make_call(b.forward, b.params, mode, inputs)
+        own = b.dtype or dtype  # a baseline in another dtype gets inputs of its own dtype
+        if own not in pools:
+            pools[own] = workload.make_inputs(shape, own, device, mode)
+        call = workload.make_call(b.forward, b.params, mode, pools[own])
         try:
             call(0)  # untimed first call: lazy init, JIT compilation (flashrnn: minutes)
             if cuda:
@@ -202,25 +240,32 @@ def time_mode(shape: Shape, dtype_name: str, mode: str, names: List[str], built:
         calls, device, reps=args.reps,
         budget_s=args.budget if args.budget is not None else suite.budget_s,
         min_reps=suite.min_reps,
+        max_reps=suite.max_reps,
         warmup_calls=3 if cuda else 2,
         warmup_s=args.warmup if args.warmup is not None else (0.2 if cuda else 0.0),
         on_error=skip,
     )
 
-    base = timings.get(providers.NATIVE)
+    native = timings.get(providers.NATIVE)
+    base = timings.get(case_baseline(shape, dtype_name))
     for name, t in timings.items():
         r, b = recs[name], built[name]
         r.update(ms=t.ms, ms_min=t.ms_min, reps=t.reps,
                  tokens_per_s=shape.T * shape.B / (t.ms / 1e3))
+        if native is not None and r["dtype"] == dtype_name:  # nn.LSTM runs in the case's dtype
+            r["speedup_vs_nn_lstm"] = native.ms / t.ms
         if base is not None:
-            r["speedup_vs_nn_lstm"] = base.ms / t.ms
+            r["speedup"] = base.ms / t.ms
+        floor = floor_for(r["dtype"])
         if floor is not None:
             r["floor_ms"], r["floor_bound"] = floor
             r["roofline_frac"] = floor[0] / t.ms
         try:
             r["peak_mem_mb"] = memory.peak_memory_mb(calls[name], device)
             if mode == "fwdbwd":
-                r["saved_mb"] = memory.saved_mb(b.forward, inputs[0][0], b.params)
+                x, _, hx = pools[b.dtype or dtype][0]
+                fwd = b.forward if hx is None else (lambda x, f=b.forward, hx=hx: f(x, hx))
+                r["saved_mb"] = memory.saved_mb(fwd, x, b.params)
         except Exception as exc:  # e.g. out of memory on the extra call: keep the timing
             b.notes.append(f"memory not measured: {_why(exc)}")
             _free_cuda(device)
@@ -250,6 +295,9 @@ def run(argv=None) -> dict:
     shapes = select_shapes(suite.shapes, args.shapes)
     dtypes = args.dtypes or list(suite.dtypes or (("bfloat16",) if device.type == "cuda"
                                                   else ("float32",)))
+    busy = args.busy_core if args.busy_core is not None else ("last" if suite.busy_core else None)
+    if args.no_busy_core:
+        busy = None
     modes = args.modes or list(MODES)
     names = [providers.NATIVE] + [n for n in (args.providers or providers.default_providers(device))
                                   if n != providers.NATIVE]
@@ -257,36 +305,53 @@ def run(argv=None) -> dict:
 
     info = machine.machine_info(device)
     peaks = roofline.device_peaks(device, info["device"])
+    if peaks is not None and peaks.cpu is not None:
+        info.update(peaks.cpu)  # CPU model, ISA flags, selected kernel ISA, measured peaks
     tf32 = machine.tf32_enabled(device)
-    cases = [(s, d, [m for m in modes if s.applies_to(m)]) for s in shapes for d in dtypes]
+    cases = [(s, d, [m for m in modes if s.applies_to(m)]) for s in shapes
+             for d in s.run_dtypes(dtypes, explicit=args.dtypes is not None)]
     cases = [c for c in cases if c[2]]
 
     print(f"suite {suite.name} on {info['device']} ({device}), torch {info['torch']}, "
           f"threads {info['threads']}, tf32 {tf32}; providers: {', '.join(names)}")
-    other_load = machine.OtherLoad().start()
-    out = _Bar(sum(len(c[2]) for c in cases), not args.no_progress)
-    out.write(report.table_header())
+    busy_proc = None
     records = []
     try:
-        for shape, dtype_name, case_modes in cases:
-            built, skipped = build_providers(shape, getattr(torch, dtype_name), names, device,
-                                             args.seed)
-            for mode in case_modes:
-                floor = roofline.floor_ms(shape, mode, dtype_name, peaks, tf32) if peaks else None
-                for r in time_mode(shape, dtype_name, mode, names, built, skipped, device, args,
-                                   suite, floor):
-                    records.append(r)
-                    out.write(report.table_row(r))
-                out.step(f"{shape.name} {mode} {dtype_name}")
+        if busy is not None:  # after the peaks: they describe the machine, not the load
+            busy_proc = load.BusyCore(None if busy == "last" else busy).start()
+            print(f"busy process (pid {busy_proc.pid}) pinned to core {busy_proc.core}")
+        info["busy_core"] = busy_proc.core if busy_proc is not None else None
+        other_load = machine.OtherLoad().start()
+        out = _Bar(sum(len(c[2]) for c in cases), not args.no_progress)
+        out.write(report.table_header())
+        try:
+            for shape, dtype_name, case_modes in cases:
+                case_names = case_providers(shape, dtype_name, names)
+                built, skipped = build_providers(shape, getattr(torch, dtype_name), case_names,
+                                                 device, args.seed)
+                for mode in case_modes:
+                    def floor_for(dt, shape=shape, mode=mode):
+                        return roofline.floor_ms(shape, mode, dt, peaks, tf32) if peaks else None
+
+                    for r in time_mode(shape, dtype_name, mode, case_names, built, skipped, device,
+                                       args, suite, floor_for):
+                        records.append(r)
+                        out.write(report.table_row(r))
+                    out.step(f"{shape.name} {mode} {dtype_name}")
+                    _free_cuda(device)
+                del built
                 _free_cuda(device)
-            del built
-            _free_cuda(device)
+        finally:
+            out.close()
+        info["other_cpu_frac"] = other_load.stop()
     finally:
-        out.close()
+        if busy_proc is not None:
+            busy_proc.stop()
 
     info["load_avg_end"] = machine.load_avg()
-    info["other_cpu_frac"] = other_load.stop()
-    if device.type == "cpu" and (info["other_cpu_frac"] or 0) > 0.1:
+    # The busy process is one of the "other processes": about one core's share of the machine.
+    expected = 1 / (os.cpu_count() or 1) if busy_proc is not None else 0.0
+    if device.type == "cpu" and (info["other_cpu_frac"] or 0) - expected > 0.1:
         print(f"note: other processes took {info['other_cpu_frac']:.0%} of the CPU during this "
               "run; CPU timings are unreliable (OpenMP threads wait for cores held elsewhere)")
     results = {
@@ -296,6 +361,7 @@ def run(argv=None) -> dict:
         "machine": info,
         "peaks": peaks.as_dict() if peaks else None,
         "settings": {"providers": names, "dtypes": dtypes, "modes": modes,
+                     "busy_core": info["busy_core"],
                      "shapes": [s.name for s in shapes], "reps": args.reps,
                      "budget_s": args.budget if args.budget is not None else suite.budget_s,
                      "seed": args.seed},

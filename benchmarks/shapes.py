@@ -11,9 +11,32 @@ DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16"
                  "f16": "float16", "half": "float16", "float": "float32"}
 
 
+DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def split_provider(spec: str) -> Tuple[str, Optional[str]]:
+    """``"lstm_fused:cpu@float32"`` -> ``("lstm_fused:cpu", "float32")``; no ``@``: dtype None."""
+    name, _, dtype = spec.partition("@")
+    return name, (dtype or None)
+
+
+def provider_label(spec: str) -> str:
+    """How a baseline is named in tables: ``"lstm_fused:cpu@float32"`` -> ``"lstm_fused:cpu float32"``."""
+    name, dtype = split_provider(spec)
+    return f"{name} {dtype}" if dtype else name
+
+
 @dataclass(frozen=True)
 class Shape:
-    """One LSTM problem: input (T, B, I), hidden H, stacked layers, directions, projection."""
+    """One LSTM problem: input (T, B, I), hidden H, stacked layers, directions, projection.
+
+    ``cell``: time ``nn.LSTMCell`` against ``lstm_fused.LSTMCell`` (one step: T must be 1; x is
+    (B, I)) instead of the LSTM modules. ``state``: every call gets a given, fresh random
+    (h0, c0) (``hx`` for a cell) instead of none (zeros). ``dtypes``: the only dtypes this shape
+    runs in (else the run's). ``baseline``: the provider its speedup is relative to, instead of
+    nn.LSTM in the case's dtype; ``"lstm_fused:cpu@float32"`` is our CPU backend in float32 (e.g.
+    for a bfloat16 row: ours-bf16 over ours-fp32). nn.LSTM is timed in every case all the same.
+    """
 
     T: int
     B: int
@@ -23,6 +46,21 @@ class Shape:
     bidirectional: bool = False
     proj_size: int = 0
     modes: Optional[Tuple[str, ...]] = None  # None: every mode the run asks for
+    cell: bool = False
+    state: bool = False
+    dtypes: Optional[Tuple[str, ...]] = None
+    baseline: Optional[str] = None           # None: nn.LSTM
+
+    def __post_init__(self):
+        if self.cell and (self.T != 1 or self.layers != 1 or self.bidirectional or self.proj_size):
+            raise ValueError("an LSTMCell shape has T=1, one layer, one direction, no projection")
+        for d in self.dtypes or ():
+            if d not in DTYPES:
+                raise ValueError(f"unknown dtype {d!r}")
+        if self.baseline is not None:
+            _, dt = split_provider(self.baseline)
+            if dt is not None and dt not in DTYPES:
+                raise ValueError(f"unknown baseline dtype {dt!r}")
 
     @property
     def dirs(self) -> int:
@@ -30,7 +68,9 @@ class Shape:
 
     @property
     def name(self) -> str:
-        """Underscore-separated tokens, e.g. ``T100_B64_I512_H512_L2_bi``; --shapes matches these."""
+        """Underscore-separated tokens, e.g. ``T100_B64_I512_H512_L2_bi``; --shapes matches these.
+        ``cell``: LSTMCell; ``hx``: given initial state; a one-dtype shape names its dtype
+        (``bf16``) and a baseline other than nn.LSTM (``vs-cpu-fp32``: lstm_fused:cpu, float32)."""
         parts = [f"T{self.T}", f"B{self.B}", f"I{self.I}", f"H{self.H}"]
         if self.layers != 1:
             parts.append(f"L{self.layers}")
@@ -38,7 +78,28 @@ class Shape:
             parts.append("bi")
         if self.proj_size:
             parts.append(f"P{self.proj_size}")
+        if self.cell:
+            parts.append("cell")
+        if self.state:
+            parts.append("hx")
+        if self.dtypes and len(self.dtypes) == 1:
+            parts.append(DTYPE_SHORT[self.dtypes[0]])
+        if self.baseline:
+            name, dt = split_provider(self.baseline)
+            short = "nn" if name == "nn.LSTM" else name.rsplit(":", 1)[-1]
+            parts.append("vs-" + short + (f"-{DTYPE_SHORT[dt]}" if dt else ""))
         return "_".join(parts)
+
+    @property
+    def baseline_provider(self) -> str:
+        return self.baseline or "nn.LSTM"
+
+    def run_dtypes(self, wanted: Sequence[str], explicit: bool = False) -> list:
+        """The dtypes this shape runs in: ``wanted`` (the run's), or the shape's own when it has
+        them, narrowed to ``wanted`` when the user named dtypes (``--dtypes``)."""
+        if self.dtypes is None:
+            return list(wanted)
+        return [d for d in self.dtypes if not explicit or d in wanted]
 
     def applies_to(self, mode: str) -> bool:
         return self.modes is None or mode in self.modes
@@ -53,6 +114,8 @@ class Suite:
     dtypes: Optional[Tuple[str, ...]] = None  # None: bfloat16 on GPU, float32 on CPU
     budget_s: float = 1.0                  # timed seconds per provider per case (see timing.py)
     min_reps: int = 10
+    max_reps: int = 200                    # one-step rows take microseconds: allow more there
+    busy_core: bool = False                # run beside a busy process on one core (--busy-core)
     extra: dict = field(default_factory=dict)
 
 
@@ -62,6 +125,11 @@ def _pow2(lo: int, hi: int):
         yield n
         n *= 2
 
+
+# Rows shared by the "cpu" and "cpu-load" suites (forward only).
+DEEP = Shape(T=512, B=4, I=256, H=256, layers=6, modes=("fwd",))           # the heavy one
+STREAM_STEP = Shape(T=1, B=1, I=256, H=256, layers=2, state=True, modes=("fwd",))  # one step
+CELL_STEP = Shape(T=1, B=1, I=256, H=256, cell=True, state=True, modes=("fwd",))  # LSTMCell
 
 SUITES = {
     s.name: s
@@ -96,11 +164,31 @@ SUITES = {
                 Shape(T=200, B=1, I=128, H=128),
                 Shape(T=50, B=16, I=128, H=128, layers=2, bidirectional=True),
                 Shape(T=100, B=16, I=256, H=256, proj_size=128),
+                Shape(T=200, B=4, I=256, H=256, modes=("fwd",)),
+                Shape(T=200, B=1, I=512, H=512, modes=("fwd",)),
+                DEEP,
+                STREAM_STEP,
+                CELL_STEP,
+                # ours in bfloat16 over ours in float32 (target >= 1.6x); nn.LSTM bf16 timed too
+                Shape(T=200, B=1, I=512, H=512, modes=("fwd",), dtypes=("bfloat16",),
+                      baseline="lstm_fused:cpu@float32"),
             ),
-            "CPU-sized shapes",
+            "CPU-sized shapes (float32; one bfloat16-vs-our-float32 row)",
             dtypes=("float32",),
             budget_s=1.5,
             min_reps=5,
+            max_reps=2000,
+        ),
+        Suite(
+            "cpu-load",
+            (DEEP, STREAM_STEP, CELL_STEP),
+            "the deep, one-step and LSTMCell rows beside a busy process on the last core "
+            "(busy core on by default; --busy-core N picks the core, --no-busy-core turns it off)",
+            dtypes=("float32",),
+            budget_s=1.5,
+            min_reps=5,
+            max_reps=2000,
+            busy_core=True,
         ),
         Suite(
             "smoke",

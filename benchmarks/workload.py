@@ -3,12 +3,15 @@
 ``fwd``:    the forward under ``torch.no_grad()`` (inference).
 ``fwdbwd``: the forward, then the gradients of sum(y * dy) with respect to the input and every
             weight, via ``torch.autograd.grad`` (nothing accumulates into ``.grad`` between calls).
+
+A shape with ``state`` passes a given (h0, c0) with every call, drawn fresh like x (never zeros);
+a ``cell`` shape's x is (B, I), its hx ((B, H), (B, H)) and its output h (B, H).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -29,28 +32,46 @@ def pool_size(shape: Shape, dtype: torch.dtype) -> int:
     return max(MIN_POOL, min(MAX_POOL, math.ceil(CACHE_BYTES / max(per_input, 1))))
 
 
-def make_inputs(shape: Shape, dtype: torch.dtype, device, mode: str) -> List[Tuple[Tensor, Tensor]]:
-    """Fresh random (x, dy) pairs, time-major; never zeros (zeros flatter some kernels)."""
+Inputs = Tuple[Tensor, Tensor, Optional[Tuple[Tensor, Tensor]]]  # (x, dy, hx or None)
+
+
+def make_inputs(shape: Shape, dtype: torch.dtype, device, mode: str) -> List[Inputs]:
+    """Fresh random (x, dy, hx) triples, time-major (hx None unless the shape has ``state``);
+    never zeros (zeros flatter some kernels)."""
     out = (shape.proj_size or shape.H) * shape.dirs
-    pairs = []
+    rand = lambda *size: torch.randn(*size, device=device, dtype=dtype)
+    triples = []
     for _ in range(pool_size(shape, dtype)):
-        x = torch.randn(shape.T, shape.B, shape.I, device=device, dtype=dtype)
-        dy = torch.randn(shape.T, shape.B, out, device=device, dtype=dtype)
-        pairs.append((x.requires_grad_(mode == "fwdbwd"), dy))
-    return pairs
+        if shape.cell:
+            x, dy = rand(shape.B, shape.I), rand(shape.B, shape.H)
+            hx = (rand(shape.B, shape.H), rand(shape.B, shape.H)) if shape.state else None
+        else:
+            x, dy = rand(shape.T, shape.B, shape.I), rand(shape.T, shape.B, out)
+            n = shape.layers * shape.dirs
+            hx = (rand(n, shape.B, shape.proj_size or shape.H), rand(n, shape.B, shape.H)) \
+                if shape.state else None
+        triples.append((x.requires_grad_(mode == "fwdbwd"), dy, hx))
+    return triples
 
 
-def make_call(forward: Callable[[Tensor], Tensor], params: Sequence[Tensor], mode: str,
-              inputs: List[Tuple[Tensor, Tensor]]) -> Call:
+def make_call(forward: Callable[..., Tensor], params: Sequence[Tensor], mode: str,
+              inputs: List[Inputs]) -> Call:
+    """``call(i)`` runs ``mode`` on the inputs ``i % len(inputs)``; the state, when there is one,
+    is passed as ``forward(x, hx)`` (its gradient is not asked for)."""
     n = len(inputs)
+
+    def fwd(x, hx):
+        return forward(x) if hx is None else forward(x, hx)
+
     if mode == "fwd":
         def call(i: int):
+            x, _, hx = inputs[i % n]
             with torch.no_grad():
-                return forward(inputs[i % n][0])
+                return fwd(x, hx)
     elif mode == "fwdbwd":
         def call(i: int):
-            x, dy = inputs[i % n]
-            y = forward(x)
+            x, dy, hx = inputs[i % n]
+            y = fwd(x, hx)
             return torch.autograd.grad(y, [x, *params], dy)
     else:
         raise ValueError(f"unknown mode {mode!r}")

@@ -29,6 +29,11 @@ TORCH_LIBRARY(lstm_fused, m) {
       "Tensor h0, Tensor c0, Tensor? lengths, bool reverse, Tensor y, Tensor gates, "
       "Tensor c_all, bool weight_grads) "
       "-> (Tensor dxproj, Tensor dw_hh, Tensor dw_hr, Tensor dh0, Tensor dc0)");
+  // One LSTM cell step for inference (CPU): no autograd, callers route differentiable calls to
+  // recurrence_forward.
+  m.def(
+      "cell_forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh) -> (Tensor h, Tensor c)");
   m.def("has_cuda_kernels() -> bool", &has_cuda_kernels);
 }
 

@@ -43,6 +43,24 @@ def recurrence(
     return y, h_n, c_n
 
 
+_CELL_OP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def fused_cell_applies(x: Tensor, tensors, backend: str) -> bool:
+    """Whether one step can run as ``lstm_fused::cell_forward``: both products in one CPU kernel
+    pass, nothing saved, so only where autograd has nothing to record."""
+    if x.device.type != "cpu" or x.dtype not in _CELL_OP_DTYPES:
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return False
+    return dispatch.resolve(backend, x.device, x.dtype) == "cpu"
+
+
+def cell_step(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+    """(h, c) of one step, x (B, I), h0/c0 (B, H), through ``lstm_fused::cell_forward``."""
+    return torch.ops.lstm_fused.cell_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+
+
 def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     # nn.LSTM is on autocast's lower-precision list for CPU and CUDA: under autocast it computes
     # in the autocast dtype whatever the dtype of its input and weights.
@@ -95,6 +113,12 @@ def lstm(
                 y, h, c = onnx_export.lstm_direction(
                     layer_input, w_ih, w_hh, b_ih, b_hh, w_hr, h0[k], c0[k], lengths, direction == 1
                 )
+            elif layer_input.size(0) == 1 and w_hr is None and lengths is None and fused_cell_applies(
+                layer_input, (layer_input, h0, c0, w_ih, w_hh, b_ih, b_hh), backend
+            ):
+                # One streaming step without autograd: a cell step, no separate input GEMM.
+                h, c = cell_step(layer_input[0], h0[k], c0[k], w_ih, w_hh, b_ih, b_hh)
+                y = h.unsqueeze(0)
             else:
                 xproj = input_projection(layer_input, w_ih, b_ih, b_hh)
                 y, h, c = recurrence(

@@ -318,6 +318,10 @@ class LSTMCell(nn.LSTMCell):
         if _has_expanded_weights((self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)):
             h, c = self._expanded_weights_step(x, hx)
             return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))
+        weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        if functional.fused_cell_applies(x, (x, hx[0], hx[1]) + weights, self.backend):
+            h, c = functional.cell_step(x, hx[0], hx[1], *weights)
+            return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))
         xproj = functional.input_projection(x, self.weight_ih, self.bias_ih, self.bias_hh)
         _, h, c = functional.recurrence(
             xproj.unsqueeze(0), self.weight_hh, None, hx[0], hx[1], backend=self.backend

@@ -226,3 +226,7 @@ def register_backend_ops(forward_name: str, backward_name: str) -> None:
 register_backend_ops(f"{LIB}::reference_forward", f"{LIB}::reference_backward")
 if extension_loaded():
     register_backend_ops(f"{LIB}::recurrence_forward", f"{LIB}::recurrence_backward")
+
+    @torch.library.register_fake(f"{LIB}::cell_forward")
+    def _cell_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+        return torch.empty_like(h0), torch.empty_like(c0)

@@ -130,7 +130,8 @@ def test_smoke_writes_markdown_and_plot(smoke):
     out, results = smoke
     md = (out / "results.md").read_text()
     assert "| shape | mode | dtype | provider |" in md
-    assert md.count("| nn.LSTM |") == sum(r["provider"] == "nn.LSTM" for r in results["records"])
+    # Provider column (the "vs" column names nn.LSTM too).
+    assert md.count("| float32 | nn.LSTM |") == sum(r["provider"] == "nn.LSTM" for r in results["records"])
     png = (out / "results.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
@@ -296,3 +297,325 @@ def test_flashrnn_adapter_matches_nn_lstm(shape):
     for k, g in enumerate(got[1:]):
         w_ih, w_hh, b_ih, _b_hh = want_params[4 * (k // 3): 4 * (k // 3) + 4]
         torch.testing.assert_close(g, (w_ih, w_hh, b_ih)[k % 3], rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- new cpu rows
+
+from benchmarks import load, workload  # noqa: E402
+from benchmarks.shapes import Suite  # noqa: E402
+
+
+def _fused_cpu_or_skip():
+    if "cpu" not in providers.fused_backends():
+        pytest.skip("lstm_fused's CPU backend is not available here")
+
+
+def _run_tiny(monkeypatch, tmp_path, shapes, *extra):
+    """run.run on a throw-away suite holding ``shapes`` (fwd, 3 reps, nn.LSTM + lstm_fused:cpu)."""
+    monkeypatch.setitem(SUITES, "tiny-test", Suite("tiny-test", tuple(shapes), "test",
+                                                    dtypes=("float32",), budget_s=0.05, min_reps=2))
+    return run.run(["--suite", "tiny-test", "--device", "cpu", "--out", str(tmp_path),
+                    "--no-progress", "--no-plots", "--reps", "3", "--modes", "fwd",
+                    "--providers", "lstm_fused:cpu", *extra])
+
+
+def test_cpu_suites_hold_the_new_rows():
+    cpu = {s.name: s for s in SUITES["cpu"].shapes}
+    for name in ("T200_B4_I256_H256", "T200_B1_I512_H512", "T512_B4_I256_H256_L6",
+                 "T1_B1_I256_H256_L2_hx", "T1_B1_I256_H256_cell_hx",
+                 "T200_B1_I512_H512_bf16_vs-cpu-fp32"):
+        assert name in cpu, name
+        assert cpu[name].modes == ("fwd",)
+    step, cell = cpu["T1_B1_I256_H256_L2_hx"], cpu["T1_B1_I256_H256_cell_hx"]
+    assert step.state and not step.cell and step.layers == 2
+    assert cell.cell and cell.state
+    bf16 = cpu["T200_B1_I512_H512_bf16_vs-cpu-fp32"]
+    assert bf16.dtypes == ("bfloat16",) and bf16.baseline == "lstm_fused:cpu@float32"
+    load_suite = SUITES["cpu-load"]
+    assert load_suite.busy_core and not SUITES["cpu"].busy_core
+    assert {s.name for s in load_suite.shapes} == {
+        "T512_B4_I256_H256_L6", "T1_B1_I256_H256_L2_hx", "T1_B1_I256_H256_cell_hx"}
+    # Whole-token filters reach the new rows and no others.
+    assert [s.name for s in select_shapes(SUITES["cpu"].shapes, ["cell"])] == [cell.name]
+    assert {s.name for s in select_shapes(SUITES["cpu"].shapes, ["hx"])} == {step.name, cell.name}
+    with pytest.raises(ValueError):
+        Shape(T=2, B=1, I=4, H=4, cell=True)  # a cell is one step
+
+
+def test_run_dtypes_of_a_shape_with_its_own():
+    s = Shape(T=2, B=1, I=4, H=4, dtypes=("bfloat16",))
+    assert s.run_dtypes(["float32"]) == ["bfloat16"]                 # the suite's default
+    assert s.run_dtypes(["float32"], explicit=True) == []            # --dtypes float32 drops it
+    assert s.run_dtypes(["float32", "bfloat16"], explicit=True) == ["bfloat16"]
+    assert Shape(T=2, B=1, I=4, H=4).run_dtypes(["float16"]) == ["float16"]
+
+
+@pytest.mark.parametrize("shape", [Shape(T=1, B=3, I=8, H=8, layers=2, state=True),
+                                   Shape(T=1, B=3, I=8, H=8, cell=True, state=True),
+                                   Shape(T=3, B=2, I=8, H=8, layers=2, bidirectional=True,
+                                         proj_size=4, state=True)],
+                         ids=lambda s: s.name)
+def test_state_and_cell_workload_feed_the_given_state(shape):
+    """Every provider gets the same fresh (h0, c0); the fused one matches nn.LSTM/nn.LSTMCell
+    with it, and the state really changes the output (it is not dropped on the way)."""
+    _fused_cpu_or_skip()
+    import lstm_fused
+
+    native = providers.make_native(shape, "cpu", torch.float32)
+    assert isinstance(native, torch.nn.LSTMCell if shape.cell else torch.nn.LSTM)
+    ours = providers.build("lstm_fused:cpu", native, shape)
+    assert isinstance(ours.module, lstm_fused.LSTMCell if shape.cell else lstm_fused.LSTM)
+    base = providers.build("nn.LSTM", native, shape)
+    inputs = workload.make_inputs(shape, torch.float32, "cpu", "fwd")
+    x, dy, hx = inputs[0]
+    assert hx is not None and all(t.abs().sum() > 0 for t in hx)  # fresh, not zeros
+    assert x.shape == ((shape.B, shape.I) if shape.cell else (shape.T, shape.B, shape.I))
+    n = shape.layers * shape.dirs
+    want_h = (shape.B, shape.H) if shape.cell else (n, shape.B, shape.proj_size or shape.H)
+    assert hx[0].shape == want_h and hx[1].shape[-1] == shape.H
+    got = workload.make_call(ours.forward, ours.params, "fwd", inputs)(0)
+    want = workload.make_call(base.forward, base.params, "fwd", inputs)(0)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(base.forward(x), want)  # zero state gives something else
+
+
+def test_cell_and_step_rows_time_the_right_modules(monkeypatch, tmp_path):
+    _fused_cpu_or_skip()
+    built = []
+    real_build = providers.build
+
+    def spy(name, native, shape):
+        b = real_build(name, native, shape)
+        built.append((name, type(b.module).__name__))
+        return b
+
+    monkeypatch.setattr(providers, "build", spy)
+    cell = Shape(T=1, B=2, I=8, H=8, cell=True, state=True, modes=("fwd",))
+    step = Shape(T=1, B=1, I=8, H=8, layers=2, state=True, modes=("fwd",))
+    results = _run_tiny(monkeypatch, tmp_path, [cell, step])
+    assert built == [("nn.LSTM", "LSTMCell"), ("lstm_fused:cpu", "LSTMCell"),
+                     ("nn.LSTM", "LSTM"), ("lstm_fused:cpu", "LSTM")]
+    recs = results["records"]
+    assert [(r["shape"], r["provider"]) for r in recs] == [
+        ("T1_B2_I8_H8_cell_hx", "nn.LSTM"), ("T1_B2_I8_H8_cell_hx", "lstm_fused:cpu"),
+        ("T1_B1_I8_H8_L2_hx", "nn.LSTM"), ("T1_B1_I8_H8_L2_hx", "lstm_fused:cpu")]
+    for r in recs:
+        assert report.check_record(r) is None, r
+        assert r["ms"] > 0 and r["baseline"] == "nn.LSTM"
+        assert r["speedup"] == pytest.approx(r["speedup_vs_nn_lstm"])
+        assert r["state"] is True and r["cell"] == ("cell" in r["shape"])
+
+
+def test_bf16_row_is_relative_to_our_float32(monkeypatch, tmp_path):
+    _fused_cpu_or_skip()
+    shape = Shape(T=2, B=1, I=8, H=8, modes=("fwd",), dtypes=("bfloat16",),
+                  baseline="lstm_fused:cpu@float32")
+    assert shape.name == "T2_B1_I8_H8_bf16_vs-cpu-fp32"
+    results = _run_tiny(monkeypatch, tmp_path, [shape])
+    recs = results["records"]
+    assert [(r["provider"], r["dtype"]) for r in recs] == [
+        ("nn.LSTM", "bfloat16"), ("lstm_fused:cpu", "float32"), ("lstm_fused:cpu", "bfloat16")]
+    native, base, ours = recs
+    for r in recs:
+        assert report.check_record(r) is None, r
+        assert r["ms"] > 0, r
+        assert r["baseline"] == "lstm_fused:cpu float32" and r["shape"] == shape.name
+    assert base["speedup"] == 1.0
+    assert ours["speedup"] == pytest.approx(base["ms"] / ours["ms"])
+    assert native["speedup"] == pytest.approx(base["ms"] / native["ms"])
+    # Against nn.LSTM only in the same dtype: the float32 baseline has none.
+    assert base["speedup_vs_nn_lstm"] is None
+    assert ours["speedup_vs_nn_lstm"] == pytest.approx(native["ms"] / ours["ms"])
+    md = (tmp_path / "results.md").read_text()
+    row = [l for l in md.splitlines() if "| lstm_fused:cpu |" in l and "| bfloat16 |" in l]
+    assert len(row) == 1 and "| lstm_fused:cpu float32 |" in row[0]
+    # --dtypes float32 leaves a bf16-only row out rather than running it in float32.
+    again = _run_tiny(monkeypatch, tmp_path, [shape], "--dtypes", "float32")
+    assert again["records"] == []
+
+
+def test_bf16_baseline_gets_float32_weights_and_inputs():
+    _fused_cpu_or_skip()
+    shape = Shape(T=2, B=1, I=8, H=8, dtypes=("bfloat16",), baseline="lstm_fused:cpu@float32")
+    native = providers.make_native(shape, "cpu", torch.bfloat16)
+    b = providers.build("lstm_fused:cpu@float32", native, shape)
+    assert b.dtype == torch.float32 and all(p.dtype == torch.float32 for p in b.params)
+    assert next(native.parameters()).dtype == torch.bfloat16  # the original is untouched
+    torch.testing.assert_close(b.params[0], native.weight_ih_l0.float())
+    assert run.case_providers(shape, "bfloat16", ["nn.LSTM", "lstm_fused:cpu"]) == \
+        ["nn.LSTM", "lstm_fused:cpu@float32", "lstm_fused:cpu"]
+    assert run.case_providers(shape, "float32", ["nn.LSTM", "lstm_fused:cpu"]) == \
+        ["nn.LSTM", "lstm_fused:cpu"]  # x@float32 in a float32 case is x itself
+
+
+# ----------------------------------------------------------------------------- busy core
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux only")
+def test_busy_core_process_is_pinned_and_stopped():
+    core = load.last_core()
+    busy = load.BusyCore().start()
+    pid = busy.pid
+    try:
+        assert busy.core == core and busy.running()
+        assert os.sched_getaffinity(pid) == {core}
+        time.sleep(0.3)
+        with open(f"/proc/{pid}/stat") as f:  # it spins: user time grows
+            utime = int(f.read().rsplit(")", 1)[1].split()[11])
+        assert utime > 0
+    finally:
+        busy.stop()
+    assert _gone(pid) and not busy.running()
+    busy.stop()  # twice is fine
+    with pytest.raises(ValueError):
+        load.BusyCore(10_000)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux only")
+def test_busy_core_run_records_it_and_stops_it(monkeypatch, tmp_path):
+    started = []
+    real = load.BusyCore.start
+
+    def start(self):
+        out = real(self)
+        started.append((self, self.pid))
+        return out
+
+    monkeypatch.setattr(load.BusyCore, "start", start)
+    shape = Shape(T=1, B=1, I=8, H=8, state=True, modes=("fwd",))
+    results = _run_tiny(monkeypatch, tmp_path, [shape], "--busy-core", "--providers", "nn.LSTM")
+    assert len(started) == 1
+    busy, pid = started[0]
+    assert _gone(pid)
+    assert results["machine"]["busy_core"] == load.last_core() == results["settings"]["busy_core"]
+    assert json.loads((tmp_path / "results.json").read_text())["machine"]["busy_core"] == busy.core
+    assert f"busy core: **{busy.core}**" in (tmp_path / "results.md").read_text()
+
+    # Without it: null, and said so.
+    results = _run_tiny(monkeypatch, tmp_path, [shape], "--providers", "nn.LSTM")
+    assert results["machine"]["busy_core"] is None and len(started) == 1
+    assert "busy core: none" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux only")
+def test_busy_core_is_stopped_when_the_run_is_interrupted(monkeypatch, tmp_path):
+    started = []
+    real = load.BusyCore.start
+    monkeypatch.setattr(load.BusyCore, "start",
+                        lambda self: started.append(self) or real(self))
+
+    def interrupted(*a, **k):
+        assert started[0].running()  # the measurements run beside it
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "time_mode", interrupted)
+    shape = Shape(T=1, B=1, I=8, H=8, modes=("fwd",))
+    monkeypatch.setitem(SUITES, "tiny-load", Suite("tiny-load", (shape,), "test",
+                                                    dtypes=("float32",), busy_core=True))
+    with pytest.raises(KeyboardInterrupt):
+        run.run(["--suite", "tiny-load", "--device", "cpu", "--out", str(tmp_path),
+                 "--no-progress", "--no-plots", "--reps", "2"])  # busy core: the suite's default
+    assert len(started) == 1 and started[0].proc is None
+    # --no-busy-core overrides the suite.
+    monkeypatch.setattr(run, "time_mode", lambda *a, **k: [])
+    run.run(["--suite", "tiny-load", "--device", "cpu", "--out", str(tmp_path), "--no-progress",
+             "--no-plots", "--reps", "2", "--no-busy-core"])
+    assert len(started) == 1
+
+
+def test_busy_core_argument():
+    assert run.parse_args(["--suite", "cpu", "--busy-core"]).busy_core == "last"
+    assert run.parse_args(["--suite", "cpu", "--busy-core", "1"]).busy_core == 1
+    assert run.parse_args(["--suite", "cpu"]).busy_core is None
+    with pytest.raises(SystemExit):
+        run.parse_args(["--suite", "cpu", "--busy-core", "x"])
+
+
+# ----------------------------------------------------------------------------- machine peaks
+
+def _peak_ops_or_skip():
+    if not roofline.peak_ops_available():
+        pytest.skip("lstm_fused's peak ops are not built here")
+    return torch.ops.lstm_fused
+
+
+def test_fma_peak_op_per_isa():
+    ops = _peak_ops_or_skip()
+    import math
+
+    for isa in ("generic", "avx2", "avx512"):
+        if not ops.cpu_isa_supported(isa):
+            with pytest.raises(RuntimeError, match="cannot run"):
+                ops.cpu_fma_peak_gflops(1, isa)
+            continue
+        g = ops.cpu_fma_peak_gflops(1, isa)
+        assert isinstance(g, float) and math.isfinite(g) and g > 0, (isa, g)
+    g = ops.cpu_fma_peak_gflops(2, "auto")  # the selected ISA
+    assert math.isfinite(g) and g > 0
+    for bad_isa in ("sse9", "AVX2", "avx512bf16"):
+        with pytest.raises(RuntimeError, match="unknown CPU instruction set"):
+            ops.cpu_fma_peak_gflops(1, bad_isa)
+    for bad_threads in (0, -1, 100_000):
+        with pytest.raises(RuntimeError, match="threads"):
+            ops.cpu_fma_peak_gflops(bad_threads, "generic")
+
+
+def test_read_bandwidth_op():
+    ops = _peak_ops_or_skip()
+    import math
+
+    for nbytes, threads in ((256 * 1024, 1), (64 * 1024, 2), (4096 + 4, 1)):
+        g = ops.cpu_read_bandwidth_gbs(nbytes, threads)
+        assert isinstance(g, float) and math.isfinite(g) and g > 0, (nbytes, threads, g)
+    for nbytes, threads in ((100, 1), (2**33, 1), (65536, 0)):
+        with pytest.raises(RuntimeError):
+            ops.cpu_read_bandwidth_gbs(nbytes, threads)
+
+
+def test_cpu_peaks_use_our_fma_loop_and_keep_mkl(monkeypatch):
+    _peak_ops_or_skip()
+    calls = []
+    monkeypatch.setattr(roofline, "measure_cpu_fma",
+                        lambda threads, isa="auto": calls.append((threads, isa)) or 123e9)
+    monkeypatch.setattr(roofline, "measure_cpu_gemm", lambda dtype="float32", **k: 7e9)
+    monkeypatch.setattr(roofline, "measure_cpu_copy", lambda **k: 5e9)
+    monkeypatch.setattr(roofline, "measure_cpu_read",
+                        lambda nbytes, threads: 400e9 if nbytes == roofline.L2_BYTES_PER_THREAD else 40e9)
+    p = roofline.cpu_peaks("some cpu", threads=3)
+    isa = torch.ops.lstm_fused.cpu_isa_selected()
+    assert calls == [(3, isa)]
+    assert p.rate("float32", tf32=False) == 123e9 and p.rate("bfloat16", tf32=False) == 123e9
+    assert p.bandwidth == 40e9  # the large buffer, not L2
+    assert p.cpu["mkl_gemm_gflops"] == 7.0 and p.cpu["fma_peak_gflops"] == 123.0
+    assert p.cpu["l2_read_gb_s"] == 400.0 and p.cpu["big_read_gb_s"] == 40.0
+    assert p.cpu["fma_isa"] == isa and p.cpu["peak_threads"] == 3
+    assert "FMA" in p.source
+    # Without the ops: MKL GEMM as before, and said so.
+    monkeypatch.setattr(roofline, "peak_ops_available", lambda: False)
+    p = roofline.cpu_peaks("some cpu", threads=3)
+    assert p.rate("float32", tf32=False) == 7e9 and "MKL" in p.source
+
+
+def test_smoke_records_cpu_isa_and_peaks(smoke):
+    out, results = smoke
+    m = json.loads((out / "results.json").read_text())["machine"]
+    for key in ("cpu", "cpu_flags", "cpu_isa_selected", "mkl_gemm_gflops", "busy_core"):
+        assert key in m, key
+    assert m["busy_core"] is None
+    if os.path.exists("/proc/cpuinfo") and machine.cpu_flags():
+        assert set(m["cpu_flags"]) == set(machine.ISA_FLAGS)
+    md = (out / "results.md").read_text()
+    assert f"CPU: **{m['cpu']}**" in md
+    if roofline.peak_ops_available():
+        assert m["cpu_isa_selected"] in ("generic", "avx2", "avx512")
+        assert m["fma_peak_gflops"] > 0 and m["l2_read_gb_s"] > 0 and m["big_read_gb_s"] > 0
+        assert results["peaks"]["tflops"]["float32"] == pytest.approx(m["fma_peak_gflops"] / 1e3)
+        assert f"{m['fma_peak_gflops']:.1f} GFLOP/s" in md

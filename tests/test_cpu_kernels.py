@@ -5,7 +5,8 @@ Each variant is forced with LSTM_FUSED_CPU_ISA (read on every call) and compared
 nn.LSTM: output, h_n, c_n and every gradient. The shapes are chosen against the kernels' tiling:
 batch rows that leave a partial row tile, hidden sizes that leave a partial unit block, and sizes
 large enough that the call runs on several threads (at least 2^20 multiply-adds per call and 2^15
-per step: see panel_recurrence.cpp).
+per step: see panel_recurrence.cpp), and batches of several row tiles with reductions longer than
+one L1 chunk of the panel (step_kernels_impl.h).
 """
 
 import os
@@ -41,6 +42,8 @@ SHAPES = [
     ("threads_B1", 40, 1, 16, 130, {}, None),
     ("threads_bidir_packed", 10, 7, 8, 80, {"bidirectional": True}, [10, 3, 7, 1, 10, 6, 9]),
     ("threads_2layers_batch_first", 8, 6, 10, 90, {"num_layers": 2, "batch_first": True}, None),
+    # Several row tiles and a reduction longer than one L1 chunk of the panel, on every variant.
+    ("chunked_reduction", 6, 8, 12, 200, {}, [6, 2, 5, 6, 1, 3, 6, 4]),
 ]
 HALF_FLOOR = 2e-3
 
@@ -103,7 +106,7 @@ def test_float32_parity_every_variant(monkeypatch, variant, shape):
 
 @pytest.mark.parametrize("variant", supported_variants())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("shape", [s for s in SHAPES if s[0] in ("partial_row_tile", "threads_bidir_packed")],
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s[0] in ("partial_row_tile", "threads_bidir_packed", "chunked_reduction")],
                          ids=lambda s: s[0])
 def test_half_precision_every_variant(monkeypatch, variant, dtype, shape):
     monkeypatch.setenv("LSTM_FUSED_CPU_ISA", variant)
@@ -210,8 +213,6 @@ STEAL_SCRIPT = textwrap.dedent("""
     import torch, lstm_fused
     torch.manual_seed(0)
     torch.set_num_threads(4)          # the recurrence plans 4 slices of blocks ...
-    # The oracle is our reference backend: nn.LSTM itself (oneDNN) computes wrong results in
-    # torch 2.13 when OMP_THREAD_LIMIT is below torch's thread count.
     ref = lstm_fused.LSTM(96, 96, backend="reference")
     m = lstm_fused.LSTM(96, 96, backend="cpu")
     m.load_state_dict(ref.state_dict())
@@ -227,10 +228,90 @@ STEAL_SCRIPT = textwrap.dedent("""
 
 
 def test_slices_of_threads_that_never_run_are_stolen():
-    # ... but OpenMP may start only one thread: that thread must run every slice itself.
-    env = dict(os.environ, OMP_THREAD_LIMIT="1")
+    # ... but with no worker thread at all the caller must run every slice itself.
+    env = dict(os.environ, LSTM_FUSED_CPU_WORKERS="0")
     done = subprocess.run([sys.executable, "-c", STEAL_SCRIPT], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     errors = [float(v) for v in done.stdout.split()]
     assert len(errors) == 3 and all(e < 2e-5 for e in errors), errors
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming steps without autograd: LSTMCell and T = 1 layers run lstm_fused::cell_forward, both
+# products in one kernel pass over [h | x].
+
+
+@pytest.mark.parametrize("variant", supported_variants())
+@pytest.mark.parametrize("B,I,H", [(1, 256, 256), (5, 7, 33), (9, 300, 40)], ids=["B1_H256", "odd", "I_gt_chunk"])
+def test_cell_step_without_grad_every_variant(monkeypatch, variant, B, I, H):
+    monkeypatch.setenv("LSTM_FUSED_CPU_ISA", variant)
+    oracle = nn.LSTMCell(I, H, dtype=torch.float64)
+    fused = lstm_fused.LSTMCell(I, H, backend="cpu")
+    fused.load_state_dict(oracle.state_dict())
+    x, h0, c0 = (torch.randn(B, n, dtype=torch.float64) for n in (I, H, H))
+    calls = []
+    real = torch.ops.lstm_fused.cell_forward
+    monkeypatch.setattr(lstm_fused.functional, "cell_step", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        want = oracle(x, (h0, c0))
+        got = fused(x.float(), (h0.float(), c0.float()))
+    assert calls, "the no-grad step did not take the fused cell kernel"
+    assert rel_error(got[0], want[0]) < 2e-5 and rel_error(got[1], want[1]) < 2e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_cell_step_half_precision_within_twice_the_reference(dtype):
+    I, H, B = 40, 72, 3
+    oracle = nn.LSTMCell(I, H, dtype=torch.float64)
+    x, h0, c0 = (torch.randn(B, n, dtype=torch.float64) for n in (I, H, H))
+    with torch.no_grad():
+        want = oracle(x, (h0, c0))
+        errors = {}
+        for backend in ("cpu", "reference"):
+            m = lstm_fused.LSTMCell(I, H, backend=backend, dtype=torch.float64)
+            m.load_state_dict(oracle.state_dict())
+            h, c = m.to(dtype)(x.to(dtype), (h0.to(dtype), c0.to(dtype)))
+            assert h.dtype == dtype and c.dtype == dtype
+            errors[backend] = (rel_error(h, want[0]), rel_error(c, want[1]))
+    for ours, ref in zip(errors["cpu"], errors["reference"]):
+        assert ours <= 2 * ref + HALF_FLOOR, errors
+
+
+def test_one_step_layers_without_grad_match_nn_lstm(monkeypatch):
+    oracle = nn.LSTM(24, 40, num_layers=2, bidirectional=True, dtype=torch.float64)
+    fused = lstm_fused.LSTM(24, 40, num_layers=2, bidirectional=True, backend="cpu")
+    fused.load_state_dict(oracle.state_dict())
+    x = torch.randn(1, 3, 24, dtype=torch.float64)
+    hx = (torch.randn(4, 3, 40, dtype=torch.float64), torch.randn(4, 3, 40, dtype=torch.float64))
+    calls = []
+    real = torch.ops.lstm_fused.cell_forward
+    monkeypatch.setattr(lstm_fused.functional, "cell_step", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        want = oracle(x, hx)
+        got = fused(x.float(), tuple(t.float() for t in hx))
+    assert len(calls) == 4  # every layer and direction
+    for a, b in zip((got[0],) + got[1], (want[0],) + want[1]):
+        assert rel_error(a, b) < 2e-5
+
+
+def test_cell_step_with_grad_keeps_the_differentiable_path(monkeypatch):
+    calls = []
+    monkeypatch.setattr(lstm_fused.functional, "cell_step", lambda *a: calls.append(1))
+    m = lstm_fused.LSTMCell(8, 16, backend="cpu")
+    h, c = m(torch.randn(2, 8))
+    (h.sum() + c.sum()).backward()
+    assert not calls and m.weight_hh.grad is not None
+
+
+def test_cell_step_cache_sees_a_changed_input_weight():
+    oracle = nn.LSTMCell(16, 24)
+    fused = lstm_fused.LSTMCell(16, 24, backend="cpu")
+    fused.load_state_dict(oracle.state_dict())
+    x, hx = torch.randn(2, 16), (torch.randn(2, 24), torch.randn(2, 24))
+    with torch.no_grad():
+        fused(x, hx)  # packs [W_hh | W_ih]
+        new = torch.randn_like(oracle.weight_ih)
+        oracle.weight_ih.copy_(new)
+        fused.weight_ih.copy_(new)
+        assert rel_error(fused(x, hx)[0], oracle(x, hx)[0]) < 2e-5

@@ -2,6 +2,7 @@
 #include "cpu/packed_weights.h"
 
 #include <ATen/Dispatch.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/TensorImpl.h>
 #include <c10/util/intrusive_ptr.h>
@@ -9,6 +10,7 @@
 #include <cstring>
 #include <list>
 #include <mutex>
+#include <vector>
 
 namespace lstm_fused::cpu {
 namespace {
@@ -64,22 +66,45 @@ uint64_t fingerprint(const at::Tensor& w) {
   return hash;
 }
 
-struct Entry {
+// One weight an entry was packed from, as it was then.
+struct Source {
   c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> weight;
   const c10::TensorImpl* impl;
   const void* data;
   uint32_t version;
   at::ScalarType dtype;
   std::vector<int64_t> sizes, strides;
+  uint64_t fingerprint;
+
+  explicit Source(const at::Tensor& w)
+      : weight(w.getIntrusivePtr()), impl(w.unsafeGetTensorImpl()), data(w.data_ptr()),
+        version(w.unsafeGetTensorImpl()->version_counter().current_version()),
+        dtype(w.scalar_type()), sizes(w.sizes().vec()), strides(w.strides().vec()),
+        fingerprint(cpu::fingerprint(w)) {}
+
+  bool same_as(const Source& now) const {
+    return impl == now.impl && !weight.expired() && data == now.data && version == now.version &&
+           dtype == now.dtype && sizes == now.sizes && strides == now.strides &&
+           fingerprint == now.fingerprint;
+  }
+};
+
+struct Entry {
+  std::vector<Source> sources;
   PanelLayout layout;
   int V;
-  uint64_t fingerprint;
   at::Tensor panels;
 
-  bool matches(const at::Tensor& w, uint32_t w_version, PanelLayout l, int v, uint64_t fp) const {
-    return impl == w.unsafeGetTensorImpl() && !weight.expired() && data == w.data_ptr() &&
-           version == w_version && dtype == w.scalar_type() && sizes == w.sizes().vec() &&
-           strides == w.strides().vec() && layout == l && V == v && fingerprint == fp;
+  bool expired() const {
+    for (const Source& s : sources)
+      if (s.weight.expired()) return true;
+    return false;
+  }
+  bool matches(const std::vector<Source>& now, PanelLayout l, int v) const {
+    if (layout != l || V != v || sources.size() != now.size()) return false;
+    for (size_t i = 0; i < now.size(); ++i)
+      if (!sources[i].same_as(now[i])) return false;
+    return true;
   }
 };
 
@@ -91,35 +116,50 @@ constexpr int64_t kMaxBytes = int64_t(64) << 20;
 std::mutex cache_mutex;
 std::list<Entry> cache;
 
-}  // namespace
-
-at::Tensor packed_panels(const at::Tensor& w, PanelLayout layout, int V) {
-  // Inference tensors have no version counter; weights of the autograd kind always do.
-  if (w.is_inference() || w.nbytes() > static_cast<size_t>(kMaxBytes)) return pack(w, layout, V);
-  const uint32_t version = w.unsafeGetTensorImpl()->version_counter().current_version();
-  const uint64_t fp = fingerprint(w);
+// The panels of `weights` concatenated along dim 1, from the cache or packed now.
+at::Tensor cached(const std::vector<at::Tensor>& weights, PanelLayout layout, int V) {
+  const auto pack_now = [&] {
+    return pack(weights.size() == 1 ? weights[0] : at::cat(weights, 1), layout, V);
+  };
+  int64_t bytes = 0;
+  for (const at::Tensor& w : weights) {
+    // Inference tensors have no version counter; weights of the autograd kind always do.
+    if (w.is_inference()) return pack_now();
+    bytes += static_cast<int64_t>(w.nbytes());
+  }
+  if (bytes > kMaxBytes) return pack_now();
+  std::vector<Source> now;
+  for (const at::Tensor& w : weights) now.emplace_back(w);
   std::lock_guard<std::mutex> lock(cache_mutex);
   for (auto it = cache.begin(); it != cache.end();) {
-    if (it->weight.expired()) {
+    if (it->expired()) {
       it = cache.erase(it);
-    } else if (it->matches(w, version, layout, V, fp)) {
+    } else if (it->matches(now, layout, V)) {
       cache.splice(cache.end(), cache, it);  // most recently used last
       return cache.back().panels;
     } else {
       ++it;
     }
   }
-  at::Tensor panels = pack(w, layout, V);
-  cache.push_back(Entry{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(w.getIntrusivePtr()),
-                        w.unsafeGetTensorImpl(), w.data_ptr(), version, w.scalar_type(),
-                        w.sizes().vec(), w.strides().vec(), layout, V, fp, panels});
-  int64_t bytes = 0;
-  for (const Entry& e : cache) bytes += static_cast<int64_t>(e.panels.nbytes());
-  while (cache.size() > 1 && (cache.size() > kMaxEntries || bytes > kMaxBytes)) {
-    bytes -= static_cast<int64_t>(cache.front().panels.nbytes());
+  at::Tensor panels = pack_now();
+  cache.push_back(Entry{std::move(now), layout, V, panels});
+  int64_t held = 0;
+  for (const Entry& e : cache) held += static_cast<int64_t>(e.panels.nbytes());
+  while (cache.size() > 1 && (cache.size() > kMaxEntries || held > kMaxBytes)) {
+    held -= static_cast<int64_t>(cache.front().panels.nbytes());
     cache.pop_front();
   }
   return panels;
+}
+
+}  // namespace
+
+at::Tensor packed_panels(const at::Tensor& w_hh, PanelLayout layout, int V) {
+  return cached({w_hh}, layout, V);
+}
+
+at::Tensor packed_cell_panels(const at::Tensor& w_hh, const at::Tensor& w_ih, int V) {
+  return cached({w_hh, w_ih}, PanelLayout::kForwardGates, V);
 }
 
 int64_t packed_cache_size() {

@@ -18,9 +18,11 @@ enum class PanelLayout {
   kBackwardColumns,  // per block of 4V units: (4H, 4V)
 };
 
-// Panels of w_hh (4H, H) in `layout` for vector width V, in w_hh's dtype. The returned tensor stays valid
-// however the cache changes afterwards.
+// Panels of w_hh (4H, H) in `layout` for vector width V, in w_hh's dtype. The returned tensor
+// stays valid however the cache changes afterwards.
 at::Tensor packed_panels(const at::Tensor& w_hh, PanelLayout layout, int V);
+// Forward panels of [W_hh | W_ih] (4H, H + I) for a fused cell step, cached on both weights.
+at::Tensor packed_cell_panels(const at::Tensor& w_hh, const at::Tensor& w_ih, int V);
 
 // Entries currently held, and a way to drop them (tests).
 int64_t packed_cache_size();

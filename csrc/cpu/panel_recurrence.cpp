@@ -1,7 +1,8 @@
 // Drivers of the SIMD step kernels (step_kernels.h): the forward and backward recurrence of a
 // layer without projection in float32, bfloat16 or float16, for the instruction set isa.h picks.
 //
-// One parallel region per call. The blocks of a step are split over the threads (step_team.h);
+// One team of threads per call (worker_pool.h). The blocks of a step are split over the threads
+// (step_team.h);
 // each thread's blocks read their own panels of W_hh (packed once and cached across calls,
 // packed_weights.h), which stay in that thread's L2 for all T steps when they fit. The state a
 // step reads (h forward, dz backward) was written by every thread the step before, so it is
@@ -13,28 +14,34 @@
 #include "cpu/recurrence.h"
 #include "cpu/step_kernels.h"
 #include "cpu/step_team.h"
+#include "cpu/worker_pool.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
-#include <omp.h>
 
 namespace lstm_fused::cpu {
 namespace {
 
-// A parallel region and a synchronization per step pay only above these sizes.
+// A team and a synchronization per step pay only above these sizes: at least this much work per
+// step and thread, and either this much work per call or more weight than one core's L2 holds
+// comfortably (split over the threads, each share stays in its own L2: a cell step of H = 256
+// streams 2 MB of fp32 weights, from L3 on one thread, 1 MB from each L2 on two).
 constexpr int64_t kMinStepMacsPerThread = 16384;
 constexpr int64_t kMinCallMacsForThreads = int64_t(1) << 20;
+constexpr int64_t kOneCoreWeightBytes = int64_t(512) << 10;
 
-int panel_threads(int64_t T, int64_t step_macs, int64_t blocks) {
+int panel_threads(int64_t T, int64_t step_macs, int64_t blocks, int64_t weight_bytes) {
   int64_t threads = std::min<int64_t>(at::get_num_threads(), blocks);
   threads = std::min<int64_t>(threads, std::max<int64_t>(1, step_macs / kMinStepMacsPerThread));
-  if (T * step_macs < kMinCallMacsForThreads) threads = 1;
+  if (T * step_macs < kMinCallMacsForThreads && weight_bytes <= kOneCoreWeightBytes) threads = 1;
   return static_cast<int>(std::max<int64_t>(1, threads));
 }
 
-// Runs fn(s, block) for s in steps (in order) and every block, on `threads` threads.
+// Runs fn(s, block) for s in steps (in order) and every block, on `threads` threads: the caller
+// and pool workers (worker_pool.h), which join without waiting for a late one.
 template <typename Fn>
 void run_steps(int threads, int64_t steps, int64_t blocks, const Fn& fn) {
   if (threads == 1) {
@@ -43,13 +50,9 @@ void run_steps(int threads, int64_t steps, int64_t blocks, const Fn& fn) {
     return;
   }
   StepTeam team(threads, blocks);
-#pragma omp parallel num_threads(threads)
-  {
-    const int k = omp_get_thread_num();
-    if (k < threads) {  // the runtime may give fewer threads; the others' slices get stolen
-      for (int64_t s = 0; s < steps; ++s) team.run_step(k, s, [&](int64_t blk) { fn(s, blk); });
-    }
-  }
+  WorkerPool::run(threads, [&](int k) {
+    for (int64_t s = 0; s < steps; ++s) team.run_step(k, s, [&](int64_t blk) { fn(s, blk); });
+  });
 }
 
 Storage storage_of(at::ScalarType dtype) {
@@ -86,6 +89,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> panel_for
 
   ForwardStepArgs a;
   a.T = T, a.B = B, a.H = H;
+  a.K = H, a.xproj_stride = 4 * H;
   a.storage = storage_of(xproj.scalar_type());
   a.reverse = reverse, a.save = save;
   a.xproj = xproj.data_ptr();
@@ -97,12 +101,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> panel_for
   a.y = y.data_ptr();
   a.gates_out = save ? gates.data_ptr() : nullptr;
   a.c_all = save ? c_all.data_ptr<float>() : nullptr;
-
   const int64_t blocks = (H + V - 1) / V;
-  const int threads = panel_threads(T, B * 4 * H * H, blocks);
+  at::Tensor partial = at::empty({blocks, B, 4 * V}, f32);
+  a.partial = partial.data_ptr<float>();
+
+  const int threads = panel_threads(T, B * 4 * H * H, blocks, panels.nbytes());
   run_steps(threads, T, blocks, [&](int64_t s, int64_t u) { kernels.forward_block(a, s, u); });
   const auto dtype = xproj.scalar_type();
   return {y, h[T % 2].to(dtype, false, /*copy=*/true), c.to(dtype), gates, c_all};
+}
+
+std::tuple<at::Tensor, at::Tensor> panel_cell_forward(
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+  const int64_t B = x.size(0), I = x.size(1), H = w_hh.size(1), K = H + I;
+  const auto opts = x.options();
+  const auto f32 = opts.dtype(at::kFloat);
+  const StepKernels& kernels = step_kernels(selected_isa());
+  const int V = kernels.vector_width;
+
+  const at::Tensor panels = packed_cell_panels(w_hh, w_ih, V);
+  // The state row is [h | x]: one reduction covers both products.
+  at::Tensor state = at::empty({2, B, K}, f32);
+  state[0].narrow(1, 0, H).copy_(h0);
+  state[0].narrow(1, H, I).copy_(x);
+  const at::Tensor bias = b_ih.has_value() ? at::add(*b_ih, *b_hh).contiguous() : at::zeros({4 * H}, opts);
+  at::Tensor c = c0.to(at::kFloat, false, /*copy=*/true).contiguous();
+  at::Tensor h = at::empty({1, B, H}, opts);  // the step's y is its new h, in the input dtype
+
+  ForwardStepArgs a;
+  a.T = 1, a.B = B, a.H = H;
+  a.K = K, a.xproj_stride = 0;
+  a.storage = storage_of(x.scalar_type());
+  a.reverse = false, a.save = false;
+  a.xproj = bias.data_ptr();
+  a.panels = panels.data_ptr();
+  a.lengths = nullptr;
+  a.h[0] = state.data_ptr<float>();
+  a.h[1] = a.h[0] + B * K;
+  a.c = c.data_ptr<float>();
+  a.y = h.data_ptr();
+  a.gates_out = nullptr;
+  a.c_all = nullptr;
+  const int64_t blocks = (H + V - 1) / V;
+  at::Tensor partial = at::empty({blocks, B, 4 * V}, f32);
+  a.partial = partial.data_ptr<float>();
+  const int threads = panel_threads(1, B * 4 * H * K, blocks, panels.nbytes());
+  run_steps(threads, 1, blocks, [&](int64_t s, int64_t u) { kernels.forward_block(a, s, u); });
+  return {h[0], c.to(x.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> panel_backward(
@@ -142,10 +188,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> panel_backward(
   a.dz[0] = dz.data_ptr<float>();
   a.dz[1] = a.dz[0] + B * 4 * H;
   a.dxproj = dxproj.data_ptr();
+  const int64_t blocks = (H + 4 * V - 1) / (4 * V);
+  at::Tensor partial = at::empty({blocks, B, 4 * V}, f32);
+  a.partial = partial.data_ptr<float>();
 
   // Sync step i processes recurrence step T-1-i; the last one (i = T) is the final product.
-  const int64_t blocks = (H + 4 * V - 1) / (4 * V);
-  const int threads = panel_threads(T, B * 4 * H * H, blocks);
+  const int threads = panel_threads(T, B * 4 * H * H, blocks, panels.nbytes());
   run_steps(threads, T + 1, blocks, [&](int64_t i, int64_t q) {
     const int64_t s = T - 1 - i;
     const BackwardPhase phase = i == 0 ? BackwardPhase::kFirst

@@ -27,6 +27,11 @@ bool panel_kernels_apply(at::ScalarType dtype, bool has_proj);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> panel_forward(
     const at::Tensor& xproj, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
     const std::optional<at::Tensor>& lengths, bool reverse, bool save);
+// One LSTMCell step without autograd: (h, c) from x (B, I), h0/c0 (B, H) and the cell's weights,
+// both products in one reduction over [h0 | x] (panel_recurrence.cpp).
+std::tuple<at::Tensor, at::Tensor> panel_cell_forward(
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh);
 // Returns d(xproj), dh0, dc0; the weight gradients are the caller's T*B-row GEMMs.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> panel_backward(
     const at::Tensor& dy, const at::Tensor& dh_n, const at::Tensor& dc_n, const at::Tensor& w_hh,

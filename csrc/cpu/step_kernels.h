@@ -20,18 +20,23 @@ enum class Storage { kFloat, kBFloat16, kHalf };
 // Forward of one direction of one layer. Unit block u covers units [u*V, u*V + V) (the last
 // one may be partial); its panel is (H, 4, V): for every input column k, the i, f, g, o weight
 // rows of its V units, zero past H. Panels have the storage dtype (the weights' own values).
+// A fused cell step (T = 1) reduces over [h | x] with panels of [W_hh | W_ih]: K = H + I.
 struct ForwardStepArgs {
   int64_t T, B, H;
+  int64_t K;              // reduction length = row stride of h: H, or H + I for a fused cell
+  int64_t xproj_stride;   // between the rows of xproj: 4H, or 0 (one bias row for all)
   Storage storage;
   bool reverse, save;
   const void* xproj;      // (T, B, 4H) storage dtype: x @ W_ih^T + biases
   const void* panels;     // ceil(H / V) panels of H * 4 * V elements, storage dtype
   const int64_t* lengths; // (B,) or null
-  float* h[2];            // (B, H) each: h of even / odd steps (double-buffered across threads)
+  float* h[2];            // (B, K) each: h of even / odd steps (double-buffered across threads);
+                          // a fused cell keeps x in columns [H, H + I) of h[0]
   float* c;               // (B, H)
   void* y;                // (T, B, H) storage dtype
   void* gates_out;        // (T, B, 4H) storage dtype, activated gates, or null (inference)
   float* c_all;           // (T, B, H) cell state after each step, or null (inference)
+  float* partial;         // (blocks, B, 4V): each block's sums between chunks of the reduction
 };
 
 // Backward of the same. Column block q covers units [q*4V, q*4V + 4V); its panel is (4H, 4V):
@@ -53,6 +58,7 @@ struct BackwardStepArgs {
   float* dc;               // (B, H) starts as dc_n
   float* dz[2];            // (B, 4H) each: pre-activation gate gradients of even / odd steps
   void* dxproj;            // (T, B, 4H) storage dtype
+  float* partial;          // (blocks, B, 4V): each block's sums between chunks of the reduction
 };
 
 enum class BackwardPhase { kFirst, kStep, kFinal };

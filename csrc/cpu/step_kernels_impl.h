@@ -30,13 +30,11 @@ inline bool row_active(const int64_t* lengths, int64_t b, int64_t t) {
 }
 inline int64_t time_of(int64_t s, int64_t T, bool reverse) { return reverse ? T - 1 - s : s; }
 
-// acc[r][q] = sum_k A[r * lda + k] * panel[k * 4V + q * V + lane], r < R. Panels of 16-bit
-// weights stay 16-bit (half the bytes streamed from L2 per step) and widen exactly on load.
+// acc[r][q] += sum_k A[r * lda + k] * panel[k * 4V + q * V + lane], r < R, k < K. Panels of
+// 16-bit weights stay 16-bit (half the bytes streamed per step) and widen exactly on load.
 template <int R, typename panel_t>
 inline void tile_product(const float* __restrict__ A, int64_t lda, int64_t K,
                          const panel_t* __restrict__ panel, reg (&acc)[R][4]) {
-  for (int r = 0; r < R; ++r)
-    for (int q = 0; q < 4; ++q) acc[r][q] = Vec::zero();
   int64_t k = 0;
   if constexpr (R == 1) {
     // One row gives only 4 independent FMA chains, too few to hide the FMA latency: keep a
@@ -61,7 +59,34 @@ inline void tile_product(const float* __restrict__ A, int64_t lda, int64_t K,
   }
 }
 
-// Calls body.template operator()<R>(b0) for row tiles covering [0, B): full tiles of kMaxRows,
+// The reduction in chunks of k when the batch takes several row tiles: each chunk of the panel
+// (about half the L1) then serves every row tile from L1 instead of being streamed from L2 once
+// per row tile. Sums between chunks wait in the block's `partial` rows (B x 4V floats).
+constexpr int64_t kPanelChunkBytes = 24 * 1024;
+
+template <typename panel_t>
+inline int64_t chunk_length(int64_t B, int64_t K) {
+  if (B <= kMaxRows) return K;
+  const int64_t k = kPanelChunkBytes / (4 * V * static_cast<int64_t>(sizeof(panel_t)));
+  return k < K ? k : K;
+}
+
+// Rows [b0, b0 + R) over k in [k0, k1): starts from zero or from the previous chunk's sums.
+template <int R, typename panel_t>
+inline void chunk_product(const float* __restrict__ A, int64_t lda, const panel_t* __restrict__ panel,
+                          int64_t k0, int64_t k1, const float* __restrict__ partial, reg (&acc)[R][4]) {
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < 4; ++q) acc[r][q] = k0 == 0 ? Vec::zero() : Vec::load(partial + r * 4 * V + q * V);
+  tile_product<R>(A + k0, lda, k1 - k0, panel + k0 * 4 * V, acc);
+}
+
+template <int R>
+inline void save_partial(float* __restrict__ partial, const reg (&acc)[R][4]) {
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < 4; ++q) Vec::store(partial + r * 4 * V + q * V, acc[r][q]);
+}
+
+// Calls body.template run<R>(b0) for row tiles covering [0, B): full tiles of kMaxRows,
 // then one tile of the remainder.
 template <int R, typename Body>
 inline void tile_rows_remainder(int64_t rows, int64_t b0, Body& body) {
@@ -113,21 +138,24 @@ struct ForwardTile {
   const float* h_cur;
   float* h_next;
   const scalar_t* panel;
+  float* partial;  // (B, 4V)
+  int64_t k0 = 0, k1 = 0;
 
   template <int R>
   void run(int64_t b0) {
-    const int64_t H = a.H, B = a.B;
+    const int64_t H = a.H, B = a.B, K = a.K;
     reg acc[R][4];
-    tile_product<R>(h_cur + b0 * H, H, H, panel, acc);
+    chunk_product<R>(h_cur + b0 * K, K, panel, k0, k1, partial + b0 * 4 * V, acc);
+    if (k1 < K) return save_partial<R>(partial + b0 * 4 * V, acc);
     for (int r = 0; r < R; ++r) {
       const int64_t b = b0 + r, row = t * B + b;
       float* c = a.c + b * H + j0;
-      float* hn = h_next + b * H + j0;
+      float* hn = h_next + b * K + j0;
       scalar_t* y = static_cast<scalar_t*>(a.y) + row * H + j0;
       scalar_t* gates_out = kSave ? static_cast<scalar_t*>(a.gates_out) + row * 4 * H + j0 : nullptr;
       float* c_all = kSave ? a.c_all + row * H + j0 : nullptr;
       if (!row_active(a.lengths, b, t)) {  // padding: state carried, output zero
-        const float* hc = h_cur + b * H + j0;
+        const float* hc = h_cur + b * K + j0;
         for (int64_t j = 0; j < n; ++j) {
           hn[j] = hc[j];
           y[j] = store_as<scalar_t>(0.0f);
@@ -142,7 +170,7 @@ struct ForwardTile {
       }
       alignas(64) float z[4][V];
       for (int q = 0; q < 4; ++q) Vec::store(z[q], acc[r][q]);
-      const scalar_t* xp = static_cast<const scalar_t*>(a.xproj) + row * 4 * H + j0;
+      const scalar_t* xp = static_cast<const scalar_t*>(a.xproj) + row * a.xproj_stride + j0;
       // A constant trip count for whole blocks lets the loop compile to straight vector code.
       if (n == V) forward_gates<scalar_t, kSave>(V, H, z, xp, c, hn, y, gates_out, c_all);
       else forward_gates<scalar_t, kSave>(n, H, z, xp, c, hn, y, gates_out, c_all);
@@ -154,15 +182,24 @@ template <typename scalar_t>
 void forward_block_typed(const ForwardStepArgs& a, int64_t s, int64_t u) {
   const int64_t t = time_of(s, a.T, a.reverse);
   const int64_t j0 = u * V, n = a.H - j0 < V ? a.H - j0 : V;
-  const scalar_t* panel = static_cast<const scalar_t*>(a.panels) + u * a.H * 4 * V;
+  const scalar_t* panel = static_cast<const scalar_t*>(a.panels) + u * a.K * 4 * V;
   const float* h_cur = a.h[s % 2];
   float* h_next = a.h[(s + 1) % 2];
+  float* partial = a.partial + u * a.B * 4 * V;
+  const int64_t kc = chunk_length<scalar_t>(a.B, a.K);
+  const auto chunks = [&](auto& tile) {
+    for (int64_t k0 = 0; k0 < a.K; k0 += kc) {
+      tile.k0 = k0;
+      tile.k1 = a.K - k0 < kc ? a.K : k0 + kc;
+      for_each_row_tile(a.B, tile);
+    }
+  };
   if (a.save) {
-    ForwardTile<scalar_t, true> tile{a, t, j0, n, h_cur, h_next, panel};
-    for_each_row_tile(a.B, tile);
+    ForwardTile<scalar_t, true> tile{a, t, j0, n, h_cur, h_next, panel, partial};
+    chunks(tile);
   } else {
-    ForwardTile<scalar_t, false> tile{a, t, j0, n, h_cur, h_next, panel};
-    for_each_row_tile(a.B, tile);
+    ForwardTile<scalar_t, false> tile{a, t, j0, n, h_cur, h_next, panel, partial};
+    chunks(tile);
   }
 }
 
@@ -212,6 +249,8 @@ struct BackwardTile {
   int64_t s, j0, n;  // step, first unit, units (<= 4V)
   BackwardPhase phase;
   const scalar_t* panel;
+  float* partial;  // (B, 4V)
+  int64_t k0 = 0, k1 = 0;
 
   template <int R>
   void run(int64_t b0) {
@@ -222,7 +261,8 @@ struct BackwardTile {
       const int64_t s_prev = phase == BackwardPhase::kFinal ? 0 : s + 1;
       const int64_t t_prev = time_of(s_prev, T, a.reverse);
       reg acc[R][4];
-      tile_product<R>(a.dz[s_prev % 2] + b0 * 4 * H, 4 * H, 4 * H, panel, acc);
+      chunk_product<R>(a.dz[s_prev % 2] + b0 * 4 * H, 4 * H, panel, k0, k1, partial + b0 * 4 * V, acc);
+      if (k1 < 4 * H) return save_partial<R>(partial + b0 * 4 * V, acc);
       for (int r = 0; r < R; ++r) {
         if (!row_active(a.lengths, b0 + r, t_prev)) continue;
         float* dh = a.dh + (b0 + r) * H + j0;
@@ -267,8 +307,14 @@ template <typename scalar_t>
 void backward_block_typed(const BackwardStepArgs& a, int64_t s, int64_t q, BackwardPhase phase) {
   const int64_t j0 = q * 4 * V, n = a.H - j0 < 4 * V ? a.H - j0 : 4 * V;
   const scalar_t* panel = static_cast<const scalar_t*>(a.panels) + q * 4 * a.H * 4 * V;
-  BackwardTile<scalar_t> tile{a, s, j0, n, phase, panel};
-  for_each_row_tile(a.B, tile);
+  BackwardTile<scalar_t> tile{a, s, j0, n, phase, panel, a.partial + q * a.B * 4 * V};
+  const int64_t K = 4 * a.H;
+  const int64_t kc = phase == BackwardPhase::kFirst ? K : chunk_length<scalar_t>(a.B, K);
+  for (int64_t k0 = 0; k0 < K; k0 += kc) {
+    tile.k0 = k0;
+    tile.k1 = K - k0 < kc ? K : k0 + kc;
+    for_each_row_tile(a.B, tile);
+  }
 }
 
 void backward_block(const BackwardStepArgs& a, int64_t s, int64_t q, BackwardPhase phase) {
