@@ -3,10 +3,16 @@
 They keep nn's constructors, parameters (names, shapes, init), state_dict, repr and input
 handling, and replace only the computation: ``functional.lstm`` over a backend's fused
 recurrence op. ``convert`` swaps them into an existing model in place.
+
+Pickled (``torch.save(model)``, ``pickle``, multiprocessing), they are written as their torch.nn
+base classes, so a saved model loads wherever one holding nn.LSTM would, lstm_fused installed or
+not, and ``torch.load(..., weights_only=True)`` needs only nn.LSTM's allow-list; ``convert`` makes
+the loaded modules fused again. ``copy.copy``/``copy.deepcopy`` keep the fused class and backend.
 """
 
 # No ``from __future__ import annotations`` here: TorchScript reads forward's annotations as types.
 import contextlib
+import copy
 from typing import Optional, Tuple
 
 import torch
@@ -70,8 +76,46 @@ def _let_dynamo_trace_rnn_subclasses() -> None:
     torch._dynamo.config.allow_rnn = True
 
 
+# Pickling and copying, shared by LSTM and LSTMCell (plain functions rather than a mixin base:
+# an extra base changes the object layout, and convert could no longer assign __class__).
+
+
+def _reduce_as_torch_nn(self, protocol):
+    """Pickle as the torch.nn base class with nn's own state, less ``backend``.
+
+    User subclasses pickle as themselves: their class is their forward.
+    """
+    if type(self) not in (LSTM, LSTMCell):
+        return super(self._torch_nn_class, self).__reduce_ex__(protocol)
+    state = {k: v for k, v in self.__getstate__().items() if k != "backend"}
+    # pickle's NEWOBJ (how nn.LSTM itself pickles) insists on the object's own class, so name
+    # the nn class as a call instead: its cheapest instance, (1, 1), whose whole __dict__ the
+    # state then replaces through nn's __setstate__.
+    return (self._torch_nn_class, (1, 1), state)
+
+
+# copy.copy/deepcopy would otherwise use __reduce_ex__ and return the nn class: rebuild our own
+# class the way their default path does (an empty instance, then __setstate__).
+def _copy_fused(self):
+    clone = type(self).__new__(type(self))
+    clone.__setstate__(self.__getstate__())
+    return clone
+
+
+def _deepcopy_fused(self, memo):
+    clone = type(self).__new__(type(self))
+    memo[id(self)] = clone  # before copying the state, which may refer back to self
+    clone.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+    return clone
+
+
 class LSTM(nn.LSTM):
     """``torch.nn.LSTM`` with fused kernels. Extra keyword: ``backend`` (see ``dispatch.BACKENDS``)."""
+
+    _torch_nn_class = nn.LSTM
+    __reduce_ex__ = _reduce_as_torch_nn
+    __copy__ = _copy_fused
+    __deepcopy__ = _deepcopy_fused
 
     def __init__(self, *args, backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
@@ -206,6 +250,11 @@ class LSTM(nn.LSTM):
 
 class LSTMCell(nn.LSTMCell):
     """``torch.nn.LSTMCell`` with fused kernels: one step of the same recurrence op."""
+
+    _torch_nn_class = nn.LSTMCell
+    __reduce_ex__ = _reduce_as_torch_nn
+    __copy__ = _copy_fused
+    __deepcopy__ = _deepcopy_fused
 
     def __init__(self, *args, backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)

@@ -2,9 +2,7 @@
 backend choice, hx handling, unbatched input, dropout, grad modes."""
 
 import copy
-import io
 import os
-import pickle
 
 import pytest
 import torch
@@ -43,18 +41,14 @@ def test_state_dict_round_trip(direction):
     assert rel_error(yb, ya) < 1e-5
 
 
-def test_deepcopy_and_pickle_keep_backend_and_weights():
+def test_deepcopy_keeps_backend_and_weights():
+    # pickle and torch.save write the stock nn class instead: tests/test_checkpoint.py
     m = lstm_fused.LSTM(3, 4, backend="reference")
     x = torch.randn(5, 2, 3)
     y, _ = m(x)
-    for clone in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
-        assert clone.backend == "reference"
-        torch.testing.assert_close(clone(x)[0], y, rtol=0, atol=0)
-    buf = io.BytesIO()
-    torch.save(m, buf)
-    buf.seek(0)
-    loaded = torch.load(buf, weights_only=False)
-    torch.testing.assert_close(loaded(x)[0], y, rtol=0, atol=0)
+    clone = copy.deepcopy(m)
+    assert type(clone) is lstm_fused.LSTM and clone.backend == "reference"
+    torch.testing.assert_close(clone(x)[0], y, rtol=0, atol=0)
 
 
 def test_to_dtype_moves_parameters_and_computes_in_it():
@@ -245,15 +239,23 @@ def test_nan_and_inf_behave_like_nn_lstm():
 
 
 def test_cpu_autocast_computes_in_autocast_dtype_like_nn_lstm():
+    # nn.LSTM under CPU autocast returns bf16 (lstm is on autocast's lower-precision list).
+    # The oracle is not nn.LSTM under autocast: that runs oneDNN's bf16 LSTM, which CPUs
+    # without AVX-512 lack ("could not create a primitive descriptor"). nn.LSTM in fp32 runs
+    # everywhere: the reference is the fp32 model; the yardstick is the error of the same fp32
+    # model fed bf16-rounded inputs and weights, with its output rounded to bf16.
     m = lstm_fused.LSTM(4, 6, num_layers=2, backend=BACKEND)
-    native = nn.LSTM(4, 6, num_layers=2)
-    native.load_state_dict(m.state_dict())
     x = torch.randn(5, 3, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, (h, c) = m(x)
-        yn, (hn, cn) = native(x)
-    assert y.dtype == yn.dtype == torch.bfloat16 and h.dtype == hn.dtype and c.dtype == cn.dtype
-    reference, _ = native(x)  # fp32
-    assert rel_error(y, reference) <= 2 * rel_error(yn, reference) + 2e-3
+    assert y.dtype == h.dtype == c.dtype == torch.bfloat16
+    fp32 = nn.LSTM(4, 6, num_layers=2)
+    fp32.load_state_dict(m.state_dict())
+    cast = nn.LSTM(4, 6, num_layers=2)
+    cast.load_state_dict({k: v.bfloat16().float() for k, v in m.state_dict().items()})
+    with torch.no_grad():
+        reference, _ = fp32(x)
+        yardstick, _ = cast(x.bfloat16().float())
+    assert rel_error(y, reference) <= 2 * rel_error(yardstick.bfloat16(), reference) + 2e-3
     y.float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters())
