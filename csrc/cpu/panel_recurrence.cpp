@@ -1,7 +1,7 @@
 // Drivers of the SIMD step kernels (step_kernels.h): the forward and backward recurrence of a
 // layer without projection in float32, bfloat16 or float16, for the instruction set isa.h picks.
 //
-// One team of threads per call (worker_pool.h). The blocks of a step are split over the threads
+// One team of threads per call (see run_steps). The blocks of a step are split over the threads
 // (step_team.h);
 // each thread's blocks read their own panels of W_hh (packed once and cached across calls,
 // packed_weights.h), which stay in that thread's L2 for all T steps when they fit. The state a
@@ -15,6 +15,8 @@
 #include "cpu/step_kernels.h"
 #include "cpu/step_team.h"
 #include "cpu/worker_pool.h"
+
+#include <omp.h>
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/add.h>
@@ -40,19 +42,34 @@ int panel_threads(int64_t T, int64_t step_macs, int64_t blocks, int64_t weight_b
   return static_cast<int>(std::max<int64_t>(1, threads));
 }
 
-// Runs fn(s, block) for s in steps (in order) and every block, on `threads` threads: the caller
-// and pool workers (worker_pool.h), which join without waiting for a late one.
+// Runs fn(s, block) for s in steps (in order) and every block, on `threads` threads.
+//
+// Two ways to get the threads. A call of many steps takes an OpenMP region: its threads are the
+// ones ATen's own ops just used (libgomp keeps them spinning for a while), so they start at once,
+// and the region's end, which waits for every thread, costs at most one scheduler time slice per
+// call beside a busy process (the steps themselves steal a late thread's blocks). A single step
+// takes the pool (worker_pool.h), joined without waiting for latecomers: there that time slice
+// would be the whole cost of the call.
 template <typename Fn>
-void run_steps(int threads, int64_t steps, int64_t blocks, const Fn& fn) {
+void run_steps(int threads, int64_t steps, int64_t blocks, bool single_step, const Fn& fn) {
   if (threads == 1) {
     for (int64_t s = 0; s < steps; ++s)
       for (int64_t blk = 0; blk < blocks; ++blk) fn(s, blk);
     return;
   }
   StepTeam team(threads, blocks);
-  WorkerPool::run(threads, [&](int k) {
+  const auto body = [&](int k) {
     for (int64_t s = 0; s < steps; ++s) team.run_step(k, s, [&](int64_t blk) { fn(s, blk); });
-  });
+  };
+  if (single_step) {
+    WorkerPool::run(threads, body);
+    return;
+  }
+#pragma omp parallel num_threads(threads)
+  {
+    const int k = omp_get_thread_num();
+    if (k < threads) body(k);  // the runtime may give fewer threads: their slices get stolen
+  }
 }
 
 Storage storage_of(at::ScalarType dtype) {
@@ -106,7 +123,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> panel_for
   a.partial = partial.data_ptr<float>();
 
   const int threads = panel_threads(T, B * 4 * H * H, blocks, panels.nbytes());
-  run_steps(threads, T, blocks, [&](int64_t s, int64_t u) { kernels.forward_block(a, s, u); });
+  run_steps(threads, T, blocks, /*single_step=*/T == 1,
+            [&](int64_t s, int64_t u) { kernels.forward_block(a, s, u); });
   const auto dtype = xproj.scalar_type();
   return {y, h[T % 2].to(dtype, false, /*copy=*/true), c.to(dtype), gates, c_all};
 }
@@ -147,7 +165,8 @@ std::tuple<at::Tensor, at::Tensor> panel_cell_forward(
   at::Tensor partial = at::empty({blocks, B, 4 * V}, f32);
   a.partial = partial.data_ptr<float>();
   const int threads = panel_threads(1, B * 4 * H * K, blocks, panels.nbytes());
-  run_steps(threads, 1, blocks, [&](int64_t s, int64_t u) { kernels.forward_block(a, s, u); });
+  run_steps(threads, 1, blocks, /*single_step=*/true,
+            [&](int64_t s, int64_t u) { kernels.forward_block(a, s, u); });
   return {h[0], c.to(x.scalar_type())};
 }
 
@@ -194,7 +213,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> panel_backward(
 
   // Sync step i processes recurrence step T-1-i; the last one (i = T) is the final product.
   const int threads = panel_threads(T, B * 4 * H * H, blocks, panels.nbytes());
-  run_steps(threads, T + 1, blocks, [&](int64_t i, int64_t q) {
+  run_steps(threads, T + 1, blocks, /*single_step=*/T == 1, [&](int64_t i, int64_t q) {
     const int64_t s = T - 1 - i;
     const BackwardPhase phase = i == 0 ? BackwardPhase::kFirst
                                 : i == T ? BackwardPhase::kFinal
