@@ -1,4 +1,5 @@
-// CPU backward recurrence: the forward's mirror, walking the steps in reverse inside one
+// CPU backward recurrence with per-thread GEMMs (projection, float64; the other layers take
+// panel_recurrence.cpp): the forward's mirror, walking the steps in reverse inside one
 // persistent parallel region (same thread/unit split as forward.cpp).
 //
 // Carried across steps (fp32, fp64 for fp64 input): dh (B, P) and dc (B, H), seeded with

@@ -1,4 +1,6 @@
-// CPU forward recurrence: one persistent parallel region for the whole sequence.
+// CPU forward recurrence with per-thread GEMMs: layers with projection and float64. The other
+// layers take the SIMD step kernels (panel_recurrence.cpp); recurrence_forward below routes.
+// One persistent parallel region for the whole sequence.
 //
 // Work split: thread k owns a block of hidden units [j0, j1) (and, with proj_size, a block of
 // projected units [p0, p1)). Before the loop its gate rows of W_hh (i, f, g, o for its units)
