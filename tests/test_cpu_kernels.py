@@ -240,3 +240,83 @@ def test_slices_of_threads_that_never_run_are_stolen(limit, T, H):
     assert done.returncode == 0, done.stderr
     errors = [float(v) for v in done.stdout.split()]
     assert len(errors) == 3 and all(e < 2e-5 for e in errors), errors
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming steps without autograd: LSTMCell and T = 1 layers run lstm_fused::cell_forward, both
+# products in one kernel pass over [h | x].
+
+
+@pytest.mark.parametrize("variant", supported_variants())
+@pytest.mark.parametrize("B,I,H", [(1, 256, 256), (5, 7, 33), (9, 300, 40)], ids=["B1_H256", "odd", "I_gt_chunk"])
+def test_cell_step_without_grad_every_variant(monkeypatch, variant, B, I, H):
+    monkeypatch.setenv("LSTM_FUSED_CPU_ISA", variant)
+    oracle = nn.LSTMCell(I, H, dtype=torch.float64)
+    fused = lstm_fused.LSTMCell(I, H, backend="cpu")
+    fused.load_state_dict(oracle.state_dict())
+    x, h0, c0 = (torch.randn(B, n, dtype=torch.float64) for n in (I, H, H))
+    calls = []
+    real = torch.ops.lstm_fused.cell_forward
+    monkeypatch.setattr(lstm_fused.functional, "cell_step", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        want = oracle(x, (h0, c0))
+        got = fused(x.float(), (h0.float(), c0.float()))
+    assert calls, "the no-grad step did not take the fused cell kernel"
+    assert rel_error(got[0], want[0]) < 2e-5 and rel_error(got[1], want[1]) < 2e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_cell_step_half_precision_within_twice_the_reference(dtype):
+    I, H, B = 40, 72, 3
+    oracle = nn.LSTMCell(I, H, dtype=torch.float64)
+    x, h0, c0 = (torch.randn(B, n, dtype=torch.float64) for n in (I, H, H))
+    with torch.no_grad():
+        want = oracle(x, (h0, c0))
+        errors = {}
+        for backend in ("cpu", "reference"):
+            m = lstm_fused.LSTMCell(I, H, backend=backend, dtype=torch.float64)
+            m.load_state_dict(oracle.state_dict())
+            h, c = m.to(dtype)(x.to(dtype), (h0.to(dtype), c0.to(dtype)))
+            assert h.dtype == dtype and c.dtype == dtype
+            errors[backend] = (rel_error(h, want[0]), rel_error(c, want[1]))
+    for ours, ref in zip(errors["cpu"], errors["reference"]):
+        assert ours <= 2 * ref + HALF_FLOOR, errors
+
+
+def test_one_step_layers_without_grad_match_nn_lstm(monkeypatch):
+    oracle = nn.LSTM(24, 40, num_layers=2, bidirectional=True, dtype=torch.float64)
+    fused = lstm_fused.LSTM(24, 40, num_layers=2, bidirectional=True, backend="cpu")
+    fused.load_state_dict(oracle.state_dict())
+    x = torch.randn(1, 3, 24, dtype=torch.float64)
+    hx = (torch.randn(4, 3, 40, dtype=torch.float64), torch.randn(4, 3, 40, dtype=torch.float64))
+    calls = []
+    real = torch.ops.lstm_fused.cell_forward
+    monkeypatch.setattr(lstm_fused.functional, "cell_step", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        want = oracle(x, hx)
+        got = fused(x.float(), tuple(t.float() for t in hx))
+    assert len(calls) == 4  # every layer and direction
+    for a, b in zip((got[0],) + got[1], (want[0],) + want[1]):
+        assert rel_error(a, b) < 2e-5
+
+
+def test_cell_step_with_grad_keeps_the_differentiable_path(monkeypatch):
+    calls = []
+    monkeypatch.setattr(lstm_fused.functional, "cell_step", lambda *a: calls.append(1))
+    m = lstm_fused.LSTMCell(8, 16, backend="cpu")
+    h, c = m(torch.randn(2, 8))
+    (h.sum() + c.sum()).backward()
+    assert not calls and m.weight_hh.grad is not None
+
+
+def test_cell_step_cache_sees_a_changed_input_weight():
+    oracle = nn.LSTMCell(16, 24)
+    fused = lstm_fused.LSTMCell(16, 24, backend="cpu")
+    fused.load_state_dict(oracle.state_dict())
+    x, hx = torch.randn(2, 16), (torch.randn(2, 24), torch.randn(2, 24))
+    with torch.no_grad():
+        fused(x, hx)  # packs [W_hh | W_ih]
+        new = torch.randn_like(oracle.weight_ih)
+        oracle.weight_ih.copy_(new)
+        fused.weight_ih.copy_(new)
+        assert rel_error(fused(x, hx)[0], oracle(x, hx)[0]) < 2e-5
