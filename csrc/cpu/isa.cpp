@@ -1,5 +1,6 @@
 // CPU feature detection for the step kernels (see isa.h).
 #include "cpu/isa.h"
+#include "cpu/step_kernels.h"
 
 #include <c10/util/Exception.h>
 
@@ -55,9 +56,6 @@ Isa selected_isa() {
 }
 
 }  // namespace lstm_fused::cpu
-
-// ------------------------------------------------------------------------------------------
-#include "cpu/step_kernels.h"
 
 namespace lstm_fused::cpu {
 

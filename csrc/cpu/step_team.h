@@ -18,26 +18,10 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
-#include <thread>
 
-#if defined(__linux__)
-#include <linux/futex.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
+#include "cpu/spin_wait.h"
 
 namespace lstm_fused::cpu {
-
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-  _mm_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield");
-#endif
-}
 
 class StepTeam {
  public:
@@ -108,7 +92,7 @@ class StepTeam {
     if (ran == 0) return;
     if (done_.fetch_add(ran, std::memory_order_acq_rel) + ran != (s + 1) * blocks_) return;
     epoch_.store(static_cast<uint32_t>(s + 1), std::memory_order_seq_cst);
-    if (sleepers_.load(std::memory_order_seq_cst) > 0) wake_all();
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) futex_wake_all(&epoch_);
   }
 
   // epoch_ holds the low 32 bits of the number of steps published. A thread can be any number
@@ -122,23 +106,10 @@ class StepTeam {
     sleepers_.fetch_add(1, std::memory_order_seq_cst);
     for (uint32_t epoch = epoch_.load(std::memory_order_seq_cst); !published_since(epoch, s);
          epoch = epoch_.load(std::memory_order_seq_cst)) {
-#if defined(__linux__)
-      // Sleeps only while epoch_ still holds the value just read (checked by the kernel).
-      syscall(SYS_futex, reinterpret_cast<uint32_t*>(&epoch_), FUTEX_WAIT_PRIVATE, epoch, nullptr,
-              nullptr, 0);
-#else
-      std::this_thread::yield();
-#endif
+      futex_wait(&epoch_, epoch);  // only while epoch_ still holds the value just read
     }
     std::atomic_thread_fence(std::memory_order_acquire);
     sleepers_.fetch_sub(1, std::memory_order_seq_cst);
-  }
-
-  void wake_all() {
-#if defined(__linux__)
-    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&epoch_), FUTEX_WAKE_PRIVATE, INT32_MAX,
-            nullptr, nullptr, 0);
-#endif
   }
 
   const int threads_;
@@ -148,7 +119,5 @@ class StepTeam {
   alignas(64) std::atomic<uint32_t> epoch_{0};
   std::atomic<int32_t> sleepers_{0};
 };
-
-static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t), "futex word must be a plain u32");
 
 }  // namespace lstm_fused::cpu

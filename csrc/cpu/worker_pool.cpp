@@ -1,37 +1,15 @@
 // The recurrence's worker threads (see worker_pool.h).
 #include "cpu/worker_pool.h"
 
-#include "cpu/step_team.h"  // cpu_relax
+#include "cpu/spin_wait.h"
 
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
-
-#if defined(__linux__)
-#include <linux/futex.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
+#include <thread>
 
 namespace lstm_fused::cpu {
 namespace {
-
-void futex_wait(std::atomic<uint32_t>* word, uint32_t expected) {
-#if defined(__linux__)
-  syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAIT_PRIVATE, expected, nullptr, nullptr, 0);
-#else
-  (void)word, (void)expected;
-  std::this_thread::yield();
-#endif
-}
-
-void futex_wake_all(std::atomic<uint32_t>* word) {
-#if defined(__linux__)
-  syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr, nullptr, 0);
-#else
-  (void)word;
-#endif
-}
 
 // How long an idle worker spins for the next job before it sleeps: calls that follow each other
 // closely (the layers of a model, streaming steps) find it awake.

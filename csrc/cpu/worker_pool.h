@@ -20,8 +20,6 @@
 #include <cstdint>
 #include <functional>
 #include <mutex>
-#include <thread>
-#include <vector>
 
 namespace lstm_fused::cpu {
 
