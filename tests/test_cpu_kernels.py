@@ -228,18 +228,50 @@ STEAL_SCRIPT = textwrap.dedent("""
 """)
 
 
-# ... but the threads that run them may be fewer: a sequence runs its steps in an OpenMP region
-# (which OMP_THREAD_LIMIT=1 caps at one thread), a single step on the worker pool (which
-# LSTM_FUSED_CPU_WORKERS=0 leaves empty). Either way the caller must run every slice itself.
-@pytest.mark.parametrize("limit,T,H", [("OMP_THREAD_LIMIT", 30, 96), ("LSTM_FUSED_CPU_WORKERS", 1, 256)],
-                         ids=["sequence_in_one_omp_thread", "single_step_without_workers"])
-def test_slices_of_threads_that_never_run_are_stolen(limit, T, H):
-    env = dict(os.environ, **{limit: "1" if limit == "OMP_THREAD_LIMIT" else "0"})
+# ... but the threads that run them may be fewer: the OpenMP region that runs the steps gets one
+# thread under OMP_THREAD_LIMIT=1, and the caller must then run every slice itself. The backoff
+# (team_outlook.h) is off, so every call of the run (forward and backward, a sequence and a
+# single step) opens a team whose helpers never come.
+@pytest.mark.parametrize("T,H", [(30, 96), (1, 256)], ids=["sequence", "single_step"])
+def test_slices_of_threads_that_never_run_are_stolen(T, H):
+    env = dict(os.environ, OMP_THREAD_LIMIT="1", LSTM_FUSED_CPU_TEAM_BACKOFF="0")
     done = subprocess.run([sys.executable, "-c", STEAL_SCRIPT, str(T), str(H)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     errors = [float(v) for v in done.stdout.split()]
     assert len(errors) == 3 and all(e < 2e-5 for e in errors), errors
+
+
+# With the backoff on, teams whose helpers never come make the following calls run alone: after
+# the first team, 1, 2, 4, ... calls alone between tries. Counted by lstm_fused::cpu_team_counts.
+BACKOFF_SCRIPT = textwrap.dedent("""
+    import torch, lstm_fused
+    torch.manual_seed(0)
+    torch.set_num_threads(4)
+    ref = lstm_fused.LSTMCell(256, 256, backend="reference")
+    m = lstm_fused.LSTMCell(256, 256, backend="cpu")
+    m.load_state_dict(ref.state_dict())
+    worst = 0.0
+    with torch.no_grad():
+        for _ in range(40):
+            x, h0, c0 = torch.randn(3, 256), torch.randn(3, 256), torch.randn(3, 256)
+            h, c = m(x, (h0, c0))
+            h2, c2 = ref(x, (h0, c0))
+            worst = max(worst, ((h - h2).norm() / h2.norm()).item(), ((c - c2).norm() / c2.norm()).item())
+    print(worst, *torch.ops.lstm_fused.cpu_team_counts())
+""")
+
+
+def test_calls_run_alone_while_helpers_do_not_come():
+    env = dict(os.environ, OMP_THREAD_LIMIT="1")
+    env.pop("LSTM_FUSED_CPU_TEAM_BACKOFF", None)
+    done = subprocess.run([sys.executable, "-c", BACKOFF_SCRIPT], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    worst, teams, joined, alone = done.stdout.split()
+    assert float(worst) < 2e-5
+    # 40 calls: teams at calls 1, 3, 6, 11, 20, 37 with 1, 2, 4, 8, 16 calls alone between.
+    assert (int(teams), int(joined), int(alone)) == (6, 0, 34)
 
 
 # --------------------------------------------------------------------------------------------

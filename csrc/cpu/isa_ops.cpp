@@ -1,10 +1,13 @@
-// Ops that report the CPU step kernels' instruction-set choice (tests and benchmarks read them).
+// Ops that report the CPU step kernels' instruction-set choice, weight cache and thread teams
+// (tests and benchmarks read them).
 #include <torch/library.h>
 
 #include "cpu/isa.h"
 #include "cpu/packed_weights.h"
+#include "cpu/team_outlook.h"
 
 #include <string>
+#include <tuple>
 
 namespace {
 
@@ -22,6 +25,12 @@ int64_t cpu_packed_cache_size() { return lstm_fused::cpu::packed_cache_size(); }
 
 void cpu_packed_cache_clear() { lstm_fused::cpu::packed_cache_clear(); }
 
+// (teams opened, teams whose helpers arrived in time, calls that ran alone instead of a team).
+std::tuple<int64_t, int64_t, int64_t> cpu_team_counts() {
+  const auto c = lstm_fused::cpu::team_counts();
+  return {c.teams, c.teams_joined, c.calls_alone};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
@@ -29,4 +38,5 @@ TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
   m.def("cpu_isa_selected() -> str", &cpu_isa_selected);
   m.def("cpu_packed_cache_size() -> int", &cpu_packed_cache_size);
   m.def("cpu_packed_cache_clear() -> ()", &cpu_packed_cache_clear);
+  m.def("cpu_team_counts() -> (int, int, int)", &cpu_team_counts);
 }

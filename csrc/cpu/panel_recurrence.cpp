@@ -2,8 +2,7 @@
 // layer without projection in float32, bfloat16 or float16, for the instruction set isa.h picks.
 //
 // One team of threads per call (see run_steps). The blocks of a step are split over the threads
-// (step_team.h);
-// each thread's blocks read their own panels of W_hh (packed once and cached across calls,
+// (step_team.h); each thread's blocks read their own panels of W_hh (packed once and cached across calls,
 // packed_weights.h), which stay in that thread's L2 for all T steps when they fit. The state a
 // step reads (h forward, dz backward) was written by every thread the step before, so it is
 // double-buffered and the steps are separated by the team's synchronization.
@@ -14,9 +13,11 @@
 #include "cpu/recurrence.h"
 #include "cpu/step_kernels.h"
 #include "cpu/step_team.h"
-#include "cpu/worker_pool.h"
+#include "cpu/team_outlook.h"
 
 #include <omp.h>
+
+#include <atomic>
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/add.h>
@@ -42,16 +43,12 @@ int panel_threads(int64_t T, int64_t step_macs, int64_t blocks, int64_t weight_b
   return static_cast<int>(std::max<int64_t>(1, threads));
 }
 
-// Runs fn(s, block) for s in steps (in order) and every block, on `threads` threads.
-//
-// Two ways to get the threads. A call of many steps takes an OpenMP region: its threads are the
-// ones ATen's own ops just used (libgomp keeps them spinning for a while), so they start at once,
-// and the region's end, which waits for every thread, costs at most one scheduler time slice per
-// call beside a busy process (the steps themselves steal a late thread's blocks). A single step
-// takes the pool (worker_pool.h), joined without waiting for latecomers: there that time slice
-// would be the whole cost of the call.
+// Runs fn(s, block) for s in steps (in order) and every block, on up to `threads` threads: an
+// OpenMP region, so the threads are ATen's own (no second set of threads competing with them for
+// the cores), unless the last teams showed that helpers come too late to help (team_outlook.h).
 template <typename Fn>
-void run_steps(int threads, int64_t steps, int64_t blocks, bool single_step, const Fn& fn) {
+void run_steps(int threads, int64_t steps, int64_t blocks, const Fn& fn) {
+  if (threads > 1 && !team_worth_trying()) threads = 1;
   if (threads == 1) {
     for (int64_t s = 0; s < steps; ++s)
       for (int64_t blk = 0; blk < blocks; ++blk) fn(s, blk);
@@ -61,15 +58,22 @@ void run_steps(int threads, int64_t steps, int64_t blocks, bool single_step, con
   const auto body = [&](int k) {
     for (int64_t s = 0; s < steps; ++s) team.run_step(k, s, [&](int64_t blk) { fn(s, blk); });
   };
-  if (single_step) {
-    WorkerPool::run(threads, body);
-    return;
-  }
+  std::atomic<int> helpers_arrived{0};
+  bool in_time = false;
 #pragma omp parallel num_threads(threads)
   {
+    // The runtime may give fewer threads than asked: their slices get stolen, and the team
+    // counts as not joined.
     const int k = omp_get_thread_num();
-    if (k < threads) body(k);  // the runtime may give fewer threads: their slices get stolen
+    if (k == 0) {
+      body(0);
+      in_time = helpers_arrived.load(std::memory_order_acquire) == threads - 1;
+    } else if (k < threads) {
+      helpers_arrived.fetch_add(1, std::memory_order_acq_rel);
+      body(k);
+    }
   }
+  record_team(in_time);
 }
 
 Storage storage_of(at::ScalarType dtype) {
@@ -123,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> panel_for
   a.partial = partial.data_ptr<float>();
 
   const int threads = panel_threads(T, B * 4 * H * H, blocks, panels.nbytes());
-  run_steps(threads, T, blocks, /*single_step=*/T == 1,
+  run_steps(threads, T, blocks,
             [&](int64_t s, int64_t u) { kernels.forward_block(a, s, u); });
   const auto dtype = xproj.scalar_type();
   return {y, h[T % 2].to(dtype, false, /*copy=*/true), c.to(dtype), gates, c_all};
@@ -165,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor> panel_cell_forward(
   at::Tensor partial = at::empty({blocks, B, 4 * V}, f32);
   a.partial = partial.data_ptr<float>();
   const int threads = panel_threads(1, B * 4 * H * K, blocks, panels.nbytes());
-  run_steps(threads, 1, blocks, /*single_step=*/true,
+  run_steps(threads, 1, blocks,
             [&](int64_t s, int64_t u) { kernels.forward_block(a, s, u); });
   return {h[0], c.to(x.scalar_type())};
 }
@@ -213,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> panel_backward(
 
   // Sync step i processes recurrence step T-1-i; the last one (i = T) is the final product.
   const int threads = panel_threads(T, B * 4 * H * H, blocks, panels.nbytes());
-  run_steps(threads, T + 1, blocks, /*single_step=*/T == 1, [&](int64_t i, int64_t q) {
+  run_steps(threads, T + 1, blocks, [&](int64_t i, int64_t q) {
     const int64_t s = T - 1 - i;
     const BackwardPhase phase = i == 0 ? BackwardPhase::kFirst
                                 : i == T ? BackwardPhase::kFinal

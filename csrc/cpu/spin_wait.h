@@ -1,4 +1,4 @@
-// The waiting primitives of the CPU thread team and worker pool: a polite spin, and sleeping on a
+// The waiting primitives of the CPU thread team (step_team.h): a polite spin, and sleeping on a
 // 32-bit atomic until another thread changes it (a futex on Linux, a yield elsewhere).
 #pragma once
 
