@@ -308,23 +308,25 @@ class LSTMCell(nn.LSTMCell):
                     f"hidden{label} has inconsistent hidden_size: got {value.size(1)}, "
                     f"expected {self.hidden_size}"
                 )
-        if x.dtype != self.weight_ih.dtype:
+        # Each parameter read goes through nn.Module.__getattr__: read them once.
+        weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        w_ih, w_hh, b_ih, b_hh = weights
+        if x.dtype != w_ih.dtype:
             raise RuntimeError(
-                f"lstm_fused: input dtype ({x.dtype}) does not match weight dtype ({self.weight_ih.dtype})"
+                f"lstm_fused: input dtype ({x.dtype}) does not match weight dtype ({w_ih.dtype})"
             )
         _check_state_dtypes(x, hx)
-        _check_devices(x, [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh], hx)
+        _check_devices(x, weights, hx)
 
-        if _has_expanded_weights((self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)):
+        if _has_expanded_weights(weights):
             h, c = self._expanded_weights_step(x, hx)
             return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))
-        weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         if functional.fused_cell_applies(x, (x, hx[0], hx[1]) + weights, self.backend):
             h, c = functional.cell_step(x, hx[0], hx[1], *weights)
             return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))
-        xproj = functional.input_projection(x, self.weight_ih, self.bias_ih, self.bias_hh)
+        xproj = functional.input_projection(x, w_ih, b_ih, b_hh)
         _, h, c = functional.recurrence(
-            xproj.unsqueeze(0), self.weight_hh, None, hx[0], hx[1], backend=self.backend
+            xproj.unsqueeze(0), w_hh, None, hx[0], hx[1], backend=self.backend
         )
         if not is_batched:
             return h.squeeze(0), c.squeeze(0)
