@@ -2,10 +2,10 @@
 // layer without projection in float32, bfloat16 or float16, for the instruction set isa.h picks.
 //
 // One team of threads per call (see run_steps). The blocks of a step are split over the threads
-// (step_team.h); each thread's blocks read their own panels of W_hh (packed once and cached across calls,
-// packed_weights.h), which stay in that thread's L2 for all T steps when they fit. The state a
-// step reads (h forward, dz backward) was written by every thread the step before, so it is
-// double-buffered and the steps are separated by the team's synchronization.
+// (step_team.h); each thread's blocks read their own panels of W_hh (packed once and cached
+// across calls, packed_weights.h), which stay in that thread's L2 for all T steps when they fit.
+// The state a step reads (h forward, dz backward) was written by every thread the step before,
+// so it is double-buffered and the steps are separated by the team's synchronization.
 
 #include "checks.h"
 #include "cpu/huge_pages.h"

@@ -47,7 +47,8 @@ void record_team(bool helpers_arrived_in_time) {
     return;
   }
   if (!backoff_enabled()) return;
-  const int64_t next = std::min(kMaxCallsAlone, std::max<int64_t>(1, 2 * backoff.load(std::memory_order_relaxed)));
+  const int64_t doubled = 2 * backoff.load(std::memory_order_relaxed);
+  const int64_t next = std::min(kMaxCallsAlone, std::max<int64_t>(1, doubled));
   backoff.store(next, std::memory_order_relaxed);
   calls_alone_left.store(next, std::memory_order_relaxed);
 }
