@@ -111,6 +111,7 @@ template <typename scalar_t, bool kSave>
 inline void forward_gates(int64_t n, int64_t H, const float (&z)[4][V], const scalar_t* __restrict__ xp,
                           float* __restrict__ c, float* __restrict__ h_next, scalar_t* __restrict__ y,
                           scalar_t* __restrict__ gates_out, float* __restrict__ c_all) {
+#pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const float i = sigmoid(load_f(xp + j) + z[0][j]);
     const float f = sigmoid(load_f(xp + H + j) + z[1][j]);
@@ -221,6 +222,7 @@ inline void backward_gates(int64_t n, int64_t H, const float* __restrict__ dh,
                            const scalar_t* __restrict__ dy, const scalar_t* __restrict__ gt,
                            const float* __restrict__ c, const float* __restrict__ c_prev,
                            float* __restrict__ dc, float* __restrict__ dz, scalar_t* __restrict__ dx) {
+#pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const float dm = dh[j] + load_f(dy + j);
     const float i = load_f(gt + j), f = load_f(gt + H + j);
