@@ -297,6 +297,31 @@ def test_cell_step_without_grad_every_variant(monkeypatch, variant, B, I, H):
     assert rel_error(got[0], want[0]) < 2e-5 and rel_error(got[1], want[1]) < 2e-5
 
 
+# The op copies float32 state and biases with plain loops: strided state, no biases, and inputs
+# that must come out unchanged.
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_cell_step_strided_state_and_no_bias(monkeypatch, bias):
+    I, H, B = 20, 48, 4
+    oracle = nn.LSTMCell(I, H, bias=bias, dtype=torch.float64)
+    fused = lstm_fused.LSTMCell(I, H, bias=bias, backend="cpu")
+    fused.load_state_dict(oracle.state_dict())
+    x = torch.randn(B, I, dtype=torch.float64)
+    wide = torch.randn(B, 2 * H, dtype=torch.float64)
+    h0, c0 = wide[:, ::2], torch.randn(H, B, dtype=torch.float64).t()  # neither is contiguous
+    calls = []
+    real = torch.ops.lstm_fused.cell_forward
+    monkeypatch.setattr(lstm_fused.functional, "cell_step", lambda *a: calls.append(1) or real(*a))
+    h0_f, c0_f = h0.float(), c0.float()
+    h0_f, c0_f = torch.randn(B, 2 * H)[:, ::2].copy_(h0_f), torch.randn(H, B).t().copy_(c0_f)
+    kept = (h0_f.clone(), c0_f.clone())
+    with torch.no_grad():
+        want = oracle(x, (h0, c0))
+        got = fused(x.float(), (h0_f, c0_f))
+    assert calls
+    assert rel_error(got[0], want[0]) < 2e-5 and rel_error(got[1], want[1]) < 2e-5
+    assert torch.equal(h0_f, kept[0]) and torch.equal(c0_f, kept[1])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_cell_step_half_precision_within_twice_the_reference(dtype):
     I, H, B = 40, 72, 3

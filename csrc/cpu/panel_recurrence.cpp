@@ -18,10 +18,12 @@
 #include <omp.h>
 
 #include <atomic>
+#include <cstring>
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>
 
 
@@ -74,6 +76,17 @@ void run_steps(int threads, int64_t steps, int64_t blocks, const Fn& fn) {
     }
   }
   record_team(in_time);
+}
+
+// src (B, n), any floating dtype and strides, into the first n floats of B rows of stride ld.
+void copy_rows_to_float(const at::Tensor& src, float* dst, int64_t ld) {
+  const int64_t B = src.size(0), n = src.size(1);
+  if (src.scalar_type() != at::kFloat || !src.is_contiguous()) {
+    at::from_blob(dst, {B, n}, {ld, 1}, src.options().dtype(at::kFloat)).copy_(src);
+    return;
+  }
+  const float* s = src.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) std::memcpy(dst + b * ld, s + b * n, n * sizeof(float));
 }
 
 Storage storage_of(at::ScalarType dtype) {
@@ -136,42 +149,62 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> panel_for
 std::tuple<at::Tensor, at::Tensor> panel_cell_forward(
     const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+  // One step costs a few microseconds, so each ATen call here (a microsecond or so) shows: the
+  // scratch is one allocation and float32 inputs are copied with plain loops.
   const int64_t B = x.size(0), I = x.size(1), H = w_hh.size(1), K = H + I;
   const auto opts = x.options();
   const auto f32 = opts.dtype(at::kFloat);
+  const bool is_f32 = x.scalar_type() == at::kFloat;
   const StepKernels& kernels = step_kernels(selected_isa());
   const int V = kernels.vector_width;
+  const int64_t blocks = (H + V - 1) / V;
 
   const at::Tensor panels = packed_cell_panels(w_hh, w_ih, V);
-  // The state row is [h | x]: one reduction covers both products.
-  at::Tensor state = at::empty({2, B, K}, f32);
-  state[0].narrow(1, 0, H).copy_(h0);
-  state[0].narrow(1, H, I).copy_(x);
-  const at::Tensor bias = b_ih.has_value() ? at::add(*b_ih, *b_hh).contiguous() : at::zeros({4 * H}, opts);
-  at::Tensor c = c0.to(at::kFloat, false, /*copy=*/true).contiguous();
-  at::Tensor h = at::empty({1, B, H}, opts);  // the step's y is its new h, in the input dtype
+  // Scratch: the two state rows [h | x] of each batch row (one reduction covers both products),
+  // the blocks' partial sums, and the float32 bias sum.
+  at::Tensor scratch = at::empty({2 * B * K + blocks * B * 4 * V + 4 * H}, f32);
+  float* state = scratch.data_ptr<float>();
+  float* partial = state + 2 * B * K;
+  copy_rows_to_float(h0, state, K);
+  copy_rows_to_float(x, state + H, K);
+  at::Tensor bias;  // in the input dtype, unless float32 (then in scratch)
+  const void* bias_data = nullptr;
+  if (!b_ih.has_value()) {
+    bias = at::zeros({4 * H}, opts);
+    bias_data = bias.data_ptr();
+  } else if (is_f32 && b_ih->is_contiguous() && b_hh->is_contiguous()) {
+    float* sum = partial + blocks * B * 4 * V;
+    const float* bi = b_ih->data_ptr<float>();
+    const float* bh = b_hh->data_ptr<float>();
+    for (int64_t j = 0; j < 4 * H; ++j) sum[j] = bi[j] + bh[j];
+    bias_data = sum;
+  } else {
+    bias = at::add(*b_ih, *b_hh).contiguous();
+    bias_data = bias.data_ptr();
+  }
+  at::Tensor c = at::empty({B, H}, f32);
+  copy_rows_to_float(c0, c.data_ptr<float>(), H);
+  at::Tensor h = at::empty({B, H}, opts);  // the step's y is its new h, in the input dtype
 
   ForwardStepArgs a;
   a.T = 1, a.B = B, a.H = H;
   a.K = K, a.xproj_stride = 0;
   a.storage = storage_of(x.scalar_type());
   a.reverse = false, a.save = false;
-  a.xproj = bias.data_ptr();
+  a.xproj = bias_data;
   a.panels = panels.data_ptr();
   a.lengths = nullptr;
-  a.h[0] = state.data_ptr<float>();
-  a.h[1] = a.h[0] + B * K;
+  a.h[0] = state;
+  a.h[1] = state + B * K;
   a.c = c.data_ptr<float>();
   a.y = h.data_ptr();
   a.gates_out = nullptr;
   a.c_all = nullptr;
-  const int64_t blocks = (H + V - 1) / V;
-  at::Tensor partial = at::empty({blocks, B, 4 * V}, f32);
-  a.partial = partial.data_ptr<float>();
+  a.partial = partial;
   const int threads = panel_threads(1, B * 4 * H * K, blocks, panels.nbytes());
   run_steps(threads, 1, blocks,
             [&](int64_t s, int64_t u) { kernels.forward_block(a, s, u); });
-  return {h[0], c.to(x.scalar_type())};
+  return {h, is_f32 ? c : c.to(x.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> panel_backward(
