@@ -34,6 +34,11 @@ TORCH_LIBRARY(lstm_fused, m) {
   m.def(
       "cell_forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
       "Tensor? b_hh) -> (Tensor h, Tensor c)");
+  // The same for every layer and direction of a stack at one time step: x (B, I), h0/c0
+  // (L*D, B, H), weights in nn.LSTM's _flat_weights order (no projection).
+  m.def(
+      "stacked_cell_forward(Tensor x, Tensor h0, Tensor c0, Tensor[] weights, int num_layers, "
+      "bool bidirectional, bool has_biases) -> (Tensor y, Tensor h_n, Tensor c_n)");
   m.def("has_cuda_kernels() -> bool", &has_cuda_kernels);
 }
 

@@ -61,6 +61,14 @@ def cell_step(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
     return torch.ops.lstm_fused.cell_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
 
 
+def stacked_cell_step(x, h0, c0, weights, num_layers, bidirectional, has_biases):
+    """(y (B, D*H), h_n, c_n) of one time step of a stack, x (B, I), h0/c0 (L*D, B, H), through
+    ``lstm_fused::stacked_cell_forward``."""
+    return torch.ops.lstm_fused.stacked_cell_forward(
+        x, h0, c0, list(weights), num_layers, bidirectional, has_biases
+    )
+
+
 def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     # nn.LSTM is on autocast's lower-precision list for CPU and CUDA: under autocast it computes
     # in the autocast dtype whatever the dtype of its input and weights.
@@ -99,6 +107,16 @@ def lstm(
 
     # torch.onnx.export(dynamo=True) gets ONNX LSTM nodes instead of our op (onnx_export.py).
     onnx_exporting = torch.onnx.is_in_onnx_export()
+    dropout_between_layers = dropout > 0 and training and num_layers > 1
+    if (
+        x.size(0) == 1 and proj_size == 0 and lengths is None and not onnx_exporting
+        and not dropout_between_layers and fused_cell_applies(x, (x, h0, c0, *weights), backend)
+    ):
+        # One streaming step without autograd: cell steps for the whole stack in one op call
+        # (no separate input GEMM, no Python per layer).
+        y, h_n, c_n = stacked_cell_step(x[0], h0, c0, weights, num_layers, num_dirs == 2, has_biases)
+        return y.unsqueeze(0), h_n, c_n
+    h0_k, c0_k = h0.unbind(0), c0.unbind(0)  # one call each instead of an index per direction
     h_n, c_n = [], []
     layer_input = x
     for layer in range(num_layers):
@@ -111,18 +129,12 @@ def lstm(
             w_hr = w[-1] if proj_size > 0 else None
             if onnx_exporting:
                 y, h, c = onnx_export.lstm_direction(
-                    layer_input, w_ih, w_hh, b_ih, b_hh, w_hr, h0[k], c0[k], lengths, direction == 1
+                    layer_input, w_ih, w_hh, b_ih, b_hh, w_hr, h0_k[k], c0_k[k], lengths, direction == 1
                 )
-            elif layer_input.size(0) == 1 and w_hr is None and lengths is None and fused_cell_applies(
-                layer_input, (layer_input, h0, c0, w_ih, w_hh, b_ih, b_hh), backend
-            ):
-                # One streaming step without autograd: a cell step, no separate input GEMM.
-                h, c = cell_step(layer_input[0], h0[k], c0[k], w_ih, w_hh, b_ih, b_hh)
-                y = h.unsqueeze(0)
             else:
                 xproj = input_projection(layer_input, w_ih, b_ih, b_hh)
                 y, h, c = recurrence(
-                    xproj, w_hh, w_hr, h0[k], c0[k], lengths, reverse=direction == 1, backend=backend
+                    xproj, w_hh, w_hr, h0_k[k], c0_k[k], lengths, reverse=direction == 1, backend=backend
                 )
             outputs.append(y)
             h_n.append(h)

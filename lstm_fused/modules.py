@@ -58,6 +58,18 @@ def _check_devices(input: Tensor, params, hx) -> None:
             raise RuntimeError(f"lstm_fused: input is on {device} but {name} is on {t.device}")
 
 
+def _flat_weights_current(module) -> bool:
+    """Whether ``module._flat_weights`` are still the module's weights: nn.RNNBase's
+    ``_weights_have_changed`` without its hasattr + getattr (through nn.Module.__getattr__) per
+    weight, about 20 us per call. A weight that is not a plain entry of ``_parameters`` (an
+    instance attribute, a parametrization's property) counts as changed: nn's own update runs."""
+    params, attrs = module._parameters, module.__dict__
+    for name, weight in zip(module._flat_weights_names, module._flat_weights):
+        if name in attrs or params.get(name) is not weight:
+            return False
+    return True
+
+
 def _check_state_dtypes(input: Tensor, hx) -> None:
     for name, t in zip(("h0", "c0"), hx):
         if t.dtype != input.dtype:
@@ -164,7 +176,8 @@ class LSTM(nn.LSTM):
             return super().forward(input, hx)
         if isinstance(input, PackedSequence) and torch.onnx.is_in_onnx_export():
             onnx_export.refuse_packed_input()
-        self._update_flat_weights()
+        if not _flat_weights_current(self):
+            self._update_flat_weights()
         if _has_expanded_weights(self._flat_weights):
             # Per-sample gradients: expanded weights know how to split nn.LSTM's computation
             # (torch's per-step decomposition of it) into per-sample GEMMs, not our fused op.

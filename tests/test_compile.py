@@ -47,3 +47,19 @@ def test_compile_inference_with_inductor():
         expected = model(x)[0]
         got = torch.compile(model, fullgraph=True)(x)[0]
     assert rel_error(got, expected) < 1e-5
+
+
+# A streaming step without autograd runs the whole stack as one op (stacked_cell_forward): its
+# fake kernel must give the shapes the real one does, under aot_eager and inductor alike.
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_compile_one_step_stack(compile_backend):
+    torch._dynamo.reset()
+    model = lstm_fused.LSTM(8, 12, num_layers=2, bidirectional=True, backend="cpu").eval()
+    x = torch.randn(1, 3, 8)
+    hx = (torch.randn(4, 3, 12), torch.randn(4, 3, 12))
+    with torch.no_grad():
+        want_y, (want_h, want_c) = model(x, hx)
+        got_y, (got_h, got_c) = torch.compile(model, fullgraph=True, backend=compile_backend)(x, hx)
+    assert got_y.shape == want_y.shape == (1, 3, 24)
+    for got, want in ((got_y, want_y), (got_h, want_h), (got_c, want_c)):
+        assert rel_error(got, want) < 1e-6
