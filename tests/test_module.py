@@ -259,3 +259,35 @@ def test_cpu_autocast_computes_in_autocast_dtype_like_nn_lstm():
     assert rel_error(y, reference) <= 2 * rel_error(yardstick.bfloat16(), reference) + 2e-3
     y.float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters())
+
+
+# forward skips nn's per-weight attribute walk when its flat weights are the module's own
+# parameters; weights substituted from outside (functional_call, a parametrization, a plain
+# reassignment) must still be the ones used, in a sequence and in a streaming step alike.
+@pytest.mark.parametrize("T", [5, 1], ids=["sequence", "one_step"])
+def test_substituted_weights_are_used(T):
+    from torch.nn.utils import parametrize
+
+    ref = nn.LSTM(4, 6, num_layers=2)
+    fused = lstm_fused.LSTM(4, 6, num_layers=2, backend=cpu_backends()[0])
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(T, 2, 4)
+    new = {k: torch.randn_like(v) for k, v in fused.state_dict().items()}
+    with torch.no_grad():
+        want = torch.func.functional_call(ref, new, (x,))[0]
+        got = torch.func.functional_call(fused, new, (x,))[0]
+        assert rel_error(got, want) < 1e-5
+        assert rel_error(fused(x)[0], ref(x)[0]) < 1e-5  # the module's own weights again
+
+        class Doubled(nn.Module):
+            def forward(self, w):
+                return 2 * w
+
+        for m in (ref, fused):
+            parametrize.register_parametrization(m, "weight_hh_l1", Doubled())
+        assert rel_error(fused(x)[0], ref(x)[0]) < 1e-5
+
+        replacement = torch.randn(24, 4)
+        for m in (ref, fused):
+            m.weight_ih_l0 = nn.Parameter(replacement.clone())
+        assert rel_error(fused(x)[0], ref(x)[0]) < 1e-5
