@@ -140,6 +140,6 @@ def lstm(
             h_n.append(h)
             c_n.append(c)
         layer_input = outputs[0] if num_dirs == 1 else torch.cat(outputs, dim=2)
-        if dropout > 0 and training and layer < num_layers - 1:
+        if dropout_between_layers and layer < num_layers - 1:
             layer_input = F.dropout(layer_input, p=dropout, training=True)
     return layer_input, torch.stack(h_n), torch.stack(c_n)
