@@ -305,14 +305,14 @@ def test_cell_step_strided_state_and_no_bias(monkeypatch, bias):
     oracle = nn.LSTMCell(I, H, bias=bias, dtype=torch.float64)
     fused = lstm_fused.LSTMCell(I, H, bias=bias, backend="cpu")
     fused.load_state_dict(oracle.state_dict())
-    x = torch.randn(B, I, dtype=torch.float64)
-    wide = torch.randn(B, 2 * H, dtype=torch.float64)
-    h0, c0 = wide[:, ::2], torch.randn(H, B, dtype=torch.float64).t()  # neither is contiguous
+    x, h0, c0 = (torch.randn(B, n, dtype=torch.float64) for n in (I, H, H))
     calls = []
     real = torch.ops.lstm_fused.cell_forward
     monkeypatch.setattr(lstm_fused.functional, "cell_step", lambda *a: calls.append(1) or real(*a))
-    h0_f, c0_f = h0.float(), c0.float()
-    h0_f, c0_f = torch.randn(B, 2 * H)[:, ::2].copy_(h0_f), torch.randn(H, B).t().copy_(c0_f)
+    # The same values in float32 views that are not contiguous: every other column, a transpose.
+    h0_f = torch.empty(B, 2 * H)[:, ::2].copy_(h0)
+    c0_f = torch.empty(H, B).t().copy_(c0)
+    assert not h0_f.is_contiguous() and not c0_f.is_contiguous()
     kept = (h0_f.clone(), c0_f.clone())
     with torch.no_grad():
         want = oracle(x, (h0, c0))
