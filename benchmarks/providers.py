@@ -2,6 +2,9 @@
 
   nn.LSTM                torch's own (cuDNN on GPU, ATen/oneDNN on CPU): the baseline of every row
   lstm_fused:<backend>   this package, one provider per backend ("auto" and "reference" on request)
+  lstm_fused:cpu/own-gemm, lstm_fused:cpu/aten-gemm
+                         the CPU backend with its float32 input projection forced onto our tile
+                         product or ATen's GEMM (MKL); the plain provider takes the package's choice
   flashrnn               NX-AI's FlashRNN (GPU only, when installed)
 
 A provider that cannot run a case is skipped with a reason: either known up front
@@ -31,6 +34,23 @@ FUSED_BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
 _FAST_ON = {"cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cuda",)}
 # Never in the default list: "reference" is a Python time loop; "auto" duplicates a backend.
 _OPT_IN = ("reference", "auto")
+# Input-GEMM options of the CPU backend: ``lstm_fused:cpu/<option>``.
+INPUT_GEMMS = {"own-gemm": True, "aten-gemm": False}
+
+
+def split_option(name: str):
+    """``"lstm_fused:cpu/aten-gemm"`` -> ``("lstm_fused:cpu", "aten-gemm")``; none: option None."""
+    base, _, option = name.partition("/")
+    return base, (option or None)
+
+
+def other_input_gemm() -> Optional[str]:
+    """The CPU provider with the input GEMM the package does not pick here, or None when the
+    extension is not built: the cpu suite times both, so the choice is measured, not assumed."""
+    mod, _ = _import("lstm_fused.ops")
+    if mod is None or not mod.extension_loaded():
+        return None
+    return FUSED_PREFIX + "cpu/" + ("aten-gemm" if mod.OWN_INPUT_GEMM else "own-gemm")
 
 
 @dataclass
@@ -80,6 +100,9 @@ def known(name: str) -> bool:
     name, dtype = split_provider(name)
     if dtype is not None and dtype not in DTYPES:
         return False
+    name, option = split_option(name)
+    if option is not None:
+        return name == FUSED_PREFIX + "cpu" and option in INPUT_GEMMS
     if name in (NATIVE, FLASHRNN):
         return True
     return name.startswith(FUSED_PREFIX) and name[len(FUSED_PREFIX):] in FUSED_BACKENDS
@@ -102,7 +125,9 @@ def default_providers(device) -> List[str]:
 def skip_reason(name: str, device, shape: Shape) -> Optional[str]:
     """Why ``name`` cannot run ``shape`` on ``device``, when that is known without trying."""
     dev = torch.device(device).type
-    name, _ = split_provider(name)
+    name, option = split_option(split_provider(name)[0])
+    if option is not None and (shape.cell or shape.T == 1):
+        return "a one-step call has no separate input projection (one fused cell step)"
     if name.startswith(FUSED_PREFIX):
         mod, err = _import("lstm_fused")
         if mod is None:
@@ -156,6 +181,14 @@ def build(name: str, native: nn.Module, shape: Shape) -> Built:
         built = build(name, native, shape)
         built.dtype = getattr(torch, dtype)
         return built
+    base, option = split_option(name)
+    if option is not None:
+        if next(native.parameters()).dtype != torch.float32:
+            raise ValueError("the input GEMM options apply to float32 only")
+        built = build(base, native, shape)
+        built.name = name
+        built.forward = _with_input_gemm(built.forward, INPUT_GEMMS[option])
+        return built
     if name == NATIVE:
         return Built(name, _module_forward(native, shape), list(native.parameters()), native)
     if name.startswith(FUSED_PREFIX):
@@ -177,6 +210,22 @@ def build(name: str, native: nn.Module, shape: Shape) -> Built:
         model = FlashRNNLSTM(native)
         return Built(name, model.forward, model.params, None, model.notes)
     raise ValueError(f"unknown provider {name!r}")
+
+
+def _with_input_gemm(forward: Callable[..., Tensor], own: bool) -> Callable[..., Tensor]:
+    """``forward`` with lstm_fused's input GEMM choice forced for the call (the projection's
+    backward does not depend on it)."""
+    from lstm_fused import ops
+
+    def run(*args):
+        saved = ops.OWN_INPUT_GEMM
+        ops.OWN_INPUT_GEMM = own
+        try:
+            return forward(*args)
+        finally:
+            ops.OWN_INPUT_GEMM = saved
+
+    return run
 
 
 # ----------------------------------------------------------------------------- flashrnn

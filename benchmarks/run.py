@@ -1,7 +1,7 @@
 """The benchmark command.
 
     python -m benchmarks.run --suite NAME [--out DIR] [--save-results]
-        [--providers nn.LSTM,lstm_fused:cpu,...] [--modes fwd,fwdbwd]
+        [--providers nn.LSTM,lstm_fused:cpu,lstm_fused:cpu/aten-gemm,...] [--modes fwd,fwdbwd]
         [--dtypes float32,bfloat16,float16] [--shapes B64,T100_B16] [--device cpu|cuda]
 
 Prints a table as it goes (progress bar on stderr), then writes DIR/results.json,
@@ -95,7 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in args.providers or []:
         if not providers.known(name):
             p.error(f"unknown provider {name!r}; expected nn.LSTM, flashrnn or "
-                    f"lstm_fused:<{'|'.join(providers.FUSED_BACKENDS)}>")
+                    f"lstm_fused:<{'|'.join(providers.FUSED_BACKENDS)}>, "
+                    f"lstm_fused:cpu/<{'|'.join(providers.INPUT_GEMMS)}>")
     args.shapes = _csv(args.shapes)
     if args.busy_core not in (None, "last"):
         try:
@@ -301,6 +302,10 @@ def run(argv=None) -> dict:
     modes = args.modes or list(MODES)
     names = [providers.NATIVE] + [n for n in (args.providers or providers.default_providers(device))
                                   if n != providers.NATIVE]
+    if not args.providers and suite.both_input_gemms and device.type == "cpu":
+        other = providers.other_input_gemm()
+        if other is not None and providers.FUSED_PREFIX + "cpu" in names:
+            names.append(other)
     names = list(dict.fromkeys(names))
 
     info = machine.machine_info(device)

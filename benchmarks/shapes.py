@@ -116,6 +116,7 @@ class Suite:
     min_reps: int = 10
     max_reps: int = 200                    # one-step rows take microseconds: allow more there
     busy_core: bool = False                # run beside a busy process on one core (--busy-core)
+    both_input_gemms: bool = False         # also time lstm_fused:cpu with the other input GEMM
     extra: dict = field(default_factory=dict)
 
 
@@ -173,11 +174,13 @@ SUITES = {
                 Shape(T=200, B=1, I=512, H=512, modes=("fwd",), dtypes=("bfloat16",),
                       baseline="lstm_fused:cpu@float32"),
             ),
-            "CPU-sized shapes (float32; one bfloat16-vs-our-float32 row)",
+            "CPU-sized shapes (float32; one bfloat16-vs-our-float32 row); lstm_fused:cpu also "
+            "with the input GEMM it does not pick here (/own-gemm or /aten-gemm)",
             dtypes=("float32",),
             budget_s=1.5,
             min_reps=5,
             max_reps=2000,
+            both_input_gemms=True,
         ),
         Suite(
             "cpu-load",

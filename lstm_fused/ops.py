@@ -22,6 +22,7 @@ under ``torch.compile(fullgraph=True)``.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -235,3 +236,53 @@ if extension_loaded():
     def _stacked_cell_forward_fake(x, h0, c0, weights, num_layers, bidirectional, has_biases):
         y = x.new_empty(x.size(0), (2 if bidirectional else 1) * h0.size(2))
         return y, torch.empty_like(h0), torch.empty_like(c0)
+
+
+# --------------------------------------------------------------------------------------------
+# The CPU input projection (csrc/cpu/input_projection.cpp): x @ w_ih^T + b_ih + b_hh on the step
+# kernels' tile product. Its backward is plain PyTorch (two GEMMs and a sum), so gradients of
+# every order come out of autograd.
+
+
+def _own_input_gemm_chosen() -> bool:
+    """Whether functional.input_projection uses the op for float32 CPU input: by default where the
+    extension says ATen's GEMM is the slower one (non-Intel x86 CPUs, see csrc/cpu/isa.h);
+    LSTM_FUSED_CPU_INPUT_GEMM=own or =aten forces the choice (read once, at import)."""
+    choice = os.environ.get("LSTM_FUSED_CPU_INPUT_GEMM", "auto")
+    if choice not in ("auto", "own", "aten"):
+        raise ValueError(f"LSTM_FUSED_CPU_INPUT_GEMM={choice!r} is not one of auto, own, aten")
+    if not extension_loaded():
+        return False
+    if choice != "auto":
+        return choice == "own"
+    return bool(torch.ops.lstm_fused.cpu_own_input_gemm_preferred())
+
+
+OWN_INPUT_GEMM = _own_input_gemm_chosen()
+
+
+def _projection_setup_context(ctx, inputs, output):
+    x, w_ih, b_ih, _b_hh = inputs
+    ctx.has_bias = b_ih is not None
+    ctx.save_for_backward(x, w_ih)
+
+
+def _projection_backward(ctx, grad):
+    x, w_ih = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    rows = grad.reshape(-1, grad.size(-1))
+    dx = grad @ w_ih if need[0] else None
+    dw = rows.t() @ x.reshape(-1, x.size(-1)) if need[1] else None
+    db = rows.sum(0) if ctx.has_bias and (need[2] or need[3]) else None
+    return dx, dw, db if need[2] else None, db if need[3] else None
+
+
+if extension_loaded():
+
+    @torch.library.register_fake(f"{LIB}::input_projection")
+    def _input_projection_fake(x, w_ih, b_ih, b_hh):
+        return x.new_empty(*x.shape[:-1], w_ih.size(0))
+
+    torch.library.register_autograd(
+        f"{LIB}::input_projection", _projection_backward, setup_context=_projection_setup_context
+    )

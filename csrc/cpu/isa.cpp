@@ -55,6 +55,15 @@ Isa selected_isa() {
               " is not one of auto, generic, avx2, avx512");
 }
 
+bool own_input_gemm_preferred() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  return selected_isa() != Isa::kGeneric && !__builtin_cpu_is("intel");
+#else
+  return false;
+#endif
+}
+
 }  // namespace lstm_fused::cpu
 
 namespace lstm_fused::cpu {

@@ -17,5 +17,10 @@ bool isa_supported(Isa isa);
 // The widest supported variant, or the one LSTM_FUSED_CPU_ISA names (an error if this CPU
 // cannot run it, or the name is unknown). Read on every call: tests switch it per process.
 Isa selected_isa();
+// Whether a layer's float32 input projection should run on the step kernels' tile product
+// (input_projection.cpp) instead of ATen's GEMM by default: on x86-64 CPUs with AVX2 or wider
+// not made by Intel. ATen's float32 GEMM is MKL's, which runs well below the FMA peak there
+// (measured on AMD Zen 3 and Zen 4); on Intel CPUs MKL is the vendor's own tuned code.
+bool own_input_gemm_preferred();
 
 }  // namespace lstm_fused::cpu

@@ -63,11 +63,25 @@ struct BackwardStepArgs {
 
 enum class BackwardPhase { kFirst, kStep, kFinal };
 
+// The input projection of a layer, out = x @ W_ih^T + b_ih + b_hh over all T*B rows at once, by
+// the forward's tile product: W_ih in the forward panel layout over K = I (unit block u: the
+// i, f, g, o rows of V units), out in xproj's layout (gate q of unit j at column q * H + j).
+// A call covers one unit block and a range of rows; float32 only.
+struct ProjectionArgs {
+  int64_t M, K, H;        // rows, input features, hidden units
+  const float* x;         // (M, K), row stride ldx
+  int64_t ldx;
+  const float* panels;    // ceil(H / V) panels of K * 4 * V floats
+  const float* bias;      // (ceil(H / V), 4, V) summed biases, zero past H; or null
+  float* out;             // (M, 4H)
+};
+
 struct StepKernels {
   Isa isa;
   int vector_width;  // V: floats per vector register
   void (*forward_block)(const ForwardStepArgs&, int64_t s, int64_t unit_block);
   void (*backward_block)(const BackwardStepArgs&, int64_t s, int64_t column_block, BackwardPhase);
+  void (*projection_block)(const ProjectionArgs&, int64_t unit_block, int64_t m0, int64_t m1);
 };
 
 // The kernels of a supported variant (see isa.h for the choice).

@@ -326,3 +326,44 @@ void backward_block(const BackwardStepArgs& a, int64_t s, int64_t q, BackwardPha
     case Storage::kHalf: return backward_block_typed<c10::Half>(a, s, q, phase);
   }
 }
+
+// ------------------------------------------------------------------------------------------
+// Input projection (see ProjectionArgs): the forward's tile product without a recurrence. The
+// reduction is not chunked: measured on Zen 4, streaming a block's whole panel (K * 4V weights)
+// from L2 for each row tile beat L1-sized chunks with partial sums by 5-10%.
+
+struct ProjectionTile {
+  const ProjectionArgs& a;
+  int64_t m0, j0, n;
+  const float* panel;
+  const float* bias;  // this block's 4V summed biases, or null
+
+  template <int R>
+  void run(int64_t b0) {  // rows m0 + b0 ...
+    const int64_t H = a.H;
+    reg acc[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int q = 0; q < 4; ++q) acc[r][q] = Vec::zero();
+    tile_product<R>(a.x + (m0 + b0) * a.ldx, a.ldx, a.K, panel, acc);
+    for (int r = 0; r < R; ++r) {
+      float* out = a.out + (m0 + b0 + r) * 4 * H + j0;
+      for (int q = 0; q < 4; ++q) {
+        const reg v = bias != nullptr ? Vec::add(acc[r][q], Vec::load(bias + q * V)) : acc[r][q];
+        if (n == V) {
+          Vec::store(out + q * H, v);
+        } else {
+          alignas(64) float tmp[V];
+          Vec::store(tmp, v);
+          for (int64_t j = 0; j < n; ++j) out[q * H + j] = tmp[j];
+        }
+      }
+    }
+  }
+};
+
+void projection_block(const ProjectionArgs& a, int64_t u, int64_t m0, int64_t m1) {
+  const int64_t j0 = u * V, n = a.H - j0 < V ? a.H - j0 : V;
+  ProjectionTile tile{a, m0, j0, n, a.panels + u * a.K * 4 * V,
+                      a.bias != nullptr ? a.bias + u * 4 * V : nullptr};
+  for_each_row_tile(m1 - m0, tile);
+}
