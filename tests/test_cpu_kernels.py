@@ -42,7 +42,8 @@ SHAPES = [
     ("threads_B1", 40, 1, 16, 130, {}, None),
     ("threads_bidir_packed", 10, 7, 8, 80, {"bidirectional": True}, [10, 3, 7, 1, 10, 6, 9]),
     ("threads_2layers_batch_first", 8, 6, 10, 90, {"num_layers": 2, "batch_first": True}, None),
-    # Several row tiles and a reduction longer than one L1 chunk of the panel, on every variant.
+    # Several row tiles and a reduction longer than one L1 chunk of the panel, on every variant
+    # (chunks are forced where the machine's L1 would not have them: see test_reduction_chunks).
     ("chunked_reduction", 6, 8, 12, 200, {}, [6, 2, 5, 6, 1, 3, 6, 4]),
 ]
 HALF_FLOOR = 2e-3
@@ -113,6 +114,31 @@ def test_half_precision_every_variant(monkeypatch, variant, dtype, shape):
     ours, base = _errors(shape, dtype)
     bad = {i: (o, b) for i, (o, b) in enumerate(zip(ours, base)) if not o <= 2 * b + HALF_FLOOR}
     assert not bad, f"(ours, reference backend in {dtype}) relative errors: {bad}"
+
+
+# Whether the reduction runs in L1-sized chunks depends on the machine's L1 (panel_recurrence.cpp);
+# both ways run here on every variant, in float32 and bfloat16 (2-byte panels: twice the k per
+# chunk). 3 KB chunks cut the forward's K = 200 and the backward's K = 800 into many pieces.
+@pytest.mark.parametrize("variant", supported_variants())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("chunk_bytes", ["0", "3072"], ids=["whole_panel", "chunks_3KB"])
+def test_reduction_chunks(monkeypatch, variant, dtype, chunk_bytes):
+    monkeypatch.setenv("LSTM_FUSED_CPU_ISA", variant)
+    monkeypatch.setenv("LSTM_FUSED_CPU_CHUNK_BYTES", chunk_bytes)
+    shape = next(s for s in SHAPES if s[0] == "chunked_reduction")
+    ours, base = _errors(shape, dtype)
+    if dtype == torch.float32:
+        bad = {i: e for i, e in enumerate(ours) if not e <= 2e-5}
+    else:
+        bad = {i: (o, b) for i, (o, b) in enumerate(zip(ours, base)) if not o <= 2 * b + HALF_FLOOR}
+    assert not bad, f"relative errors (0-2: y, h_n, c_n; then dx, dh0, dc0, params): {bad}"
+
+
+def test_a_bad_chunk_size_is_an_error(monkeypatch):
+    m = lstm_fused.LSTM(4, 8, backend="cpu")
+    monkeypatch.setenv("LSTM_FUSED_CPU_CHUNK_BYTES", "24k")
+    with pytest.raises(RuntimeError, match="LSTM_FUSED_CPU_CHUNK_BYTES=24k is not a byte count"):
+        m(torch.randn(3, 2, 4))
 
 
 def test_forcing_a_variant_this_cpu_lacks_or_an_unknown_one_is_an_error(monkeypatch):

@@ -37,6 +37,7 @@ struct ForwardStepArgs {
   void* gates_out;        // (T, B, 4H) storage dtype, activated gates, or null (inference)
   float* c_all;           // (T, B, H) cell state after each step, or null (inference)
   float* partial;         // (blocks, B, 4V): each block's sums between chunks of the reduction
+  int64_t chunk_bytes;    // panel bytes per chunk of the reduction, or 0: no chunks
 };
 
 // Backward of the same. Column block q covers units [q*4V, q*4V + 4V); its panel is (4H, 4V):
@@ -59,6 +60,7 @@ struct BackwardStepArgs {
   float* dz[2];            // (B, 4H) each: pre-activation gate gradients of even / odd steps
   void* dxproj;            // (T, B, 4H) storage dtype
   float* partial;          // (blocks, B, 4V): each block's sums between chunks of the reduction
+  int64_t chunk_bytes;     // panel bytes per chunk of the reduction, or 0: no chunks
 };
 
 enum class BackwardPhase { kFirst, kStep, kFinal };

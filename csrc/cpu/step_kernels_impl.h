@@ -59,16 +59,15 @@ inline void tile_product(const float* __restrict__ A, int64_t lda, int64_t K,
   }
 }
 
-// The reduction in chunks of k when the batch takes several row tiles: each chunk of the panel
-// (about half the L1) then serves every row tile from L1 instead of being streamed from L2 once
-// per row tile. Sums between chunks wait in the block's `partial` rows (B x 4V floats).
-constexpr int64_t kPanelChunkBytes = 24 * 1024;
-
+// The reduction in chunks of k when the batch takes several row tiles and the driver asks for
+// chunks (chunk_bytes > 0, about half the L1; see panel_recurrence.cpp): each chunk of the panel
+// then serves every row tile from L1 instead of being streamed from L2 once per row tile. Sums
+// between chunks wait in the block's `partial` rows (B x 4V floats).
 template <typename panel_t>
-inline int64_t chunk_length(int64_t B, int64_t K) {
-  if (B <= kMaxRows) return K;
-  const int64_t k = kPanelChunkBytes / (4 * V * static_cast<int64_t>(sizeof(panel_t)));
-  return k < K ? k : K;
+inline int64_t chunk_length(int64_t B, int64_t K, int64_t chunk_bytes) {
+  if (B <= kMaxRows || chunk_bytes <= 0) return K;
+  const int64_t k = chunk_bytes / (4 * V * static_cast<int64_t>(sizeof(panel_t)));
+  return k < 1 ? 1 : k < K ? k : K;
 }
 
 // Rows [b0, b0 + R) over k in [k0, k1): starts from zero or from the previous chunk's sums.
@@ -145,6 +144,14 @@ struct ForwardTile {
   template <int R>
   void run(int64_t b0) {
     const int64_t H = a.H, B = a.B, K = a.K;
+    if (k1 == K) {
+      // The epilogue's x-projection rows (4 cache lines a row, 4 KB and more apart, read once)
+      // are requested now and arrive while the product runs.
+      const scalar_t* xproj = static_cast<const scalar_t*>(a.xproj);
+      for (int r = 0; r < R; ++r)
+        for (int q = 0; q < 4; ++q)
+          __builtin_prefetch(xproj + (t * B + b0 + r) * a.xproj_stride + q * H + j0, 0, 3);
+    }
     reg acc[R][4];
     chunk_product<R>(h_cur + b0 * K, K, panel, k0, k1, partial + b0 * 4 * V, acc);
     if (k1 < K) return save_partial<R>(partial + b0 * 4 * V, acc);
@@ -187,7 +194,7 @@ void forward_block_typed(const ForwardStepArgs& a, int64_t s, int64_t u) {
   const float* h_cur = a.h[s % 2];
   float* h_next = a.h[(s + 1) % 2];
   float* partial = a.partial + u * a.B * 4 * V;
-  const int64_t kc = chunk_length<scalar_t>(a.B, a.K);
+  const int64_t kc = chunk_length<scalar_t>(a.B, a.K, a.chunk_bytes);
   const auto chunks = [&](auto& tile) {
     for (int64_t k0 = 0; k0 < a.K; k0 += kc) {
       tile.k0 = k0;
@@ -311,7 +318,7 @@ void backward_block_typed(const BackwardStepArgs& a, int64_t s, int64_t q, Backw
   const scalar_t* panel = static_cast<const scalar_t*>(a.panels) + q * 4 * a.H * 4 * V;
   BackwardTile<scalar_t> tile{a, s, j0, n, phase, panel, a.partial + q * a.B * 4 * V};
   const int64_t K = 4 * a.H;
-  const int64_t kc = phase == BackwardPhase::kFirst ? K : chunk_length<scalar_t>(a.B, K);
+  const int64_t kc = phase == BackwardPhase::kFirst ? K : chunk_length<scalar_t>(a.B, K, a.chunk_bytes);
   for (int64_t k0 = 0; k0 < K; k0 += kc) {
     tile.k0 = k0;
     tile.k1 = K - k0 < kc ? K : k0 + kc;
