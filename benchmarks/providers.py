@@ -3,8 +3,9 @@
   nn.LSTM                torch's own (cuDNN on GPU, ATen/oneDNN on CPU): the baseline of every row
   lstm_fused:<backend>   this package, one provider per backend ("auto" and "reference" on request)
   lstm_fused:cpu/own-gemm, lstm_fused:cpu/aten-gemm
-                         the CPU backend with its float32 input projection forced onto our tile
-                         product or ATen's GEMM (MKL); the plain provider takes the package's choice
+                         the CPU backend with its float32 input projection and input gradient
+                         forced onto our tile product or ATen's GEMM (MKL); the plain provider
+                         takes the package's choice
   flashrnn               NX-AI's FlashRNN (GPU only, when installed)
 
 A provider that cannot run a case is skipped with a reason: either known up front
@@ -34,7 +35,7 @@ FUSED_BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
 _FAST_ON = {"cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cuda",)}
 # Never in the default list: "reference" is a Python time loop; "auto" duplicates a backend.
 _OPT_IN = ("reference", "auto")
-# Input-GEMM options of the CPU backend: ``lstm_fused:cpu/<option>``.
+# GEMM options of the CPU backend: ``lstm_fused:cpu/<option>`` (see lstm_fused.ops.set_own_gemm).
 INPUT_GEMMS = {"own-gemm": True, "aten-gemm": False}
 
 
@@ -45,12 +46,12 @@ def split_option(name: str):
 
 
 def other_input_gemm() -> Optional[str]:
-    """The CPU provider with the input GEMM the package does not pick here, or None when the
-    extension is not built: the cpu suite times both, so the choice is measured, not assumed."""
+    """The CPU provider with the GEMM the package does not pick here, or None when the extension
+    is not built: the cpu suite times both, so the choice is measured, not assumed."""
     mod, _ = _import("lstm_fused.ops")
     if mod is None or not mod.extension_loaded():
         return None
-    return FUSED_PREFIX + "cpu/" + ("aten-gemm" if mod.OWN_INPUT_GEMM else "own-gemm")
+    return FUSED_PREFIX + "cpu/" + ("aten-gemm" if mod.OWN_GEMM else "own-gemm")
 
 
 @dataclass
@@ -184,10 +185,10 @@ def build(name: str, native: nn.Module, shape: Shape) -> Built:
     base, option = split_option(name)
     if option is not None:
         if next(native.parameters()).dtype != torch.float32:
-            raise ValueError("the input GEMM options apply to float32 only")
+            raise ValueError("the GEMM options apply to float32 only")
         built = build(base, native, shape)
         built.name = name
-        built.forward = _with_input_gemm(built.forward, INPUT_GEMMS[option])
+        built.forward = _with_own_gemm(built.forward, INPUT_GEMMS[option])
         return built
     if name == NATIVE:
         return Built(name, _module_forward(native, shape), list(native.parameters()), native)
@@ -205,25 +206,26 @@ def build(name: str, native: nn.Module, shape: Shape) -> Built:
                 proj_size=shape.proj_size, device=p.device, dtype=p.dtype, backend=backend,
             )
         fused.load_state_dict(native.state_dict())
-        return Built(name, _module_forward(fused, shape), list(fused.parameters()), fused)
+        forward = _module_forward(fused, shape)
+        if backend == "cpu":  # the package's own GEMM choice, whatever another provider set
+            from lstm_fused import ops
+
+            forward = _with_own_gemm(forward, ops.OWN_GEMM_DEFAULT)
+        return Built(name, forward, list(fused.parameters()), fused)
     if name == FLASHRNN:
         model = FlashRNNLSTM(native)
         return Built(name, model.forward, model.params, None, model.notes)
     raise ValueError(f"unknown provider {name!r}")
 
 
-def _with_input_gemm(forward: Callable[..., Tensor], own: bool) -> Callable[..., Tensor]:
-    """``forward`` with lstm_fused's input GEMM choice forced for the call (the projection's
-    backward does not depend on it)."""
+def _with_own_gemm(forward: Callable[..., Tensor], own: bool) -> Callable[..., Tensor]:
+    """``forward`` with lstm_fused's GEMM choice forced for the call; it stays set after the call,
+    for the backward (only this provider runs between its forward and backward)."""
     from lstm_fused import ops
 
     def run(*args):
-        saved = ops.OWN_INPUT_GEMM
-        ops.OWN_INPUT_GEMM = own
-        try:
-            return forward(*args)
-        finally:
-            ops.OWN_INPUT_GEMM = saved
+        ops.set_own_gemm(own)
+        return forward(*args)
 
     return run
 

@@ -42,6 +42,11 @@ TORCH_LIBRARY(lstm_fused, m) {
   // x @ w_ih^T + b_ih + b_hh over every row of x (..., I) -> (..., 4H): the input projection of a
   // layer with the CPU step kernels' tile product (float32). Autograd in lstm_fused/ops.py.
   m.def("input_projection(Tensor x, Tensor w_ih, Tensor? b_ih, Tensor? b_hh) -> Tensor");
+  // Its first-order gradients: dx = grad @ w_ih the same way, dw_ih = grad^T x with ATen's GEMM
+  // (each an empty tensor when not wanted); the bias gradient is grad summed over rows.
+  m.def(
+      "input_projection_backward(Tensor grad, Tensor x, Tensor w_ih, bool input_grad, "
+      "bool weight_grad) -> (Tensor dx, Tensor dw_ih)");
   m.def("has_cuda_kernels() -> bool", &has_cuda_kernels);
 }
 

@@ -19,23 +19,23 @@ from . import dispatch, onnx_export, ops
 # Below this many input features the product is too short per output to beat ATen's GEMM: the
 # time goes into writing the (T*B, 4H) result (measured on Zen 4: I = 8 0.6x, I = 32 1.0x,
 # I = 64 and more 1.05-1.5x).
-_OWN_INPUT_GEMM_MIN_FEATURES = 64
+_OWN_GEMM_MIN_FEATURES = 64
 
 
-def own_input_gemm_applies(x: Tensor, w_ih: Tensor) -> bool:
+def own_gemm_applies(x: Tensor, w_ih: Tensor) -> bool:
     """Whether ``lstm_fused::input_projection`` computes the input projection (see ops.py)."""
     return (
-        ops.OWN_INPUT_GEMM
+        ops.OWN_GEMM
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and w_ih.dtype == torch.float32
-        and w_ih.size(1) >= _OWN_INPUT_GEMM_MIN_FEATURES
+        and w_ih.size(1) >= _OWN_GEMM_MIN_FEATURES
     )
 
 
 def input_projection(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]) -> Tensor:
     """(T, B, I) -> (T, B, 4H), both biases folded into one."""
-    if own_input_gemm_applies(x, w_ih):
+    if own_gemm_applies(x, w_ih):
         return torch.ops.lstm_fused.input_projection(x, w_ih, b_ih, b_hh)
     bias = None if b_ih is None else b_ih + b_hh
     return F.linear(x, w_ih, bias)

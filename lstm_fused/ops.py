@@ -22,7 +22,6 @@ under ``torch.compile(fullgraph=True)``.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -239,26 +238,29 @@ if extension_loaded():
 
 
 # --------------------------------------------------------------------------------------------
-# The CPU input projection (csrc/cpu/input_projection.cpp): x @ w_ih^T + b_ih + b_hh on the step
-# kernels' tile product. Its backward is plain PyTorch (two GEMMs and a sum), so gradients of
-# every order come out of autograd.
+# The CPU input projection (csrc/cpu/panel_products.cpp): x @ w_ih^T + b_ih + b_hh on the step
+# kernels' tile product. First-order gradients through the paired op (dx on the same tile
+# product); under create_graph=True the gradients are plain PyTorch (two GEMMs and a sum), so
+# gradients of every order come out of autograd.
 
 
-def _own_input_gemm_chosen() -> bool:
-    """Whether functional.input_projection uses the op for float32 CPU input: by default where the
-    extension says ATen's GEMM is the slower one (non-Intel x86 CPUs, see csrc/cpu/isa.h);
-    LSTM_FUSED_CPU_INPUT_GEMM=own or =aten forces the choice (read once, at import)."""
-    choice = os.environ.get("LSTM_FUSED_CPU_INPUT_GEMM", "auto")
-    if choice not in ("auto", "own", "aten"):
-        raise ValueError(f"LSTM_FUSED_CPU_INPUT_GEMM={choice!r} is not one of auto, own, aten")
-    if not extension_loaded():
-        return False
-    if choice != "auto":
-        return choice == "own"
-    return bool(torch.ops.lstm_fused.cpu_own_input_gemm_preferred())
+def _own_gemm_default() -> bool:
+    """The extension's choice (csrc/cpu/isa.h: non-Intel x86 CPUs, or LSTM_FUSED_CPU_GEMM)."""
+    return extension_loaded() and bool(torch.ops.lstm_fused.cpu_own_gemm())
 
 
-OWN_INPUT_GEMM = _own_input_gemm_chosen()
+# Whether float32 CPU layers use our own T*B-row products (the input projection and its input
+# gradient). Read it; change it with set_own_gemm.
+OWN_GEMM = _own_gemm_default()
+OWN_GEMM_DEFAULT = OWN_GEMM  # as the process started (set_own_gemm changes OWN_GEMM only)
+
+
+def set_own_gemm(own: bool) -> None:
+    """Use our own products (True) or ATen's GEMM (False) for float32 CPU layers, process-wide."""
+    global OWN_GEMM
+    if extension_loaded():
+        torch.ops.lstm_fused.cpu_set_own_gemm(bool(own))
+        OWN_GEMM = bool(own)
 
 
 def _projection_setup_context(ctx, inputs, output):
@@ -271,9 +273,13 @@ def _projection_backward(ctx, grad):
     x, w_ih = ctx.saved_tensors
     need = ctx.needs_input_grad
     rows = grad.reshape(-1, grad.size(-1))
-    dx = grad @ w_ih if need[0] else None
-    dw = rows.t() @ x.reshape(-1, x.size(-1)) if need[1] else None
     db = rows.sum(0) if ctx.has_bias and (need[2] or need[3]) else None
+    if torch.is_grad_enabled():  # create_graph=True: a graph autograd can differentiate again
+        dx = grad @ w_ih if need[0] else None
+        dw = rows.t() @ x.reshape(-1, x.size(-1)) if need[1] else None
+    else:
+        dx, dw = torch.ops.lstm_fused.input_projection_backward(grad, x, w_ih, need[0], need[1])
+        dx, dw = (dx if need[0] else None), (dw if need[1] else None)
     return dx, dw, db if need[2] else None, db if need[3] else None
 
 
@@ -283,6 +289,16 @@ if extension_loaded():
     def _input_projection_fake(x, w_ih, b_ih, b_hh):
         return x.new_empty(*x.shape[:-1], w_ih.size(0))
 
+    @torch.library.register_fake(f"{LIB}::input_projection_backward")
+    def _input_projection_backward_fake(grad, x, w_ih, input_grad, weight_grad):
+        dx = torch.empty_like(x) if input_grad else x.new_empty(0)
+        dw = torch.empty_like(w_ih) if weight_grad else w_ih.new_empty(0)
+        return dx, dw
+
     torch.library.register_autograd(
         f"{LIB}::input_projection", _projection_backward, setup_context=_projection_setup_context
+    )
+    torch.library.register_autograd(
+        f"{LIB}::input_projection_backward",
+        _backward_op_is_not_differentiable(f"{LIB}::input_projection_backward"),
     )

@@ -1,12 +1,14 @@
-"""The CPU input projection op, ``lstm_fused::input_projection`` (x @ W_ih^T + b_ih + b_hh on the
-step kernels' tile product): values and gradients against float64 on every instruction-set
-variant this machine runs, the LSTM with it forced on, and how it is chosen.
+"""Our own T*B-row products on the CPU (csrc/cpu/panel_products.cpp): the input projection op
+``lstm_fused::input_projection`` (x @ W_ih^T + b_ih + b_hh) and its backward op (dx, dW_ih),
+against float64 on every instruction-set variant this machine runs; the LSTM with them on and
+off; and how they are chosen.
 
-The op is the default only on non-Intel x86 CPUs (csrc/cpu/isa.h), so every test here that needs
-it in an LSTM forces it with ``ops.OWN_INPUT_GEMM`` rather than rely on the machine.
+They are the default only on non-Intel x86 CPUs (csrc/cpu/isa.h), so every test here that needs
+them in an LSTM sets the choice (``ops.set_own_gemm``) rather than rely on the machine.
 """
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -54,6 +56,14 @@ def _f32(t):
     return None if t is None else t.float().requires_grad_()
 
 
+@pytest.fixture
+def set_own_gemm():
+    """ops.set_own_gemm, with the process's choice restored afterwards."""
+    saved = ops.OWN_GEMM
+    yield ops.set_own_gemm
+    ops.set_own_gemm(saved)
+
+
 @pytest.mark.parametrize("variant", supported_variants())
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_values_and_gradients_match_float64(monkeypatch, variant, case):
@@ -75,6 +85,11 @@ def test_values_and_gradients_match_float64(monkeypatch, variant, case):
     got_grads = torch.autograd.grad(got, inputs_f, cot.float())
     for g, e in zip(got_grads, want_grads):
         assert rel_error(g, e) <= 2e-6
+    # The backward op itself, each gradient alone (the other comes back empty).
+    dx, dw_empty = torch.ops.lstm_fused.input_projection_backward(cot.float(), x.float(), w.float(), True, False)
+    dx_empty, dw = torch.ops.lstm_fused.input_projection_backward(cot.float(), x.float(), w.float(), False, True)
+    assert dw_empty.numel() == 0 and dx_empty.numel() == 0
+    assert rel_error(dx, want_grads[0]) <= 2e-6 and rel_error(dw, want_grads[1]) <= 2e-6
 
 
 def test_second_order_gradients_match_float64():
@@ -94,14 +109,17 @@ def test_second_order_gradients_match_float64():
         assert rel_error(g, e) <= 1e-5
 
 
+# Bidirectional with packed lengths, two layers (the second layer's input is the first's output).
 @pytest.mark.parametrize("variant", supported_variants())
-def test_lstm_with_the_op_forced_matches_float64(monkeypatch, variant):
+@pytest.mark.parametrize("own", [True, False], ids=["own_gemm", "aten_gemm"])
+def test_lstm_matches_float64_with_either_gemm(monkeypatch, set_own_gemm, variant, own):
     monkeypatch.setenv("LSTM_FUSED_CPU_ISA", variant)
-    monkeypatch.setattr(ops, "OWN_INPUT_GEMM", True)
+    set_own_gemm(own)
     config = dict(input_size=72, hidden_size=40, num_layers=2, bidirectional=True)
     oracle, fused = make_pair(torch.float32, "cpu", **config)
     x = torch.randn(9, 7, 72, dtype=torch.float64)
-    assert functional.own_input_gemm_applies(x.float(), fused.weight_ih_l0)
+    lengths = torch.tensor([9, 4, 7, 1, 9, 2, 6])
+    assert functional.own_gemm_applies(x.float(), fused.weight_ih_l0) == own
     calls = []
     real_op = torch.ops.lstm_fused.input_projection
 
@@ -114,25 +132,27 @@ def test_lstm_with_the_op_forced_matches_float64(monkeypatch, variant):
     outs, grads = [], []
     for module, dtype in ((oracle, torch.float64), (fused, torch.float32)):
         xi = x.detach().to(dtype).requires_grad_()
-        y, (h_n, c_n) = module(xi)
+        packed = torch.nn.utils.rnn.pack_padded_sequence(xi, lengths, enforce_sorted=False)
+        out, (h_n, c_n) = module(packed)
+        y = torch.nn.utils.rnn.pad_packed_sequence(out, total_length=9)[0]
         ((y * cot.to(dtype)).sum() + h_n.sum() + c_n.sum()).backward()
         outs.append((y, h_n, c_n))
         grads.append([xi.grad] + [p.grad for p in module.parameters()])
-    # Every layer and direction went through the op (4 projections).
-    assert len(calls) == 4
+    # Every layer and direction went through the op (4 projections), or none did.
+    assert len(calls) == (4 if own else 0)
     for got, want in zip(outs[1] + tuple(grads[1]), outs[0] + tuple(grads[0])):
         assert rel_error(got, want) <= 2e-5
 
 
 def test_applies_only_to_float32_cpu_input_with_enough_features(monkeypatch):
-    monkeypatch.setattr(ops, "OWN_INPUT_GEMM", True)
+    monkeypatch.setattr(ops, "OWN_GEMM", True)
     w = torch.randn(64, 64)
-    assert functional.own_input_gemm_applies(torch.randn(3, 64), w)
-    assert not functional.own_input_gemm_applies(torch.randn(3, 32), torch.randn(64, 32))
-    assert not functional.own_input_gemm_applies(torch.randn(3, 64).double(), w.double())
-    assert not functional.own_input_gemm_applies(torch.randn(3, 64).bfloat16(), w.bfloat16())
-    monkeypatch.setattr(ops, "OWN_INPUT_GEMM", False)
-    assert not functional.own_input_gemm_applies(torch.randn(3, 64), w)
+    assert functional.own_gemm_applies(torch.randn(3, 64), w)
+    assert not functional.own_gemm_applies(torch.randn(3, 32), torch.randn(64, 32))
+    assert not functional.own_gemm_applies(torch.randn(3, 64).double(), w.double())
+    assert not functional.own_gemm_applies(torch.randn(3, 64).bfloat16(), w.bfloat16())
+    monkeypatch.setattr(ops, "OWN_GEMM", False)
+    assert not functional.own_gemm_applies(torch.randn(3, 64), w)
 
 
 def test_bad_arguments_are_errors():
@@ -146,16 +166,25 @@ def test_bad_arguments_are_errors():
         op(x, w, b, None)
     with pytest.raises(RuntimeError, match="b_hh"):
         op(x, w, b, torch.randn(11))
+    backward = torch.ops.lstm_fused.input_projection_backward
+    with pytest.raises(RuntimeError, match="takes grad"):
+        backward(torch.randn(4, 11), x, w, True, True)
+    with pytest.raises(RuntimeError, match="float32"):
+        backward(torch.randn(4, 12).double(), x.double(), w.double(), True, True)
 
 
 def _chosen_in_a_fresh_process(value):
     env = dict(os.environ)
-    env.pop("LSTM_FUSED_CPU_INPUT_GEMM", None)
+    env.pop("LSTM_FUSED_CPU_GEMM", None)
     if value is not None:
-        env["LSTM_FUSED_CPU_INPUT_GEMM"] = value
-    code = ("import torch, lstm_fused; from lstm_fused import ops; "
-            "print(ops.OWN_INPUT_GEMM, torch.ops.lstm_fused.cpu_own_input_gemm_preferred())")
+        env["LSTM_FUSED_CPU_GEMM"] = value
+    code = "import lstm_fused; from lstm_fused import ops; print(ops.OWN_GEMM)"
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+
+
+def _made_by_intel() -> bool:
+    with open("/proc/cpuinfo") as f:
+        return "GenuineIntel" in f.read()
 
 
 def test_the_choice_follows_the_environment_then_the_cpu():
@@ -164,9 +193,16 @@ def test_the_choice_follows_the_environment_then_the_cpu():
     auto = _chosen_in_a_fresh_process(None)
     for run in (own, aten, auto):
         assert run.returncode == 0, run.stderr
-    assert own.stdout.split()[0] == "True"
-    assert aten.stdout.split()[0] == "False"
-    chosen, preferred = auto.stdout.split()
-    assert chosen == preferred
+    assert own.stdout.split() == ["True"]
+    assert aten.stdout.split() == ["False"]
+    expected = (platform.machine() == "x86_64" and torch.ops.lstm_fused.cpu_isa_supported("avx2")
+                and not _made_by_intel())
+    assert auto.stdout.split() == [str(expected)]
     bad = _chosen_in_a_fresh_process("mkl")
-    assert bad.returncode != 0 and "LSTM_FUSED_CPU_INPUT_GEMM" in bad.stderr
+    assert bad.returncode != 0 and "LSTM_FUSED_CPU_GEMM=mkl is not one of" in bad.stderr
+
+
+def test_set_own_gemm_reaches_the_extension(set_own_gemm):
+    for own in (True, False):
+        set_own_gemm(own)
+        assert ops.OWN_GEMM is own and torch.ops.lstm_fused.cpu_own_gemm() is own

@@ -4,6 +4,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
@@ -55,7 +56,15 @@ Isa selected_isa() {
               " is not one of auto, generic, avx2, avx512");
 }
 
-bool own_input_gemm_preferred() {
+namespace {
+
+bool own_gemm_by_default() {
+  const char* forced = std::getenv("LSTM_FUSED_CPU_GEMM");
+  if (forced != nullptr && *forced != '\0' && std::strcmp(forced, "auto") != 0) {
+    TORCH_CHECK(std::strcmp(forced, "own") == 0 || std::strcmp(forced, "aten") == 0,
+                "lstm_fused: LSTM_FUSED_CPU_GEMM=", forced, " is not one of auto, own, aten");
+    return std::strcmp(forced, "own") == 0;
+  }
 #if defined(__x86_64__) && defined(__GNUC__)
   __builtin_cpu_init();
   return selected_isa() != Isa::kGeneric && !__builtin_cpu_is("intel");
@@ -63,6 +72,17 @@ bool own_input_gemm_preferred() {
   return false;
 #endif
 }
+
+std::atomic<bool>& own_gemm_flag() {
+  static std::atomic<bool> flag{own_gemm_by_default()};
+  return flag;
+}
+
+}  // namespace
+
+bool own_gemm() { return own_gemm_flag().load(std::memory_order_relaxed); }
+
+void set_own_gemm(bool own) { own_gemm_flag().store(own, std::memory_order_relaxed); }
 
 }  // namespace lstm_fused::cpu
 

@@ -17,10 +17,13 @@ bool isa_supported(Isa isa);
 // The widest supported variant, or the one LSTM_FUSED_CPU_ISA names (an error if this CPU
 // cannot run it, or the name is unknown). Read on every call: tests switch it per process.
 Isa selected_isa();
-// Whether a layer's float32 input projection should run on the step kernels' tile product
-// (input_projection.cpp) instead of ATen's GEMM by default: on x86-64 CPUs with AVX2 or wider
-// not made by Intel. ATen's float32 GEMM is MKL's, which runs well below the FMA peak there
-// (measured on AMD Zen 3 and Zen 4); on Intel CPUs MKL is the vendor's own tuned code.
-bool own_input_gemm_preferred();
+// Whether the input projection of a float32 layer and its input gradient (T*B-row products) run
+// on the step kernels' tile product (panel_products.cpp) instead of ATen's GEMM.
+// Default: on x86-64 CPUs with AVX2 or wider not made by Intel, where ATen's float32 GEMM (MKL)
+// runs well below the FMA peak (measured on AMD Zen 3 and Zen 4); on Intel CPUs MKL is the
+// vendor's own tuned code. LSTM_FUSED_CPU_GEMM=own|aten|auto sets the default (read once);
+// set_own_gemm changes it for the process (the benchmark times both).
+bool own_gemm();
+void set_own_gemm(bool own);
 
 }  // namespace lstm_fused::cpu

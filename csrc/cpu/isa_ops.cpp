@@ -21,7 +21,9 @@ bool cpu_isa_supported(const std::string& name) {
 
 std::string cpu_isa_selected() { return lstm_fused::cpu::isa_name(lstm_fused::cpu::selected_isa()); }
 
-bool cpu_own_input_gemm_preferred() { return lstm_fused::cpu::own_input_gemm_preferred(); }
+bool cpu_own_gemm() { return lstm_fused::cpu::own_gemm(); }
+
+void cpu_set_own_gemm(bool own) { lstm_fused::cpu::set_own_gemm(own); }
 
 int64_t cpu_packed_cache_size() { return lstm_fused::cpu::packed_cache_size(); }
 
@@ -38,7 +40,8 @@ std::tuple<int64_t, int64_t, int64_t> cpu_team_counts() {
 TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
   m.def("cpu_isa_supported(str name) -> bool", &cpu_isa_supported);
   m.def("cpu_isa_selected() -> str", &cpu_isa_selected);
-  m.def("cpu_own_input_gemm_preferred() -> bool", &cpu_own_input_gemm_preferred);
+  m.def("cpu_own_gemm() -> bool", &cpu_own_gemm);
+  m.def("cpu_set_own_gemm(bool own) -> ()", &cpu_set_own_gemm);
   m.def("cpu_packed_cache_size() -> int", &cpu_packed_cache_size);
   m.def("cpu_packed_cache_clear() -> ()", &cpu_packed_cache_clear);
   m.def("cpu_team_counts() -> (int, int, int)", &cpu_team_counts);

@@ -65,17 +65,23 @@ struct BackwardStepArgs {
 
 enum class BackwardPhase { kFirst, kStep, kFinal };
 
-// The input projection of a layer, out = x @ W_ih^T + b_ih + b_hh over all T*B rows at once, by
-// the forward's tile product: W_ih in the forward panel layout over K = I (unit block u: the
-// i, f, g, o rows of V units), out in xproj's layout (gate q of unit j at column q * H + j).
-// A call covers one unit block and a range of rows; float32 only.
-struct ProjectionArgs {
-  int64_t M, K, H;        // rows, input features, hidden units
-  const float* x;         // (M, K), row stride ldx
-  int64_t ldx;
-  const float* panels;    // ceil(H / V) panels of K * 4 * V floats
-  const float* bias;      // (ceil(H / V), 4, V) summed biases, zero past H; or null
-  float* out;             // (M, 4H)
+// The T*B-row products around the recurrence of a layer, all out = A @ panels (+ bias), float32,
+// by the forward's tile product: R rows of A times one block's panel (K x 4V, k-major) into R x 4V
+// outputs. Columns of a block's 4 vectors in out: gate layout (vector q at q * H + block * V: the
+// input projection, whose panels are W_ih in the forward layout) or contiguous (block * 4V + q * V:
+// dx = dxproj @ W_ih with W_ih's backward-column panels, and weight gradients with packed
+// columns of x or h as panels).
+struct PanelProductArgs {
+  int64_t K;              // reduction length of a full product
+  const float* a;         // rows of A, stride lda; column k of the reduction at a[k]
+  int64_t lda;
+  const float* panels;    // block b's panel at panels + b * panel_stride, k at + k * 4V
+  int64_t panel_stride;
+  const float* bias;      // (blocks, 4, V), added by the call that ends the reduction; or null
+  float* out;             // row m at out + m * ldo
+  int64_t ldo;
+  int64_t columns;        // gate layout: H; contiguous: the width of out (columns past it unset)
+  bool gate_layout;
 };
 
 struct StepKernels {
@@ -83,7 +89,8 @@ struct StepKernels {
   int vector_width;  // V: floats per vector register
   void (*forward_block)(const ForwardStepArgs&, int64_t s, int64_t unit_block);
   void (*backward_block)(const BackwardStepArgs&, int64_t s, int64_t column_block, BackwardPhase);
-  void (*projection_block)(const ProjectionArgs&, int64_t unit_block, int64_t m0, int64_t m1);
+  // Rows [m0, m1) of out for block b, over k in [k0, k1): stores when k0 == 0, else adds.
+  void (*panel_product)(const PanelProductArgs&, int64_t b, int64_t m0, int64_t m1, int64_t k0, int64_t k1);
 };
 
 // The kernels of a supported variant (see isa.h for the choice).

@@ -41,7 +41,7 @@ namespace lstm_fused::cpu {
 const StepKernels& step_kernels_avx2() {
   static const StepKernels kernels{Isa::kAvx2, isa_avx2::V, &isa_avx2::forward_block,
                                    &isa_avx2::backward_block,
-                                   &isa_avx2::projection_block};
+                                   &isa_avx2::panel_product};
   return kernels;
 }
 

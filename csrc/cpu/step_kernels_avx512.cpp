@@ -41,7 +41,7 @@ namespace lstm_fused::cpu {
 const StepKernels& step_kernels_avx512() {
   static const StepKernels kernels{Isa::kAvx512, isa_avx512::V, &isa_avx512::forward_block,
                                    &isa_avx512::backward_block,
-                                   &isa_avx512::projection_block};
+                                   &isa_avx512::panel_product};
   return kernels;
 }
 

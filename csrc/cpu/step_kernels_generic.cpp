@@ -41,7 +41,7 @@ namespace lstm_fused::cpu {
 const StepKernels& step_kernels_generic() {
   static const StepKernels kernels{Isa::kGeneric, isa_generic::V, &isa_generic::forward_block,
                                    &isa_generic::backward_block,
-                                   &isa_generic::projection_block};
+                                   &isa_generic::panel_product};
   return kernels;
 }
 

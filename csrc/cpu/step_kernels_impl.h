@@ -335,42 +335,50 @@ void backward_block(const BackwardStepArgs& a, int64_t s, int64_t q, BackwardPha
 }
 
 // ------------------------------------------------------------------------------------------
-// Input projection (see ProjectionArgs): the forward's tile product without a recurrence. The
-// reduction is not chunked: measured on Zen 4, streaming a block's whole panel (K * 4V weights)
-// from L2 for each row tile beat L1-sized chunks with partial sums by 5-10%.
+// Products around the recurrence (see PanelProductArgs): the forward's tile product without a
+// recurrence. The caller picks the k range (an L2-sized chunk of a long reduction); inside it the
+// panel is streamed from L2 for each row tile: on Zen 4 that beat L1-sized chunks by 5-10%.
 
-struct ProjectionTile {
-  const ProjectionArgs& a;
-  int64_t m0, j0, n;
+struct PanelProductTile {
+  const PanelProductArgs& a;
+  int64_t m0, k0, k1;
   const float* panel;
-  const float* bias;  // this block's 4V summed biases, or null
+  const float* bias;  // this block's 4V biases when this call ends the reduction, or null
+  float* out;         // row m0's first column of the block's vector 0
+  int64_t vec_stride;  // columns between the block's vectors in out
+  int64_t valid[4];    // columns of each vector inside out
 
   template <int R>
   void run(int64_t b0) {  // rows m0 + b0 ...
-    const int64_t H = a.H;
     reg acc[R][4];
     for (int r = 0; r < R; ++r)
       for (int q = 0; q < 4; ++q) acc[r][q] = Vec::zero();
-    tile_product<R>(a.x + (m0 + b0) * a.ldx, a.ldx, a.K, panel, acc);
+    tile_product<R>(a.a + (m0 + b0) * a.lda + k0, a.lda, k1 - k0, panel + k0 * 4 * V, acc);
     for (int r = 0; r < R; ++r) {
-      float* out = a.out + (m0 + b0 + r) * 4 * H + j0;
+      float* row = out + (m0 + b0 + r) * a.ldo;
       for (int q = 0; q < 4; ++q) {
-        const reg v = bias != nullptr ? Vec::add(acc[r][q], Vec::load(bias + q * V)) : acc[r][q];
-        if (n == V) {
-          Vec::store(out + q * H, v);
-        } else {
+        float* dst = row + q * vec_stride;
+        reg v = bias != nullptr ? Vec::add(acc[r][q], Vec::load(bias + q * V)) : acc[r][q];
+        if (valid[q] == V) {
+          Vec::store(dst, k0 == 0 ? v : Vec::add(v, Vec::load(dst)));
+        } else if (valid[q] > 0) {
           alignas(64) float tmp[V];
           Vec::store(tmp, v);
-          for (int64_t j = 0; j < n; ++j) out[q * H + j] = tmp[j];
+          for (int64_t j = 0; j < valid[q]; ++j) dst[j] = k0 == 0 ? tmp[j] : dst[j] + tmp[j];
         }
       }
     }
   }
 };
 
-void projection_block(const ProjectionArgs& a, int64_t u, int64_t m0, int64_t m1) {
-  const int64_t j0 = u * V, n = a.H - j0 < V ? a.H - j0 : V;
-  ProjectionTile tile{a, m0, j0, n, a.panels + u * a.K * 4 * V,
-                      a.bias != nullptr ? a.bias + u * 4 * V : nullptr};
+void panel_product(const PanelProductArgs& a, int64_t b, int64_t m0, int64_t m1, int64_t k0, int64_t k1) {
+  const int64_t first = a.gate_layout ? b * V : b * 4 * V;
+  PanelProductTile tile{a, m0, k0, k1, a.panels + b * a.panel_stride,
+                        a.bias != nullptr && k1 == a.K ? a.bias + b * 4 * V : nullptr,
+                        a.out + first, a.gate_layout ? a.columns : V, {}};
+  for (int q = 0; q < 4; ++q) {
+    const int64_t left = a.columns - first - (a.gate_layout ? 0 : q * V);
+    tile.valid[q] = left < 0 ? 0 : left < V ? left : V;
+  }
   for_each_row_tile(m1 - m0, tile);
 }
