@@ -135,6 +135,9 @@ def _setup_context(ctx, inputs, output):
     y, _h_n, _c_n, gates, c_all = output
     ctx.reverse = reverse
     ctx.saved = save
+    # Gradients of unused outputs (gates, c_all: saved activations) stay None instead of zero
+    # tensors as large as the activations; the backward fills in the ones it needs.
+    ctx.set_materialize_grads(False)
     ctx.has_proj = w_hr is not None
     ctx.save_for_backward(xproj, w_hh, w_hr, h0, c0, lengths, y, gates, c_all)
 

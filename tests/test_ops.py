@@ -140,3 +140,21 @@ def test_cpu_thread_count_does_not_change_results(proj):
         torch.set_num_threads(before)
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_backward_does_not_build_zero_gradients_for_the_saved_activations(backend):
+    # gates (T, B, 4H) and c_all (T, B, H) are outputs of the forward op only so that autograd
+    # keeps them; a zero "gradient" for each would cost a fill as large as the activations.
+    import lstm_fused
+    from torch.profiler import profile
+
+    T, B, I, H = 7, 5, 6, 12
+    m = lstm_fused.LSTM(I, H, backend=backend)
+    x = torch.randn(T, B, I, requires_grad=True)
+    y, _ = m(x)
+    with profile(record_shapes=True) as prof:
+        torch.autograd.grad(y.sum(), [x, *m.parameters()])
+    filled = [e.input_shapes for e in prof.events()
+              if e.name in ("aten::fill_", "aten::zero_", "aten::zeros", "aten::zeros_like")]
+    assert not [s for s in filled if s and list(s[0]) in ([T, B, 4 * H], [T, B, H])], filled
