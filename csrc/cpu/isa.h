@@ -20,8 +20,8 @@ Isa selected_isa();
 // Whether the input projection of a float32 layer and its input gradient (T*B-row products) run
 // on the step kernels' tile product (panel_products.cpp) instead of ATen's GEMM.
 // Default: on x86-64 CPUs with AVX2 or wider not made by Intel, where ATen's float32 GEMM (MKL)
-// runs well below the FMA peak (measured on AMD Zen 3 and Zen 4); on Intel CPUs MKL is the
-// vendor's own tuned code. LSTM_FUSED_CPU_GEMM=own|aten|auto sets the default (read once);
+// runs well below the FMA peak (about 60% measured on a Zen 4 EPYC, 40% reported on Zen 3); on
+// Intel CPUs MKL is the vendor's own tuned code. LSTM_FUSED_CPU_GEMM=own|aten|auto sets the default (read once);
 // set_own_gemm changes it for the process (the benchmark times both).
 bool own_gemm();
 void set_own_gemm(bool own);

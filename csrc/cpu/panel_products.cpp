@@ -34,25 +34,20 @@ namespace {
 
 // Rows of A per work item: the rows one thread keeps in L2 while its blocks pass over them.
 constexpr int64_t kPanelRows = 96;
-// Runs kernels.panel_product over rows [0, rows) and every block, the reduction in chunks of
-// k_chunk (all of it: K), on ATen's threads.
-void run_panel_product(const StepKernels& kernels, const PanelProductArgs& a, int64_t blocks,
-                       int64_t rows, int64_t k_chunk) {
+
+// Runs kernels.panel_product over rows [0, rows) and every block, on ATen's threads.
+void run_panel_product(const StepKernels& kernels, const PanelProductArgs& a, int64_t blocks, int64_t rows) {
   const int V = kernels.vector_width;
   const int64_t row_panels = (rows + kPanelRows - 1) / kPanelRows;
   // Split only what pays for a parallel region: at least ~256k multiply-adds per thread.
   const int64_t item_macs = std::min(rows, kPanelRows) * a.K * 4 * V;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, item_macs));
   at::parallel_for(0, blocks * row_panels, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t k0 = 0; k0 < a.K; k0 += k_chunk) {
-      const int64_t k1 = std::min(a.K, k0 + k_chunk);
-      for (int64_t p = 0; p < row_panels; ++p)
-        for (int64_t u = begin / row_panels; u <= (end - 1) / row_panels; ++u) {
-          const int64_t item = u * row_panels + p, m0 = p * kPanelRows;
-          if (item >= begin && item < end)
-            kernels.panel_product(a, u, m0, std::min(rows, m0 + kPanelRows), k0, k1);
-        }
-    }
+    for (int64_t p = 0; p < row_panels; ++p)
+      for (int64_t u = begin / row_panels; u <= (end - 1) / row_panels; ++u) {
+        const int64_t item = u * row_panels + p, m0 = p * kPanelRows;
+        if (item >= begin && item < end) kernels.panel_product(a, u, m0, std::min(rows, m0 + kPanelRows));
+      }
   });
 }
 
@@ -110,7 +105,7 @@ at::Tensor input_projection(const at::Tensor& x_in, const at::Tensor& w_ih,
   a.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
   a.out = out.data_ptr<float>(), a.ldo = 4 * H;
   a.columns = H, a.gate_layout = true;
-  run_panel_product(kernels, a, blocks, M, I);
+  run_panel_product(kernels, a, blocks, M);
   return out;
 }
 
@@ -133,7 +128,7 @@ at::Tensor input_grad(const at::Tensor& dxproj, const at::Tensor& w_ih) {
   a.bias = nullptr;
   a.out = dx.data_ptr<float>(), a.ldo = I;
   a.columns = I, a.gate_layout = false;
-  run_panel_product(kernels, a, (I + 4 * V - 1) / (4 * V), M, H4);
+  run_panel_product(kernels, a, (I + 4 * V - 1) / (4 * V), M);
   return dx;
 }
 

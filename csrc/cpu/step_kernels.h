@@ -65,19 +65,18 @@ struct BackwardStepArgs {
 
 enum class BackwardPhase { kFirst, kStep, kFinal };
 
-// The T*B-row products around the recurrence of a layer, all out = A @ panels (+ bias), float32,
-// by the forward's tile product: R rows of A times one block's panel (K x 4V, k-major) into R x 4V
+// The T*B-row products around the recurrence of a layer, out = A @ panels (+ bias), float32, by
+// the forward's tile product: R rows of A times one block's panel (K x 4V, k-major) into R x 4V
 // outputs. Columns of a block's 4 vectors in out: gate layout (vector q at q * H + block * V: the
 // input projection, whose panels are W_ih in the forward layout) or contiguous (block * 4V + q * V:
-// dx = dxproj @ W_ih with W_ih's backward-column panels, and weight gradients with packed
-// columns of x or h as panels).
+// dx = dxproj @ W_ih with W_ih's backward-column panels).
 struct PanelProductArgs {
-  int64_t K;              // reduction length of a full product
-  const float* a;         // rows of A, stride lda; column k of the reduction at a[k]
+  int64_t K;              // reduction length
+  const float* a;         // rows of A, stride lda
   int64_t lda;
   const float* panels;    // block b's panel at panels + b * panel_stride, k at + k * 4V
   int64_t panel_stride;
-  const float* bias;      // (blocks, 4, V), added by the call that ends the reduction; or null
+  const float* bias;      // (blocks, 4, V) or null
   float* out;             // row m at out + m * ldo
   int64_t ldo;
   int64_t columns;        // gate layout: H; contiguous: the width of out (columns past it unset)
@@ -89,8 +88,8 @@ struct StepKernels {
   int vector_width;  // V: floats per vector register
   void (*forward_block)(const ForwardStepArgs&, int64_t s, int64_t unit_block);
   void (*backward_block)(const BackwardStepArgs&, int64_t s, int64_t column_block, BackwardPhase);
-  // Rows [m0, m1) of out for block b, over k in [k0, k1): stores when k0 == 0, else adds.
-  void (*panel_product)(const PanelProductArgs&, int64_t b, int64_t m0, int64_t m1, int64_t k0, int64_t k1);
+  // Rows [m0, m1) of out, the columns of block b.
+  void (*panel_product)(const PanelProductArgs&, int64_t b, int64_t m0, int64_t m1);
 };
 
 // The kernels of a supported variant (see isa.h for the choice).

@@ -336,15 +336,15 @@ void backward_block(const BackwardStepArgs& a, int64_t s, int64_t q, BackwardPha
 
 // ------------------------------------------------------------------------------------------
 // Products around the recurrence (see PanelProductArgs): the forward's tile product without a
-// recurrence. The caller picks the k range (an L2-sized chunk of a long reduction); inside it the
-// panel is streamed from L2 for each row tile: on Zen 4 that beat L1-sized chunks by 5-10%.
+// recurrence, over the whole reduction. The panel is streamed from L2 for each row tile: on Zen 4
+// that beat L1-sized chunks with partial sums by 5-10%.
 
 struct PanelProductTile {
   const PanelProductArgs& a;
-  int64_t m0, k0, k1;
+  int64_t m0;
   const float* panel;
-  const float* bias;  // this block's 4V biases when this call ends the reduction, or null
-  float* out;         // row m0's first column of the block's vector 0
+  const float* bias;   // this block's 4V biases, or null
+  float* out;          // row 0's first column of the block's vector 0
   int64_t vec_stride;  // columns between the block's vectors in out
   int64_t valid[4];    // columns of each vector inside out
 
@@ -353,28 +353,28 @@ struct PanelProductTile {
     reg acc[R][4];
     for (int r = 0; r < R; ++r)
       for (int q = 0; q < 4; ++q) acc[r][q] = Vec::zero();
-    tile_product<R>(a.a + (m0 + b0) * a.lda + k0, a.lda, k1 - k0, panel + k0 * 4 * V, acc);
+    tile_product<R>(a.a + (m0 + b0) * a.lda, a.lda, a.K, panel, acc);
     for (int r = 0; r < R; ++r) {
       float* row = out + (m0 + b0 + r) * a.ldo;
       for (int q = 0; q < 4; ++q) {
         float* dst = row + q * vec_stride;
-        reg v = bias != nullptr ? Vec::add(acc[r][q], Vec::load(bias + q * V)) : acc[r][q];
+        const reg v = bias != nullptr ? Vec::add(acc[r][q], Vec::load(bias + q * V)) : acc[r][q];
         if (valid[q] == V) {
-          Vec::store(dst, k0 == 0 ? v : Vec::add(v, Vec::load(dst)));
+          Vec::store(dst, v);
         } else if (valid[q] > 0) {
           alignas(64) float tmp[V];
           Vec::store(tmp, v);
-          for (int64_t j = 0; j < valid[q]; ++j) dst[j] = k0 == 0 ? tmp[j] : dst[j] + tmp[j];
+          for (int64_t j = 0; j < valid[q]; ++j) dst[j] = tmp[j];
         }
       }
     }
   }
 };
 
-void panel_product(const PanelProductArgs& a, int64_t b, int64_t m0, int64_t m1, int64_t k0, int64_t k1) {
+void panel_product(const PanelProductArgs& a, int64_t b, int64_t m0, int64_t m1) {
   const int64_t first = a.gate_layout ? b * V : b * 4 * V;
-  PanelProductTile tile{a, m0, k0, k1, a.panels + b * a.panel_stride,
-                        a.bias != nullptr && k1 == a.K ? a.bias + b * 4 * V : nullptr,
+  PanelProductTile tile{a, m0, a.panels + b * a.panel_stride,
+                        a.bias != nullptr ? a.bias + b * 4 * V : nullptr,
                         a.out + first, a.gate_layout ? a.columns : V, {}};
   for (int q = 0; q < 4; ++q) {
     const int64_t left = a.columns - first - (a.gate_layout ? 0 : q * V);
