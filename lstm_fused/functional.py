@@ -1,8 +1,8 @@
 """The multi-layer LSTM as plain PyTorch around one fused op: the recurrence.
 
 Per layer and direction the input projection x @ W_ih^T + b_ih + b_hh is a single GEMM over all
-T*B rows (autograd differentiates it), and only the sequential part goes through a backend's
-recurrence op. Dropout sits between layers; directions are concatenated on the feature dim.
+T*B rows (autograd differentiates it; for float32 on CPUs where ATen's GEMM is the slower, our
+own op, see ops.OWN_GEMM), and only the sequential part goes through a backend's recurrence op. Dropout sits between layers; directions are concatenated on the feature dim.
 """
 
 from __future__ import annotations
