@@ -26,6 +26,17 @@ inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const cha
               ", got ", t.sizes());
 }
 
+// Both input-projection biases or neither; each (4H) with ref's device and dtype.
+inline void check_biases(const at::Tensor& ref, const std::optional<at::Tensor>& b_ih,
+                         const std::optional<at::Tensor>& b_hh, int64_t H) {
+  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "lstm_fused: give both biases or neither");
+  if (!b_ih.has_value()) return;
+  check_same_device_dtype(ref, *b_ih, "b_ih");
+  check_same_device_dtype(ref, *b_hh, "b_hh");
+  check_shape(*b_ih, {4 * H}, "b_ih");
+  check_shape(*b_hh, {4 * H}, "b_hh");
+}
+
 inline RecurrenceSizes check_forward_args(const at::Tensor& xproj, const at::Tensor& w_hh,
                                           const std::optional<at::Tensor>& w_hr,
                                           const at::Tensor& h0, const at::Tensor& c0,

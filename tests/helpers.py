@@ -15,6 +15,17 @@ def cpu_backends():
     return [b for b in ("cpu", "reference") if b in lstm_fused.available_backends()]
 
 
+# The CPU step kernels' instruction-set variants (LSTM_FUSED_CPU_ISA), narrowest first.
+CPU_ISA_VARIANTS = ("generic", "avx2", "avx512")
+
+
+def supported_cpu_variants():
+    """The variants this machine runs; none when the C++ extension is not built."""
+    if "cpu" not in lstm_fused.available_backends():
+        return []
+    return [v for v in CPU_ISA_VARIANTS if torch.ops.lstm_fused.cpu_isa_supported(v)]
+
+
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected||, in float64; NaN anywhere gives inf."""
     a, e = actual.detach().double(), expected.detach().double()

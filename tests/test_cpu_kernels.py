@@ -20,19 +20,10 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import lstm_fused
-from helpers import make_pair, rel_error
+from helpers import CPU_ISA_VARIANTS, make_pair, rel_error, supported_cpu_variants
 
 pytestmark = pytest.mark.skipif("cpu" not in lstm_fused.available_backends(),
                                 reason="the C++ extension is not built")
-
-VARIANTS = ("generic", "avx2", "avx512")
-
-
-def supported_variants():
-    if "cpu" not in lstm_fused.available_backends():
-        return []
-    return [v for v in VARIANTS if torch.ops.lstm_fused.cpu_isa_supported(v)]
-
 
 # (id, T, B, I, H, extra nn.LSTM kwargs, packed lengths or None)
 SHAPES = [
@@ -95,7 +86,7 @@ def _errors(shape, dtype, backend="cpu"):
     return ours, base
 
 
-@pytest.mark.parametrize("variant", supported_variants())
+@pytest.mark.parametrize("variant", supported_cpu_variants())
 @pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
 def test_float32_parity_every_variant(monkeypatch, variant, shape):
     monkeypatch.setenv("LSTM_FUSED_CPU_ISA", variant)
@@ -105,7 +96,7 @@ def test_float32_parity_every_variant(monkeypatch, variant, shape):
     assert not bad, f"relative errors above 2e-5 (0-2: y, h_n, c_n; then dx, dh0, dc0, params): {bad}"
 
 
-@pytest.mark.parametrize("variant", supported_variants())
+@pytest.mark.parametrize("variant", supported_cpu_variants())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("shape", [s for s in SHAPES if s[0] in ("partial_row_tile", "threads_bidir_packed", "chunked_reduction")],
                          ids=lambda s: s[0])
@@ -119,7 +110,7 @@ def test_half_precision_every_variant(monkeypatch, variant, dtype, shape):
 # Whether the reduction runs in L1-sized chunks depends on the machine's L1 (panel_recurrence.cpp);
 # both ways run here on every variant, in float32 and bfloat16 (2-byte panels: twice the k per
 # chunk). 3 KB chunks cut the forward's K = 200 and the backward's K = 800 into many pieces.
-@pytest.mark.parametrize("variant", supported_variants())
+@pytest.mark.parametrize("variant", supported_cpu_variants())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("chunk_bytes", ["0", "3072"], ids=["whole_panel", "chunks_3KB"])
 def test_reduction_chunks(monkeypatch, variant, dtype, chunk_bytes):
@@ -147,7 +138,7 @@ def test_forcing_a_variant_this_cpu_lacks_or_an_unknown_one_is_an_error(monkeypa
     monkeypatch.setenv("LSTM_FUSED_CPU_ISA", "sse9")
     with pytest.raises(RuntimeError, match="LSTM_FUSED_CPU_ISA=sse9 is not one of"):
         m(x)
-    missing = [v for v in VARIANTS if not torch.ops.lstm_fused.cpu_isa_supported(v)]
+    missing = [v for v in CPU_ISA_VARIANTS if not torch.ops.lstm_fused.cpu_isa_supported(v)]
     if missing:
         monkeypatch.setenv("LSTM_FUSED_CPU_ISA", missing[0])
         with pytest.raises(RuntimeError, match="this CPU cannot run that variant"):
@@ -158,7 +149,7 @@ def test_forcing_a_variant_this_cpu_lacks_or_an_unknown_one_is_an_error(monkeypa
 
 def test_default_variant_is_the_widest_supported(monkeypatch):
     monkeypatch.delenv("LSTM_FUSED_CPU_ISA", raising=False)
-    assert torch.ops.lstm_fused.cpu_isa_selected() == supported_variants()[-1]
+    assert torch.ops.lstm_fused.cpu_isa_selected() == supported_cpu_variants()[-1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,7 +296,7 @@ def test_calls_run_alone_while_helpers_do_not_come():
 # products in one kernel pass over [h | x].
 
 
-@pytest.mark.parametrize("variant", supported_variants())
+@pytest.mark.parametrize("variant", supported_cpu_variants())
 @pytest.mark.parametrize("B,I,H", [(1, 256, 256), (5, 7, 33), (9, 300, 40)], ids=["B1_H256", "odd", "I_gt_chunk"])
 def test_cell_step_without_grad_every_variant(monkeypatch, variant, B, I, H):
     monkeypatch.setenv("LSTM_FUSED_CPU_ISA", variant)

@@ -18,19 +18,10 @@ import torch.nn.functional as F
 
 import lstm_fused
 from lstm_fused import functional, ops
-from helpers import make_pair, rel_error
+from helpers import make_pair, rel_error, supported_cpu_variants
 
 pytestmark = pytest.mark.skipif("cpu" not in lstm_fused.available_backends(),
                                 reason="the C++ extension is not built")
-
-VARIANTS = ("generic", "avx2", "avx512")
-
-
-def supported_variants():
-    if "cpu" not in lstm_fused.available_backends():
-        return []
-    return [v for v in VARIANTS if torch.ops.lstm_fused.cpu_isa_supported(v)]
-
 
 # (id, leading shape of x, I, H, biases): partial row tiles (13 rows), a partial unit block
 # (H = 21, 200), several row panels of the work split (700 rows > 96), 3-D input, no bias, and a
@@ -64,7 +55,7 @@ def set_own_gemm():
     ops.set_own_gemm(saved)
 
 
-@pytest.mark.parametrize("variant", supported_variants())
+@pytest.mark.parametrize("variant", supported_cpu_variants())
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_values_and_gradients_match_float64(monkeypatch, variant, case):
     monkeypatch.setenv("LSTM_FUSED_CPU_ISA", variant)
@@ -110,7 +101,7 @@ def test_second_order_gradients_match_float64():
 
 
 # Bidirectional with packed lengths, two layers (the second layer's input is the first's output).
-@pytest.mark.parametrize("variant", supported_variants())
+@pytest.mark.parametrize("variant", supported_cpu_variants())
 @pytest.mark.parametrize("own", [True, False], ids=["own_gemm", "aten_gemm"])
 def test_lstm_matches_float64_with_either_gemm(monkeypatch, set_own_gemm, variant, own):
     monkeypatch.setenv("LSTM_FUSED_CPU_ISA", variant)

@@ -65,13 +65,7 @@ at::Tensor input_projection(const at::Tensor& x_in, const at::Tensor& w_ih,
               " features, w_ih expects ", I);
   check_same_device_dtype(x_in, w_ih, "w_ih");
   check_float32_cpu(x_in, "input_projection");
-  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "lstm_fused: give both biases or neither");
-  if (b_ih.has_value()) {
-    check_same_device_dtype(x_in, *b_ih, "b_ih");
-    check_same_device_dtype(x_in, *b_hh, "b_hh");
-    check_shape(*b_ih, {4 * H}, "b_ih");
-    check_shape(*b_hh, {4 * H}, "b_hh");
-  }
+  check_biases(x_in, b_ih, b_hh, H);
   const at::Tensor x = x_in.contiguous();
   const int64_t M = I == 0 ? 0 : x.numel() / I;
   std::vector<int64_t> out_sizes = x.sizes().vec();

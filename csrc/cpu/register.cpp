@@ -27,13 +27,7 @@ std::tuple<at::Tensor, at::Tensor> cell_forward(const at::Tensor& x, const at::T
   check_shape(c0, {B, H}, "c0");
   for (const auto& [t, name] : {std::pair{&w_ih, "w_ih"}, {&w_hh, "w_hh"}, {&h0, "h0"}, {&c0, "c0"}})
     check_same_device_dtype(x, *t, name);
-  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "lstm_fused: give both biases or neither");
-  if (b_ih.has_value()) {
-    check_same_device_dtype(x, *b_ih, "b_ih");
-    check_same_device_dtype(x, *b_hh, "b_hh");
-    check_shape(*b_ih, {4 * H}, "b_ih");
-    check_shape(*b_hh, {4 * H}, "b_hh");
-  }
+  check_biases(x, b_ih, b_hh, H);
   TORCH_CHECK(panel_kernels_apply(x.scalar_type(), /*has_proj=*/false),
               "lstm_fused: cell_forward supports float32, bfloat16 and float16, not ", x.scalar_type());
   return panel_cell_forward(x.contiguous(), h0, c0, w_ih, w_hh, b_ih, b_hh);
