@@ -193,6 +193,18 @@ def test_the_choice_follows_the_environment_then_the_cpu():
     assert bad.returncode != 0 and "LSTM_FUSED_CPU_GEMM=mkl is not one of" in bad.stderr
 
 
+def test_a_bad_isa_variable_fails_the_call_not_the_import():
+    env = dict(os.environ, LSTM_FUSED_CPU_ISA="sse9")
+    code = ("import torch, lstm_fused\n"
+            "try:\n"
+            "    lstm_fused.LSTM(4, 8, backend='cpu')(torch.randn(3, 2, 4))\n"
+            "except RuntimeError as e:\n"
+            "    print('call failed:', e)\n")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "call failed: lstm_fused: LSTM_FUSED_CPU_ISA=sse9 is not one of" in run.stdout
+
+
 def test_set_own_gemm_reaches_the_extension(set_own_gemm):
     for own in (True, False):
         set_own_gemm(own)

@@ -66,8 +66,10 @@ bool own_gemm_by_default() {
     return std::strcmp(forced, "own") == 0;
   }
 #if defined(__x86_64__) && defined(__GNUC__)
+  // The machine's capability, not selected_isa(): a bad LSTM_FUSED_CPU_ISA must fail the call
+  // that uses it, not the import that reads this default.
   __builtin_cpu_init();
-  return selected_isa() != Isa::kGeneric && !__builtin_cpu_is("intel");
+  return isa_supported(Isa::kAvx2) && !__builtin_cpu_is("intel");
 #else
   return false;
 #endif
