@@ -5,12 +5,16 @@
 //
 // FMA: each of `threads` OpenMP threads runs kChains independent vector FMA chains
 // (acc = acc * m + c) for a fixed number of iterations: enough chains to cover the FMA latency
-// times the number of FMA ports (4 cycles x 2 ports = 8 on current x86 cores; 16 leaves room).
-// The chains converge to a fixed point near 1, so no inf/denormal slows them. One variant per
-// instruction set, each compiled for its ISA inside its own namespace with #pragma GCC target
-// (the build itself targets baseline x86-64; a variant is only called when CPUID says it can run):
-//   avx512: 16 x __m512, avx2: 16 x __m256 (AVX2 + FMA), generic: 16 x 8-float GCC vectors
-//   (whatever the baseline makes of them: SSE mul + add on x86-64).
+// times the number of FMA ports (4 cycles x 2 ports = 8 on current x86 cores), and few enough
+// that the chains and the two constants stay in registers: a spilled chain waits on a store and
+// a reload every iteration (16 chains of __m256 in AVX2's 16 registers: 58 GFLOP/s on one Zen 3
+// core, against 102 with 12 chains). The chains converge to a fixed point near 1, so no
+// inf/denormal slows them. One variant per instruction set, each compiled for its ISA inside its
+// own namespace with #pragma GCC target (the build itself targets baseline x86-64; a variant is
+// only called when CPUID says it can run):
+//   avx512: 16 x __m512 (32 registers), avx2: 12 x __m256 (AVX2 + FMA, 16 registers), generic:
+//   6 x 8-float GCC vectors (whatever the baseline makes of them: SSE mul + add on x86-64, two
+//   of its 16 registers per vector).
 // Read bandwidth: each thread first-touches its own buffer of `bytes_per_thread`, then sums it
 // with vector loads into 8 independent accumulators, several passes per timed repetition. 256 KB
 // per thread measures L2; a total larger than the last-level cache measures DRAM. The loads use
@@ -38,7 +42,6 @@
 
 namespace lstm_fused::cpu::peak {
 
-constexpr int kChains = 16;
 constexpr int kReps = 5;
 
 using Clock = std::chrono::steady_clock;
@@ -51,6 +54,8 @@ volatile float g_sink = 0.0f;
 namespace isa_generic {
 
 typedef float vec8 __attribute__((vector_size(32)));
+
+constexpr int kChains = 6;
 
 // One thread's FMA loop; returns a value depending on every chain.
 inline float fma_loop(int64_t iters, float m, float c) {
@@ -103,6 +108,7 @@ constexpr int kLanes = 8;
 namespace lstm_fused::cpu::peak::isa_avx2 {
 
 constexpr int kLanes = 8;
+constexpr int kChains = 12;
 
 __attribute__((noinline)) float fma_loop(int64_t iters, float m, float c) {
   __m256 acc[kChains];
@@ -152,6 +158,7 @@ __attribute__((noinline)) float read_loop(const float* p, int64_t n) {
 namespace lstm_fused::cpu::peak::isa_avx512 {
 
 constexpr int kLanes = 16;
+constexpr int kChains = 16;
 
 __attribute__((noinline)) float fma_loop(int64_t iters, float m, float c) {
   __m512 acc[kChains];
@@ -199,15 +206,19 @@ struct Variant {
   FmaLoop fma;
   ReadLoop read;
   int lanes;
+  int chains;
 };
 
 Variant variant(Isa isa) {
 #if defined(__x86_64__)
-  if (isa == Isa::kAvx512) return {&isa_avx512::fma_loop, &isa_avx512::read_loop, isa_avx512::kLanes};
-  if (isa == Isa::kAvx2) return {&isa_avx2::fma_loop, &isa_avx2::read_loop, isa_avx2::kLanes};
+  if (isa == Isa::kAvx512)
+    return {&isa_avx512::fma_loop, &isa_avx512::read_loop, isa_avx512::kLanes, isa_avx512::kChains};
+  if (isa == Isa::kAvx2)
+    return {&isa_avx2::fma_loop, &isa_avx2::read_loop, isa_avx2::kLanes, isa_avx2::kChains};
 #endif
   (void)isa;
-  return {&isa_generic::fma_loop, &isa_generic::read_loop, isa_generic::kLanes};
+  return {&isa_generic::fma_loop, &isa_generic::read_loop, isa_generic::kLanes,
+          isa_generic::kChains};
 }
 
 Isa parse_isa(const std::string& name) {
@@ -259,7 +270,7 @@ double fma_peak_gflops(int64_t threads, const std::string& isa_arg) {
   const int nthreads = static_cast<int>(threads);
   const float m = 0.9999f + 1e-5f * static_cast<float>(std::rand() % 2);  // not a constant
   const double s = best_seconds(nthreads, [&](int) { return v.fma(iters, m, 1e-4f); });
-  const double flops = 2.0 * v.lanes * kChains * static_cast<double>(iters) * nthreads;
+  const double flops = 2.0 * v.lanes * v.chains * static_cast<double>(iters) * nthreads;
   return flops / s / 1e9;
 }
 
