@@ -105,13 +105,23 @@ def tf32_enabled(device) -> bool:
     return torch.device(device).type == "cuda" and any(tf32_flags().values())
 
 
+def results_slug(device) -> str:
+    """The results folder of this machine: the device slug; on CPUs followed by the SIMD variant
+    our kernels run ("cpu-amd-epyc-avx2"), since one model name (a VM's "AMD EPYC") covers
+    machines with and without AVX-512, and their numbers differ."""
+    device = torch.device(device)
+    slug = device_slug(device_name(device), device.type)
+    isa = cpu_isa_selected() if device.type == "cpu" else None
+    return f"{slug}-{isa}" if isa else slug
+
+
 def machine_info(device) -> dict:
     device = torch.device(device)
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     return {
         "device": device_name(device),
         "device_type": device.type,
-        "slug": device_slug(device_name(device), device.type),
+        "slug": results_slug(device),
         "cpu": cpu_model(),
         "cpu_flags": cpu_flags(),
         "cpu_isa_selected": cpu_isa_selected(),

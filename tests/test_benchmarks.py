@@ -237,6 +237,17 @@ def test_device_slug():
     assert device_slug("AMD EPYC 7763 64-Core Processor", "cpu") == "cpu-amd-epyc-7763"
 
 
+def test_cpu_results_folder_names_the_kernels_isa(monkeypatch):
+    from benchmarks import machine
+
+    monkeypatch.setattr(machine, "cpu_model", lambda: "AMD EPYC")
+    for isa in ("avx2", "avx512"):
+        monkeypatch.setattr(machine, "cpu_isa_selected", lambda isa=isa: isa)
+        assert machine.results_slug("cpu") == f"cpu-amd-epyc-{isa}"
+    monkeypatch.setattr(machine, "cpu_isa_selected", lambda: None)  # extension not built
+    assert machine.results_slug("cpu") == "cpu-amd-epyc"
+
+
 # ----------------------------------------------------------------------------- roofline, memory
 
 def test_roofline_flops_and_floor():
