@@ -46,12 +46,12 @@ def split_option(name: str):
 
 
 def other_input_gemm() -> Optional[str]:
-    """The CPU provider with the GEMM the package does not pick here, or None when the extension
-    is not built: the cpu suite times both, so the choice is measured, not assumed."""
+    """The CPU provider with the float32 GEMM the package does not pick here, or None when the
+    extension is not built: the cpu suite times both, so the choice is measured, not assumed."""
     mod, _ = _import("lstm_fused.ops")
     if mod is None or not mod.extension_loaded():
         return None
-    return FUSED_PREFIX + "cpu/" + ("aten-gemm" if mod.OWN_GEMM else "own-gemm")
+    return FUSED_PREFIX + "cpu/" + ("aten-gemm" if mod.OWN_GEMM[torch.float32] else "own-gemm")
 
 
 @dataclass
@@ -184,11 +184,13 @@ def build(name: str, native: nn.Module, shape: Shape) -> Built:
         return built
     base, option = split_option(name)
     if option is not None:
-        if next(native.parameters()).dtype != torch.float32:
-            raise ValueError("the GEMM options apply to float32 only")
+        from lstm_fused import ops
+
+        if next(native.parameters()).dtype not in ops.OWN_GEMM_DTYPES:
+            raise ValueError(f"the GEMM options apply to {ops.OWN_GEMM_DTYPES} only")
         built = build(base, native, shape)
         built.name = name
-        built.forward = _with_own_gemm(built.forward, INPUT_GEMMS[option])
+        built.forward = _with_own_gemm(built.forward, dict.fromkeys(ops.OWN_GEMM_DTYPES, INPUT_GEMMS[option]))
         return built
     if name == NATIVE:
         return Built(name, _module_forward(native, shape), list(native.parameters()), native)
@@ -218,13 +220,15 @@ def build(name: str, native: nn.Module, shape: Shape) -> Built:
     raise ValueError(f"unknown provider {name!r}")
 
 
-def _with_own_gemm(forward: Callable[..., Tensor], own: bool) -> Callable[..., Tensor]:
-    """``forward`` with lstm_fused's GEMM choice forced for the call; it stays set after the call,
-    for the backward (only this provider runs between its forward and backward)."""
+def _with_own_gemm(forward: Callable[..., Tensor], own: dict) -> Callable[..., Tensor]:
+    """``forward`` with lstm_fused's GEMM choice (per dtype, as ``ops.OWN_GEMM``) forced for the
+    call; it stays set after the call, for the backward (only this provider runs between its
+    forward and backward)."""
     from lstm_fused import ops
 
     def run(*args):
-        ops.set_own_gemm(own)
+        for dtype, choice in own.items():
+            ops.set_own_gemm(choice, dtype)
         return forward(*args)
 
     return run

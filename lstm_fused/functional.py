@@ -1,8 +1,9 @@
 """The multi-layer LSTM as plain PyTorch around one fused op: the recurrence.
 
 Per layer and direction the input projection x @ W_ih^T + b_ih + b_hh is a single GEMM over all
-T*B rows (autograd differentiates it; for float32 on CPUs where ATen's GEMM is the slower, our
-own op, see ops.OWN_GEMM), and only the sequential part goes through a backend's recurrence op. Dropout sits between layers; directions are concatenated on the feature dim.
+T*B rows (autograd differentiates it; on CPUs where ATen's GEMM is the slower for the dtype, our
+own op, see ops.OWN_GEMM), and only the sequential part goes through a backend's recurrence op.
+Dropout sits between layers; directions are concatenated on the feature dim.
 """
 
 from __future__ import annotations
@@ -22,20 +23,23 @@ from . import dispatch, onnx_export, ops
 _OWN_GEMM_MIN_FEATURES = 64
 
 
-def own_gemm_applies(x: Tensor, w_ih: Tensor) -> bool:
-    """Whether ``lstm_fused::input_projection`` computes the input projection (see ops.py)."""
+def own_gemm_applies(x: Tensor, w_ih: Tensor, backend: str = "auto") -> bool:
+    """Whether ``lstm_fused::input_projection`` computes the input projection (see ops.py): only
+    for layers the cpu backend runs, so the reference backend stays plain PyTorch throughout."""
     return (
-        ops.OWN_GEMM
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and w_ih.dtype == torch.float32
+        x.device.type == "cpu"
+        and ops.OWN_GEMM.get(x.dtype, False)
+        and w_ih.dtype == x.dtype
         and w_ih.size(1) >= _OWN_GEMM_MIN_FEATURES
+        and dispatch.resolve(backend, x.device, x.dtype) == "cpu"
     )
 
 
-def input_projection(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]) -> Tensor:
+def input_projection(
+    x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor], backend: str = "auto"
+) -> Tensor:
     """(T, B, I) -> (T, B, 4H), both biases folded into one."""
-    if own_gemm_applies(x, w_ih):
+    if own_gemm_applies(x, w_ih, backend):
         return torch.ops.lstm_fused.input_projection(x, w_ih, b_ih, b_hh)
     bias = None if b_ih is None else b_ih + b_hh
     return F.linear(x, w_ih, bias)
@@ -151,7 +155,7 @@ def lstm(
                     layer_input, w_ih, w_hh, b_ih, b_hh, w_hr, h0_k[k], c0_k[k], lengths, direction == 1
                 )
             else:
-                xproj = input_projection(layer_input, w_ih, b_ih, b_hh)
+                xproj = input_projection(layer_input, w_ih, b_ih, b_hh, backend)
                 y, h, c = recurrence(
                     xproj, w_hh, w_hr, h0_k[k], c0_k[k], lengths, reverse=direction == 1, backend=backend
                 )

@@ -337,7 +337,7 @@ class LSTMCell(nn.LSTMCell):
         if functional.fused_cell_applies(x, (x, hx[0], hx[1]) + weights, self.backend):
             h, c = functional.cell_step(x, hx[0], hx[1], *weights)
             return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))
-        xproj = functional.input_projection(x, w_ih, b_ih, b_hh)
+        xproj = functional.input_projection(x, w_ih, b_ih, b_hh, self.backend)
         _, h, c = functional.recurrence(
             xproj.unsqueeze(0), w_hh, None, hx[0], hx[1], backend=self.backend
         )

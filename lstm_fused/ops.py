@@ -247,23 +247,34 @@ if extension_loaded():
 # gradients of every order come out of autograd.
 
 
-def _own_gemm_default() -> bool:
-    """The extension's choice (csrc/cpu/isa.h: non-Intel x86 CPUs, or LSTM_FUSED_CPU_GEMM)."""
-    return extension_loaded() and bool(torch.ops.lstm_fused.cpu_own_gemm())
+# The dtypes our own products run in.
+OWN_GEMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-# Whether float32 CPU layers use our own T*B-row products (the input projection and its input
-# gradient). Read it; change it with set_own_gemm.
-OWN_GEMM = _own_gemm_default()
-OWN_GEMM_DEFAULT = OWN_GEMM  # as the process started (set_own_gemm changes OWN_GEMM only)
+def _own_gemm_defaults() -> dict:
+    """The extension's choice per dtype (csrc/cpu/isa.h, own_gemm_by_default: float32 on
+    non-Intel x86 CPUs, 16-bit on CPUs without dot-product instructions for it; or
+    LSTM_FUSED_CPU_GEMM)."""
+    if not extension_loaded():
+        return {dtype: False for dtype in OWN_GEMM_DTYPES}
+    return {dtype: bool(torch.ops.lstm_fused.cpu_own_gemm_default(dtype)) for dtype in OWN_GEMM_DTYPES}
 
 
-def set_own_gemm(own: bool) -> None:
-    """Use our own products (True) or ATen's GEMM (False) for float32 CPU layers, process-wide."""
-    global OWN_GEMM
-    if extension_loaded():
-        torch.ops.lstm_fused.cpu_set_own_gemm(bool(own))
-        OWN_GEMM = bool(own)
+# Per dtype, whether CPU layers use our own T*B-row products (the input projection and its input
+# gradient) instead of ATen's GEMM. Read it; change it with set_own_gemm.
+OWN_GEMM = _own_gemm_defaults()
+OWN_GEMM_DEFAULT = dict(OWN_GEMM)  # as the process started (set_own_gemm changes OWN_GEMM only)
+
+
+def set_own_gemm(own: bool, dtype: Optional[torch.dtype] = None) -> None:
+    """Use our own products (True) or ATen's GEMM (False) for CPU layers in ``dtype`` (None: every
+    dtype in OWN_GEMM_DTYPES), process-wide. Without the extension there are none to use."""
+    if not extension_loaded():
+        return
+    if dtype is not None and dtype not in OWN_GEMM:
+        raise ValueError(f"our own products run {OWN_GEMM_DTYPES}, not {dtype}")
+    for d in OWN_GEMM if dtype is None else (dtype,):
+        OWN_GEMM[d] = bool(own)
 
 
 def _projection_setup_context(ctx, inputs, output):

@@ -1,10 +1,10 @@
 """Our own T*B-row products on the CPU (csrc/cpu/panel_products.cpp): the input projection op
 ``lstm_fused::input_projection`` (x @ W_ih^T + b_ih + b_hh) and its backward op (dx, dW_ih),
-against float64 on every instruction-set variant this machine runs; the LSTM with them on and
-off; and how they are chosen.
+against float64 on every instruction-set variant this machine runs, in float32 and in 16 bits;
+the LSTM with them on and off; and how they are chosen.
 
-They are the default only on non-Intel x86 CPUs (csrc/cpu/isa.h), so every test here that needs
-them in an LSTM sets the choice (``ops.set_own_gemm``) rather than rely on the machine.
+Their default depends on the machine (csrc/cpu/isa.h, own_gemm_by_default), so every test here
+that needs them in an LSTM sets the choice (``ops.set_own_gemm``) rather than rely on it.
 """
 
 import os
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import lstm_fused
 from lstm_fused import functional, ops
-from helpers import make_pair, rel_error, supported_cpu_variants
+from helpers import make_pair, rel_error, run_and_grad, supported_cpu_variants
 
 pytestmark = pytest.mark.skipif("cpu" not in lstm_fused.available_backends(),
                                 reason="the C++ extension is not built")
@@ -47,12 +47,17 @@ def _f32(t):
     return None if t is None else t.float().requires_grad_()
 
 
+HALF_FLOOR = 2e-3  # absolute slack for tiny errors in half precision, as in test_cpu_kernels.py
+HALF_DTYPES = [torch.bfloat16, torch.float16]
+
+
 @pytest.fixture
 def set_own_gemm():
     """ops.set_own_gemm, with the process's choice restored afterwards."""
-    saved = ops.OWN_GEMM
+    saved = dict(ops.OWN_GEMM)
     yield ops.set_own_gemm
-    ops.set_own_gemm(saved)
+    for dtype, own in saved.items():
+        ops.set_own_gemm(own, dtype)
 
 
 @pytest.mark.parametrize("variant", supported_cpu_variants())
@@ -81,6 +86,36 @@ def test_values_and_gradients_match_float64(monkeypatch, variant, case):
     dx_empty, dw = torch.ops.lstm_fused.input_projection_backward(cot.float(), x.float(), w.float(), False, True)
     assert dw_empty.numel() == 0 and dx_empty.numel() == 0
     assert rel_error(dx, want_grads[0]) <= 2e-6 and rel_error(dw, want_grads[1]) <= 2e-6
+
+
+# 16 bits: inputs rounded to the dtype once; float64 of those rounded values is the oracle, and
+# ATen's GEMM in the dtype (what F.linear, hence nn.LSTM, computes) the yardstick.
+@pytest.mark.parametrize("variant", supported_cpu_variants())
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] != "one_feature"], ids=lambda c: c[0])
+def test_half_precision_within_twice_aten(monkeypatch, variant, dtype, case):
+    monkeypatch.setenv("LSTM_FUSED_CPU_ISA", variant)
+    _, lead, I, H, bias = case
+    x, w, (b_ih, b_hh) = _draw(lead, I, H, bias)
+    cot = torch.randn(*lead, 4 * H, dtype=torch.float64)
+    rounded = [None if t is None else t.to(dtype) for t in (x, w, b_ih, b_hh, cot)]
+    x16, w16, bi16, bh16, cot16 = rounded
+    x64, w64, bi64, bh64, cot64 = [None if t is None else t.double() for t in rounded]
+
+    def project_and_grad(project, x, w, bi, bh, cot):
+        x, w = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        out = project(x, w, bi, bh)
+        return (out,) + torch.autograd.grad(out, (x, w), cot)
+
+    def aten(x, w, bi, bh):
+        return F.linear(x, w, None if bi is None else bi + bh)
+
+    want = project_and_grad(aten, x64, w64, bi64, bh64, cot64)
+    theirs = project_and_grad(aten, x16, w16, bi16, bh16, cot16)
+    ours = project_and_grad(torch.ops.lstm_fused.input_projection, x16, w16, bi16, bh16, cot16)
+    for name, o, t, e in zip(("out", "dx", "dw"), ours, theirs, want):
+        assert o.dtype == dtype and o.shape == e.shape
+        assert rel_error(o, e) <= 2 * rel_error(t, e) + HALF_FLOOR, (name, rel_error(o, e), rel_error(t, e))
 
 
 def test_second_order_gradients_match_float64():
@@ -135,15 +170,61 @@ def test_lstm_matches_float64_with_either_gemm(monkeypatch, set_own_gemm, varian
         assert rel_error(got, want) <= 2e-5
 
 
-def test_applies_only_to_float32_cpu_input_with_enough_features(monkeypatch):
-    monkeypatch.setattr(ops, "OWN_GEMM", True)
+# Two layers in 16 bits, forward and every gradient, against the reference backend in the same
+# dtype (plain PyTorch, ATen's GEMM; the yardstick test_cpu_kernels.py uses), both measured
+# against float64.
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("own", [True, False], ids=["own_gemm", "aten_gemm"])
+def test_lstm_half_precision_with_either_gemm(monkeypatch, set_own_gemm, dtype, own):
+    set_own_gemm(own, dtype)
+    config = dict(input_size=72, hidden_size=64, num_layers=2)
+    oracle, fused = make_pair(dtype, "cpu", **config)
+    reference = lstm_fused.LSTM(**config, backend="reference", dtype=torch.float64)
+    reference.load_state_dict(oracle.state_dict())
+    reference = reference.to(dtype)
+    assert functional.own_gemm_applies(torch.randn(3, 72, dtype=dtype), fused.weight_ih_l0) == own
+    assert not functional.own_gemm_applies(torch.randn(3, 72, dtype=dtype), reference.weight_ih_l0,
+                                           "reference")
+    calls = []
+    real_op = torch.ops.lstm_fused.input_projection
+    monkeypatch.setattr(torch.ops.lstm_fused, "input_projection", lambda *a: calls.append(1) or real_op(*a))
+    x = torch.randn(9, 5, 72, dtype=torch.float64)
+    hx = (torch.randn(2, 5, 64, dtype=torch.float64), torch.randn(2, 5, 64, dtype=torch.float64))
+    cot = (torch.randn(9, 5, 64, dtype=torch.float64), torch.randn(2, 5, 64, dtype=torch.float64),
+           torch.randn(2, 5, 64, dtype=torch.float64))
+    want = run_and_grad(oracle, x, hx, cot)
+    got = run_and_grad(fused, x.to(dtype), tuple(t.to(dtype) for t in hx), cot)
+    assert len(calls) == (2 if own else 0)  # both layers (I = 72, 64)
+    yardstick = run_and_grad(reference, x.to(dtype), tuple(t.to(dtype) for t in hx), cot)
+    assert len(calls) == (2 if own else 0)  # the reference backend's layers did not
+
+    def flat(result):
+        y, h_n, c_n, grads = result
+        return [("y", y), ("h_n", h_n), ("c_n", c_n)] + sorted(grads.items())
+
+    bad = {}
+    for (name, o), (_, r), (_, e) in zip(flat(got), flat(yardstick), flat(want)):
+        assert o.dtype == dtype
+        if not rel_error(o, e) <= 2 * rel_error(r, e) + HALF_FLOOR:
+            bad[name] = (rel_error(o, e), rel_error(r, e))
+    assert not bad, f"(ours, reference backend in {dtype}) relative errors: {bad}"
+
+
+def test_applies_to_cpu_backend_layers_in_the_chosen_dtypes_with_enough_features(monkeypatch):
+    for dtype in ops.OWN_GEMM_DTYPES:
+        monkeypatch.setitem(ops.OWN_GEMM, dtype, True)
     w = torch.randn(64, 64)
     assert functional.own_gemm_applies(torch.randn(3, 64), w)
+    assert functional.own_gemm_applies(torch.randn(3, 64), w, "cpu")
+    assert not functional.own_gemm_applies(torch.randn(3, 64), w, "reference")
     assert not functional.own_gemm_applies(torch.randn(3, 32), torch.randn(64, 32))
     assert not functional.own_gemm_applies(torch.randn(3, 64).double(), w.double())
-    assert not functional.own_gemm_applies(torch.randn(3, 64).bfloat16(), w.bfloat16())
-    monkeypatch.setattr(ops, "OWN_GEMM", False)
+    assert not functional.own_gemm_applies(torch.randn(3, 64), w.bfloat16())
+    for dtype in (torch.bfloat16, torch.float16):
+        assert functional.own_gemm_applies(torch.randn(3, 64).to(dtype), w.to(dtype))
+    monkeypatch.setitem(ops.OWN_GEMM, torch.float32, False)
     assert not functional.own_gemm_applies(torch.randn(3, 64), w)
+    assert functional.own_gemm_applies(torch.randn(3, 64).bfloat16(), w.bfloat16())
 
 
 def test_bad_arguments_are_errors():
@@ -162,6 +243,10 @@ def test_bad_arguments_are_errors():
         backward(torch.randn(4, 11), x, w, True, True)
     with pytest.raises(RuntimeError, match="float32"):
         backward(torch.randn(4, 12).double(), x.double(), w.double(), True, True)
+    with pytest.raises(RuntimeError, match="must share dtype"):
+        backward(torch.randn(4, 12), x.bfloat16(), w, True, True)
+    with pytest.raises(RuntimeError, match="w_ih has dtype"):
+        op(x.half(), w, None, None)
 
 
 def _chosen_in_a_fresh_process(value):
@@ -169,13 +254,16 @@ def _chosen_in_a_fresh_process(value):
     env.pop("LSTM_FUSED_CPU_GEMM", None)
     if value is not None:
         env["LSTM_FUSED_CPU_GEMM"] = value
-    code = "import lstm_fused; from lstm_fused import ops; print(ops.OWN_GEMM)"
+    code = ("import lstm_fused; from lstm_fused import ops\n"
+            "print(*[ops.OWN_GEMM[d] for d in ops.OWN_GEMM_DTYPES])")
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
 
 
-def _made_by_intel() -> bool:
+def _cpuinfo():
     with open("/proc/cpuinfo") as f:
-        return "GenuineIntel" in f.read()
+        text = f.read()
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "GenuineIntel" in text, set(flags)
 
 
 def test_the_choice_follows_the_environment_then_the_cpu():
@@ -184,11 +272,15 @@ def test_the_choice_follows_the_environment_then_the_cpu():
     auto = _chosen_in_a_fresh_process(None)
     for run in (own, aten, auto):
         assert run.returncode == 0, run.stderr
-    assert own.stdout.split() == ["True"]
-    assert aten.stdout.split() == ["False"]
-    expected = (platform.machine() == "x86_64" and torch.ops.lstm_fused.cpu_isa_supported("avx2")
-                and not _made_by_intel())
-    assert auto.stdout.split() == [str(expected)]
+    assert own.stdout.split() == ["True"] * 3
+    assert aten.stdout.split() == ["False"] * 3
+    intel, flags = _cpuinfo()
+    simd = platform.machine() == "x86_64" and torch.ops.lstm_fused.cpu_isa_supported("avx2")
+    # float32: not on Intel (MKL); 16 bits: where the CPU has no dot product for the type.
+    expected = [simd and not intel,
+                simd and not ({"avx512_bf16", "amx_bf16"} & flags),
+                simd and "avx512_fp16" not in flags]
+    assert auto.stdout.split() == [str(e) for e in expected]
     bad = _chosen_in_a_fresh_process("mkl")
     assert bad.returncode != 0 and "LSTM_FUSED_CPU_GEMM=mkl is not one of" in bad.stderr
 
@@ -205,7 +297,12 @@ def test_a_bad_isa_variable_fails_the_call_not_the_import():
     assert "call failed: lstm_fused: LSTM_FUSED_CPU_ISA=sse9 is not one of" in run.stdout
 
 
-def test_set_own_gemm_reaches_the_extension(set_own_gemm):
-    for own in (True, False):
-        set_own_gemm(own)
-        assert ops.OWN_GEMM is own and torch.ops.lstm_fused.cpu_own_gemm() is own
+def test_set_own_gemm_per_dtype_or_all(set_own_gemm):
+    set_own_gemm(True)
+    assert all(ops.OWN_GEMM[d] for d in ops.OWN_GEMM_DTYPES)
+    set_own_gemm(False, torch.bfloat16)
+    assert ops.OWN_GEMM == {torch.float32: True, torch.bfloat16: False, torch.float16: True}
+    set_own_gemm(False)
+    assert not any(ops.OWN_GEMM[d] for d in ops.OWN_GEMM_DTYPES)
+    with pytest.raises(ValueError, match="our own products run"):
+        set_own_gemm(True, torch.float64)

@@ -1,4 +1,4 @@
-// Transparent huge pages for the large fresh outputs of the CPU recurrence.
+// Transparent huge pages for the large fresh outputs of the CPU recurrence and products.
 //
 // A 50 MB output (the saved gates at T=100, B=64, H=512) is fresh memory from the allocator:
 // touching it costs one page fault per 4 KB, about 13k faults, which measured as much as the

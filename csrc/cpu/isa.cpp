@@ -4,7 +4,6 @@
 
 #include <c10/util/Exception.h>
 
-#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
@@ -56,9 +55,18 @@ Isa selected_isa() {
               " is not one of auto, generic, avx2, avx512");
 }
 
-namespace {
+bool has_16bit_dot(GemmDtype dtype) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (dtype == GemmDtype::kBFloat16)
+    return __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");
+  if (dtype == GemmDtype::kFloat16) return __builtin_cpu_supports("avx512fp16");
+#endif
+  (void)dtype;
+  return false;
+}
 
-bool own_gemm_by_default() {
+bool own_gemm_by_default(GemmDtype dtype) {
   const char* forced = std::getenv("LSTM_FUSED_CPU_GEMM");
   if (forced != nullptr && *forced != '\0' && std::strcmp(forced, "auto") != 0) {
     TORCH_CHECK(std::strcmp(forced, "own") == 0 || std::strcmp(forced, "aten") == 0,
@@ -69,22 +77,12 @@ bool own_gemm_by_default() {
   // The machine's capability, not selected_isa(): a bad LSTM_FUSED_CPU_ISA must fail the call
   // that uses it, not the import that reads this default.
   __builtin_cpu_init();
-  return isa_supported(Isa::kAvx2) && !__builtin_cpu_is("intel");
+  if (!isa_supported(Isa::kAvx2)) return false;
+  return dtype == GemmDtype::kFloat32 ? !__builtin_cpu_is("intel") : !has_16bit_dot(dtype);
 #else
   return false;
 #endif
 }
-
-std::atomic<bool>& own_gemm_flag() {
-  static std::atomic<bool> flag{own_gemm_by_default()};
-  return flag;
-}
-
-}  // namespace
-
-bool own_gemm() { return own_gemm_flag().load(std::memory_order_relaxed); }
-
-void set_own_gemm(bool own) { own_gemm_flag().store(own, std::memory_order_relaxed); }
 
 }  // namespace lstm_fused::cpu
 

@@ -17,13 +17,24 @@ bool isa_supported(Isa isa);
 // The widest supported variant, or the one LSTM_FUSED_CPU_ISA names (an error if this CPU
 // cannot run it, or the name is unknown). Read on every call: tests switch it per process.
 Isa selected_isa();
-// Whether the input projection of a float32 layer and its input gradient (T*B-row products) run
-// on the step kernels' tile product (panel_products.cpp) instead of ATen's GEMM.
-// Default: on x86-64 CPUs with AVX2 or wider not made by Intel, where ATen's float32 GEMM (MKL)
-// runs well below the FMA peak (about 60% measured on a Zen 4 EPYC, 40% reported on Zen 3); on
-// Intel CPUs MKL is the vendor's own tuned code. LSTM_FUSED_CPU_GEMM=own|aten|auto sets the default (read once);
-// set_own_gemm changes it for the process (the benchmark times both).
-bool own_gemm();
-void set_own_gemm(bool own);
+// The dtypes of a layer's T*B-row products (the input projection and its input gradient).
+enum class GemmDtype { kFloat32, kBFloat16, kFloat16 };
+
+// Whether this CPU has dot-product instructions for the 16-bit type: AVX512-BF16 or AMX-BF16;
+// AVX512-FP16. ATen's 16-bit GEMM (oneDNN) is fast with them; without them it is emulated, and on
+// a Zen 3 EPYC (AVX2) it measured 13-20 GFLOP/s, against 100-120 for its float32 GEMM.
+bool has_16bit_dot(GemmDtype dtype);
+
+// Whether a layer's T*B-row products in this dtype run, by default, on the step kernels' tile
+// product (panel_products.cpp) instead of ATen's GEMM. The Python side (lstm_fused.ops.OWN_GEMM)
+// starts from this and may change it per process; the choice is made there, per call.
+//   float32: on x86-64 CPUs with AVX2 or wider not made by Intel, where ATen's float32 GEMM (MKL)
+//     ran at about 60% of the FMA peak on a Zen 4 EPYC; on Intel CPUs MKL is the vendor's own
+//     tuned code.
+//   bfloat16, float16: on x86-64 CPUs with AVX2 or wider without the type's dot-product
+//     instructions (has_16bit_dot), where ATen's GEMM is emulated; ours computes in float32 from
+//     16-bit panels.
+// LSTM_FUSED_CPU_GEMM=own|aten|auto forces every dtype (an unknown value is an error).
+bool own_gemm_by_default(GemmDtype dtype);
 
 }  // namespace lstm_fused::cpu

@@ -21,9 +21,16 @@ bool cpu_isa_supported(const std::string& name) {
 
 std::string cpu_isa_selected() { return lstm_fused::cpu::isa_name(lstm_fused::cpu::selected_isa()); }
 
-bool cpu_own_gemm() { return lstm_fused::cpu::own_gemm(); }
-
-void cpu_set_own_gemm(bool own) { lstm_fused::cpu::set_own_gemm(own); }
+// The default of lstm_fused.ops.OWN_GEMM for a dtype (see own_gemm_by_default in isa.h).
+bool cpu_own_gemm_default(at::ScalarType dtype) {
+  using lstm_fused::cpu::GemmDtype;
+  switch (dtype) {
+    case at::kFloat: return lstm_fused::cpu::own_gemm_by_default(GemmDtype::kFloat32);
+    case at::kBFloat16: return lstm_fused::cpu::own_gemm_by_default(GemmDtype::kBFloat16);
+    case at::kHalf: return lstm_fused::cpu::own_gemm_by_default(GemmDtype::kFloat16);
+    default: TORCH_CHECK(false, "lstm_fused: our own products run float32, bfloat16 and float16, not ", dtype);
+  }
+}
 
 int64_t cpu_packed_cache_size() { return lstm_fused::cpu::packed_cache_size(); }
 
@@ -40,8 +47,7 @@ std::tuple<int64_t, int64_t, int64_t> cpu_team_counts() {
 TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
   m.def("cpu_isa_supported(str name) -> bool", &cpu_isa_supported);
   m.def("cpu_isa_selected() -> str", &cpu_isa_selected);
-  m.def("cpu_own_gemm() -> bool", &cpu_own_gemm);
-  m.def("cpu_set_own_gemm(bool own) -> ()", &cpu_set_own_gemm);
+  m.def("cpu_own_gemm_default(ScalarType dtype) -> bool", &cpu_own_gemm_default);
   m.def("cpu_packed_cache_size() -> int", &cpu_packed_cache_size);
   m.def("cpu_packed_cache_clear() -> ()", &cpu_packed_cache_clear);
   m.def("cpu_team_counts() -> (int, int, int)", &cpu_team_counts);

@@ -1,13 +1,19 @@
-// The input projection of a float32 layer and its input gradient on the CPU, on the step kernels'
-// tile product (step_kernels.h, PanelProductArgs) instead of ATen's GEMM (see own_gemm in isa.h):
+// The input projection of a layer and its input gradient on the CPU, on the step kernels' tile
+// product (step_kernels.h, PanelProductArgs) instead of ATen's GEMM (see own_gemm_by_default in
+// isa.h for where):
 //   input_projection:           xproj = x @ W_ih^T + b_ih + b_hh   (W_ih in forward panels)
 //   input_projection_backward:  dx = dxproj @ W_ih                 (W_ih in backward-column panels)
-//                               dW_ih = dxproj^T @ x               (ATen's GEMM)
+//                               dW_ih = dxproj^T @ x               (ATen's float32 GEMM)
 // Why: ATen's float32 GEMM is MKL's, which on AMD CPUs runs well below the FMA peak (about 60%
-// measured on a Zen 4 EPYC); the register tile reaches about 90% in its inner loop there. The
-// weight gradient stays with ATen: its reduction runs over the T*B rows, and our version of it
-// (dxproj transposed and x packed into panels first) measured 87-123 GFLOP/s against MKL's
-// 143-180 there. W_ih's panels are packed once and cached like W_hh's (packed_weights.h).
+// measured on a Zen 4 EPYC); the register tile reaches about 90% in its inner loop there. And
+// ATen's 16-bit GEMM is emulated on CPUs without 16-bit dot-product instructions (6-9x slower
+// than its float32 GEMM on a Zen 3 EPYC). The weight gradient stays with ATen: its reduction runs
+// over the T*B rows, and our version of it (dxproj transposed and x packed into panels first)
+// measured 87-123 GFLOP/s against MKL's 143-180 on Zen 4. W_ih's panels are packed once, in its
+// own dtype, and cached like W_hh's (packed_weights.h).
+// bfloat16 and float16: the rows of A (x, dxproj) are widened to float32 first (a pass over
+// them, small beside the product), the sums are float32 and rounded once into the 16-bit output,
+// and dW_ih is ATen's float32 GEMM of the widened operands, rounded once.
 //
 // Work split: (block, row panel) pairs in block-major order, a contiguous range per thread, so
 // each thread reads mostly its own blocks' panels; a thread runs its items row panel by row
@@ -25,6 +31,7 @@
 #include <tuple>
 
 #include "checks.h"
+#include "cpu/huge_pages.h"
 #include "cpu/isa.h"
 #include "cpu/packed_weights.h"
 #include "cpu/step_kernels.h"
@@ -51,10 +58,16 @@ void run_panel_product(const StepKernels& kernels, const PanelProductArgs& a, in
   });
 }
 
-void check_float32_cpu(const at::Tensor& t, const char* op) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, "lstm_fused: ", op,
-              " runs on float32 CPU tensors, got ", t.scalar_type(), " on ", t.device());
+Storage checked_storage(const at::Tensor& t, const char* op) {
+  const at::ScalarType dtype = t.scalar_type();
+  TORCH_CHECK(t.device().is_cpu() && (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf),
+              "lstm_fused: ", op, " runs on float32, bfloat16 or float16 CPU tensors, got ", dtype,
+              " on ", t.device());
+  return dtype == at::kFloat ? Storage::kFloat : dtype == at::kBFloat16 ? Storage::kBFloat16 : Storage::kHalf;
 }
+
+// t as contiguous float32 (no copy when it already is).
+at::Tensor contiguous_float(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
 at::Tensor input_projection(const at::Tensor& x_in, const at::Tensor& w_ih,
                             const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
@@ -64,15 +77,16 @@ at::Tensor input_projection(const at::Tensor& x_in, const at::Tensor& w_ih,
   TORCH_CHECK(x_in.size(-1) == I, "lstm_fused: input_projection: x has ", x_in.size(-1),
               " features, w_ih expects ", I);
   check_same_device_dtype(x_in, w_ih, "w_ih");
-  check_float32_cpu(x_in, "input_projection");
+  const Storage storage = checked_storage(x_in, "input_projection");
   check_biases(x_in, b_ih, b_hh, H);
-  const at::Tensor x = x_in.contiguous();
-  const int64_t M = I == 0 ? 0 : x.numel() / I;
-  std::vector<int64_t> out_sizes = x.sizes().vec();
+  const int64_t M = I == 0 ? 0 : x_in.numel() / I;
+  std::vector<int64_t> out_sizes = x_in.sizes().vec();
   out_sizes.back() = 4 * H;
-  at::Tensor out = at::empty(out_sizes, x.options());
+  at::Tensor out = at::empty(out_sizes, x_in.options());
+  advise_huge_pages(out);
   if (M == 0 || H == 0) return out;
   if (I == 0) return b_ih.has_value() ? out.copy_(at::add(*b_ih, *b_hh)) : out.zero_();
+  const at::Tensor x = contiguous_float(x_in);
 
   const StepKernels& kernels = step_kernels(selected_isa());
   const int V = kernels.vector_width;
@@ -82,7 +96,7 @@ at::Tensor input_projection(const at::Tensor& x_in, const at::Tensor& w_ih,
   at::Tensor bias;
   if (b_ih.has_value()) {
     bias = at::empty({blocks * 4 * V}, x.options());
-    const at::Tensor bi = b_ih->contiguous(), bh = b_hh->contiguous();
+    const at::Tensor bi = contiguous_float(*b_ih), bh = contiguous_float(*b_hh);
     const float *pi = bi.data_ptr<float>(), *ph = bh.data_ptr<float>();
     float* pb = bias.data_ptr<float>();
     for (int64_t u = 0; u < blocks; ++u)
@@ -93,34 +107,35 @@ at::Tensor input_projection(const at::Tensor& x_in, const at::Tensor& w_ih,
         }
   }
   PanelProductArgs a;
-  a.K = I;
+  a.K = I, a.storage = storage;
   a.a = x.data_ptr<float>(), a.lda = I;
-  a.panels = panels.data_ptr<float>(), a.panel_stride = I * 4 * V;
+  a.panels = panels.data_ptr(), a.panel_stride = I * 4 * V;
   a.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  a.out = out.data_ptr<float>(), a.ldo = 4 * H;
+  a.out = out.data_ptr(), a.ldo = 4 * H;
   a.columns = H, a.gate_layout = true;
   run_panel_product(kernels, a, blocks, M);
   return out;
 }
 
-// dx (..., I) = dxproj (..., 4H) @ W_ih.
-at::Tensor input_grad(const at::Tensor& dxproj, const at::Tensor& w_ih) {
+// dx (..., I) = dxproj (..., 4H) @ W_ih, in w_ih's dtype; dxproj in float32.
+at::Tensor input_grad(const at::Tensor& dxproj, const at::Tensor& w_ih, Storage storage) {
   const int64_t I = w_ih.size(1), H4 = w_ih.size(0);
   const int64_t M = H4 == 0 ? 0 : dxproj.numel() / H4;
   std::vector<int64_t> out_sizes = dxproj.sizes().vec();
   out_sizes.back() = I;
-  at::Tensor dx = at::empty(out_sizes, dxproj.options());
+  at::Tensor dx = at::empty(out_sizes, w_ih.options());
+  advise_huge_pages(dx);
   if (M == 0 || I == 0) return dx;
   if (H4 == 0) return dx.zero_();
   const StepKernels& kernels = step_kernels(selected_isa());
   const int V = kernels.vector_width;
   const at::Tensor panels = packed_panels(w_ih, PanelLayout::kBackwardColumns, V);
   PanelProductArgs a;
-  a.K = H4;
+  a.K = H4, a.storage = storage;
   a.a = dxproj.data_ptr<float>(), a.lda = H4;
-  a.panels = panels.data_ptr<float>(), a.panel_stride = H4 * 4 * V;
+  a.panels = panels.data_ptr(), a.panel_stride = H4 * 4 * V;
   a.bias = nullptr;
-  a.out = dx.data_ptr<float>(), a.ldo = I;
+  a.out = dx.data_ptr(), a.ldo = I;
   a.columns = I, a.gate_layout = false;
   run_panel_product(kernels, a, (I + 4 * V - 1) / (4 * V), M);
   return dx;
@@ -133,12 +148,18 @@ std::tuple<at::Tensor, at::Tensor> input_projection_backward(const at::Tensor& g
                   grad_in.numel() / std::max<int64_t>(1, w_ih.size(0)) ==
                       x_in.numel() / std::max<int64_t>(1, w_ih.size(1)),
               "lstm_fused: input_projection_backward takes grad (..., 4H), x (..., I), w_ih (4H, I)");
-  for (const at::Tensor* t : {&grad_in, &x_in, &w_ih}) check_float32_cpu(*t, "input_projection_backward");
-  const at::Tensor grad = grad_in.contiguous();
-  at::Tensor dx = input_grad_wanted ? input_grad(grad, w_ih) : at::empty({0}, grad.options());
-  const at::Tensor dw = weight_grad_wanted
-                           ? at::mm(grad.reshape({-1, w_ih.size(0)}).t(), x_in.reshape({-1, w_ih.size(1)}))
-                           : at::empty({0}, grad.options());
+  const Storage storage = checked_storage(w_ih, "input_projection_backward");
+  TORCH_CHECK(grad_in.scalar_type() == w_ih.scalar_type() && x_in.scalar_type() == w_ih.scalar_type() &&
+                  grad_in.device() == w_ih.device() && x_in.device() == w_ih.device(),
+              "lstm_fused: input_projection_backward: grad, x and w_ih must share dtype and device, got ",
+              grad_in.scalar_type(), ", ", x_in.scalar_type(), " and ", w_ih.scalar_type());
+  const at::Tensor grad = contiguous_float(grad_in);
+  at::Tensor dx = input_grad_wanted ? input_grad(grad, w_ih, storage) : at::empty({0}, w_ih.options());
+  at::Tensor dw = at::empty({0}, w_ih.options());
+  if (weight_grad_wanted) {
+    dw = at::mm(grad.reshape({-1, w_ih.size(0)}).t(), contiguous_float(x_in).reshape({-1, w_ih.size(1)}))
+             .to(w_ih.scalar_type());
+  }
   return {dx, dw};
 }
 

@@ -65,19 +65,22 @@ struct BackwardStepArgs {
 
 enum class BackwardPhase { kFirst, kStep, kFinal };
 
-// The T*B-row products around the recurrence of a layer, out = A @ panels (+ bias), float32, by
-// the forward's tile product: R rows of A times one block's panel (K x 4V, k-major) into R x 4V
-// outputs. Columns of a block's 4 vectors in out: gate layout (vector q at q * H + block * V: the
-// input projection, whose panels are W_ih in the forward layout) or contiguous (block * 4V + q * V:
-// dx = dxproj @ W_ih with W_ih's backward-column panels).
+// The T*B-row products around the recurrence of a layer, out = A @ panels (+ bias), by the
+// forward's tile product: R rows of A times one block's panel (K x 4V, k-major) into R x 4V
+// outputs. A and the bias are float32; panels and out have the storage dtype (16-bit panels widen
+// exactly on load, the float32 sums are rounded once on store). Columns of a block's 4 vectors in
+// out: gate layout (vector q at q * H + block * V: the input projection, whose panels are W_ih in
+// the forward layout) or contiguous (block * 4V + q * V: dx = dxproj @ W_ih with W_ih's
+// backward-column panels).
 struct PanelProductArgs {
   int64_t K;              // reduction length
+  Storage storage;        // of panels and out
   const float* a;         // rows of A, stride lda
   int64_t lda;
-  const float* panels;    // block b's panel at panels + b * panel_stride, k at + k * 4V
+  const void* panels;     // block b's panel at panels + b * panel_stride, k at + k * 4V
   int64_t panel_stride;
   const float* bias;      // (blocks, 4, V) or null
-  float* out;             // row m at out + m * ldo
+  void* out;              // row m at out + m * ldo
   int64_t ldo;
   int64_t columns;        // gate layout: H; contiguous: the width of out (columns past it unset)
   bool gate_layout;

@@ -7,6 +7,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cpu/activations.h"
 #include "cpu/step_kernels.h"
