@@ -182,16 +182,12 @@ def build(name: str, native: nn.Module, shape: Shape) -> Built:
         built = build(name, native, shape)
         built.dtype = getattr(torch, dtype)
         return built
-    base, option = split_option(name)
+    name, option = split_option(name)
     if option is not None:
         from lstm_fused import ops
 
         if next(native.parameters()).dtype not in ops.OWN_GEMM_DTYPES:
             raise ValueError(f"the GEMM options apply to {ops.OWN_GEMM_DTYPES} only")
-        built = build(base, native, shape)
-        built.name = name
-        built.forward = _with_own_gemm(built.forward, dict.fromkeys(ops.OWN_GEMM_DTYPES, INPUT_GEMMS[option]))
-        return built
     if name == NATIVE:
         return Built(name, _module_forward(native, shape), list(native.parameters()), native)
     if name.startswith(FUSED_PREFIX):
@@ -209,11 +205,15 @@ def build(name: str, native: nn.Module, shape: Shape) -> Built:
             )
         fused.load_state_dict(native.state_dict())
         forward = _module_forward(fused, shape)
-        if backend == "cpu":  # the package's own GEMM choice, whatever another provider set
+        if backend == "cpu":
             from lstm_fused import ops
 
-            forward = _with_own_gemm(forward, ops.OWN_GEMM_DEFAULT)
-        return Built(name, forward, list(fused.parameters()), fused)
+            # The option's GEMM, or the package's own choice, whatever another provider set.
+            own = (ops.OWN_GEMM_DEFAULT if option is None
+                   else dict.fromkeys(ops.OWN_GEMM_DTYPES, INPUT_GEMMS[option]))
+            forward = _with_own_gemm(forward, own)
+        full_name = name if option is None else f"{name}/{option}"
+        return Built(full_name, forward, list(fused.parameters()), fused)
     if name == FLASHRNN:
         model = FlashRNNLSTM(native)
         return Built(name, model.forward, model.params, None, model.notes)

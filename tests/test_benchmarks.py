@@ -446,6 +446,34 @@ def test_bf16_row_is_relative_to_our_float32(monkeypatch, tmp_path):
     assert again["records"] == []
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gemm_options_run_the_gemm_they_name(monkeypatch, dtype):
+    # Each option's forward must reach (own-gemm) or avoid (aten-gemm) our input projection op,
+    # whatever the package's default, and the plain provider must keep that default.
+    _fused_cpu_or_skip()
+    from lstm_fused import ops
+
+    shape = Shape(T=3, B=2, I=64, H=16)
+    native = providers.make_native(shape, "cpu", dtype)
+    calls = []
+    real_op = torch.ops.lstm_fused.input_projection
+    monkeypatch.setattr(torch.ops.lstm_fused, "input_projection", lambda *a: calls.append(1) or real_op(*a))
+    saved = dict(ops.OWN_GEMM)
+    try:
+        x = torch.randn(3, 2, 64, dtype=dtype)
+        for name, uses_op in (("lstm_fused:cpu/own-gemm", True), ("lstm_fused:cpu/aten-gemm", False),
+                              ("lstm_fused:cpu", ops.OWN_GEMM_DEFAULT[dtype])):
+            built = providers.build(name, native, shape)
+            assert built.name == name
+            calls.clear()
+            with torch.no_grad():
+                built.forward(x)
+            assert bool(calls) == uses_op, name
+    finally:
+        for d, own in saved.items():
+            ops.set_own_gemm(own, d)
+
+
 def test_bf16_baseline_gets_float32_weights_and_inputs():
     _fused_cpu_or_skip()
     shape = Shape(T=2, B=1, I=8, H=8, dtypes=("bfloat16",), baseline="lstm_fused:cpu@float32")
