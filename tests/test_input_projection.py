@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import lstm_fused
 from lstm_fused import functional, ops
 from helpers import make_pair, rel_error, run_and_grad, supported_cpu_variants
+from test_parity import HALF_FLOOR  # absolute slack for tiny errors in half precision
 
 pytestmark = pytest.mark.skipif("cpu" not in lstm_fused.available_backends(),
                                 reason="the C++ extension is not built")
@@ -47,7 +48,6 @@ def _f32(t):
     return None if t is None else t.float().requires_grad_()
 
 
-HALF_FLOOR = 2e-3  # absolute slack for tiny errors in half precision, as in test_cpu_kernels.py
 HALF_DTYPES = [torch.bfloat16, torch.float16]
 
 

@@ -34,6 +34,7 @@
 #include "cpu/huge_pages.h"
 #include "cpu/isa.h"
 #include "cpu/packed_weights.h"
+#include "cpu/recurrence.h"
 #include "cpu/step_kernels.h"
 
 namespace lstm_fused::cpu {
@@ -63,7 +64,7 @@ Storage checked_storage(const at::Tensor& t, const char* op) {
   TORCH_CHECK(t.device().is_cpu() && (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf),
               "lstm_fused: ", op, " runs on float32, bfloat16 or float16 CPU tensors, got ", dtype,
               " on ", t.device());
-  return dtype == at::kFloat ? Storage::kFloat : dtype == at::kBFloat16 ? Storage::kBFloat16 : Storage::kHalf;
+  return storage_of(dtype);
 }
 
 // t as contiguous float32 (no copy when it already is).

@@ -112,13 +112,13 @@ void copy_rows_to_float(const at::Tensor& src, float* dst, int64_t ld) {
   for (int64_t b = 0; b < B; ++b) std::memcpy(dst + b * ld, s + b * n, n * sizeof(float));
 }
 
+}  // namespace
+
 Storage storage_of(at::ScalarType dtype) {
   if (dtype == at::kBFloat16) return Storage::kBFloat16;
   if (dtype == at::kHalf) return Storage::kHalf;
   return Storage::kFloat;
 }
-
-}  // namespace
 
 bool panel_kernels_apply(at::ScalarType dtype, bool has_proj) {
   return !has_proj && (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf);

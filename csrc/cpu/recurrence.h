@@ -8,6 +8,8 @@
 #include <optional>
 #include <tuple>
 
+#include "cpu/step_kernels.h"
+
 namespace lstm_fused::cpu {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrence_forward(
@@ -24,6 +26,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrenc
 // The SIMD step-kernel path (panel_recurrence.cpp): layers without projection in float32,
 // bfloat16 and float16. The other cases (projection, float64) take the per-thread GEMM path.
 bool panel_kernels_apply(at::ScalarType dtype, bool has_proj);
+// The step kernels' storage of a float32, bfloat16 or float16 tensor.
+Storage storage_of(at::ScalarType dtype);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> panel_forward(
     const at::Tensor& xproj, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
     const std::optional<at::Tensor>& lengths, bool reverse, bool save);
