@@ -25,10 +25,12 @@ pytestmark = pytest.mark.skipif("cpu" not in lstm_fused.available_backends(),
                                 reason="the C++ extension is not built")
 
 # (id, leading shape of x, I, H, biases): partial row tiles (13 rows), a partial unit block
-# (H = 21, 200), several row panels of the work split (700 rows > 96), 3-D input, no bias, and a
+# (H = 21, 200), several row panels of the work split (700 rows > 96), 3-D input, no bias, an odd
+# reduction (bf16 panels pair rows of k, the last odd one stays plain: step_kernels.h), and a
 # reduction of one element.
 CASES = [
     ("row_tile_and_unit_block", (13,), 70, 21, True),
+    ("odd_features", (11,), 33, 24, True),
     ("row_panels_3d", (35, 20), 96, 200, True),
     ("no_bias", (5, 3), 64, 48, False),
     ("one_feature", (9,), 1, 16, True),

@@ -39,6 +39,26 @@ void pack_typed(const at::Tensor& w, PanelLayout layout, int V, scalar_t* out) {
   }
 }
 
+// bfloat16 panels pair consecutive rows of the reduction (see step_kernels.h): rows 2m and 2m + 1
+// (4V elements each) become one row of 4V 32-bit words, word e = row 2m + 1's element e in the
+// high half and row 2m's in the low half, so one shift and one mask widen a loaded vector into
+// both rows. Rows come in pairs from each panel's start; a last odd row stays as it was.
+void pair_rows(c10::BFloat16* panels, int64_t panel_count, int64_t rows, int V) {
+  const int64_t width = 4 * V;
+  std::vector<c10::BFloat16> pair(2 * width);
+  for (int64_t p = 0; p < panel_count; ++p) {
+    c10::BFloat16* panel = panels + p * rows * width;
+    for (int64_t k = 0; k + 1 < rows; k += 2) {
+      c10::BFloat16* even = panel + k * width;
+      for (int64_t e = 0; e < width; ++e) {
+        pair[2 * e] = even[e];              // low half of word e (little-endian)
+        pair[2 * e + 1] = even[width + e];  // high half
+      }
+      std::memcpy(even, pair.data(), pair.size() * sizeof(c10::BFloat16));
+    }
+  }
+}
+
 at::Tensor pack(const at::Tensor& w_in, PanelLayout layout, int V) {
   const at::Tensor w = w_in.contiguous();
   const int64_t H = w.size(0) / 4, K = w.size(1);
@@ -49,6 +69,11 @@ at::Tensor pack(const at::Tensor& w_in, PanelLayout layout, int V) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "lstm_fused_pack", [&] {
     pack_typed<scalar_t>(w, layout, V, out.data_ptr<scalar_t>());
   });
+  if (w.scalar_type() == at::kBFloat16) {
+    const int64_t rows = layout == PanelLayout::kForwardGates ? K : 4 * H;
+    const int64_t panel_count = layout == PanelLayout::kForwardGates ? (H + V - 1) / V : (K + 4 * V - 1) / (4 * V);
+    pair_rows(out.data_ptr<c10::BFloat16>(), panel_count, rows, V);
+  }
   return out;
 }
 

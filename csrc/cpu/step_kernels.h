@@ -17,6 +17,14 @@ namespace lstm_fused::cpu {
 
 enum class Storage { kFloat, kBFloat16, kHalf };
 
+// The panels below are described as rows of 4V elements, one row per k of the reduction. In
+// bfloat16 they pair rows: rows 2m and 2m + 1 are stored as one row of 4V 32-bit words, word e
+// holding row 2m + 1's element e in its high 16 bits and row 2m's in its low 16 bits (a last odd
+// row stays plain). bf16 is the high half of a float32, so a vector of those words widens into
+// both rows exactly with one mask and one shift (PairedBf16 in step_kernels_impl.h): half the
+// instructions of widening 16-bit lanes one by one. Offsets are unchanged: row k still starts at
+// element k * 4V for even k.
+
 // Forward of one direction of one layer. Unit block u covers units [u*V, u*V + V) (the last
 // one may be partial); its panel is (H, 4, V): for every input column k, the i, f, g, o weight
 // rows of its V units, zero past H. Panels have the storage dtype (the weights' own values).

@@ -20,6 +20,12 @@ struct Vec {
     const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
   }
+  // Paired bf16 rows (step_kernels.h): the low halves shifted up, the high halves masked.
+  static void load_pair(const c10::BFloat16* p, reg& even, reg& odd) {
+    const __m512i words = _mm512_loadu_si512(p);
+    even = _mm512_castsi512_ps(_mm512_slli_epi32(words, 16));
+    odd = _mm512_castsi512_ps(_mm512_and_si512(words, _mm512_set1_epi32(int(0xFFFF0000u))));
+  }
   static reg load(const c10::Half* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
@@ -29,6 +35,7 @@ struct Vec {
   static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
 };
 constexpr int kMaxRows = 6;
+constexpr int kMaxPairedRows = 4;  // 24 accumulators and 12 broadcasts would not fit in 32 registers
 
 #include "cpu/step_kernels_impl.h"
 
