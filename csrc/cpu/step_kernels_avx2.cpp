@@ -20,11 +20,18 @@ struct Vec {
     const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
   }
-  // Paired bf16 rows (step_kernels.h): the low halves shifted up, the high halves masked.
-  static void load_pair(const c10::BFloat16* p, reg& even, reg& odd) {
+  // Paired bf16 rows (step_kernels.h): row k is the words' low halves shifted up, row k + 1
+  // their high halves with the low ones cleared.
+  static reg load_even(const c10::BFloat16* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), 16));
+  }
+  static reg load_odd(const c10::BFloat16* p) {
     const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    even = _mm256_castsi256_ps(_mm256_slli_epi32(words, 16));
-    odd = _mm256_castsi256_ps(_mm256_and_si256(words, _mm256_set1_epi32(int(0xFFFF0000u))));
+    return _mm256_castsi256_ps(_mm256_and_si256(words, _mm256_set1_epi32(int(0xFFFF0000u))));
+  }
+  static void load_pair(const c10::BFloat16* p, reg& even, reg& odd) {
+    even = load_even(p);
+    odd = load_odd(p);
   }
   static reg load(const c10::Half* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -35,7 +42,6 @@ struct Vec {
   static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
 };
 constexpr int kMaxRows = 3;
-constexpr int kMaxPairedRows = 2;  // 12 accumulators and 6 broadcasts would not fit in 16 registers
 
 #include "cpu/step_kernels_impl.h"
 

@@ -20,11 +20,17 @@ struct Vec {
     const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
   }
-  // Paired bf16 rows (step_kernels.h): the low halves shifted up, the high halves masked.
+  // Paired bf16 rows (step_kernels.h): row k is the words' low halves shifted up, row k + 1
+  // their high halves with the low ones cleared.
+  static reg load_even(const c10::BFloat16* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_loadu_si512(p), 16));
+  }
+  static reg load_odd(const c10::BFloat16* p) {
+    return _mm512_castsi512_ps(_mm512_and_si512(_mm512_loadu_si512(p), _mm512_set1_epi32(int(0xFFFF0000u))));
+  }
   static void load_pair(const c10::BFloat16* p, reg& even, reg& odd) {
-    const __m512i words = _mm512_loadu_si512(p);
-    even = _mm512_castsi512_ps(_mm512_slli_epi32(words, 16));
-    odd = _mm512_castsi512_ps(_mm512_and_si512(words, _mm512_set1_epi32(int(0xFFFF0000u))));
+    even = load_even(p);
+    odd = load_odd(p);
   }
   static reg load(const c10::Half* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -35,7 +41,6 @@ struct Vec {
   static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
 };
 constexpr int kMaxRows = 6;
-constexpr int kMaxPairedRows = 4;  // 24 accumulators and 12 broadcasts would not fit in 32 registers
 
 #include "cpu/step_kernels_impl.h"
 

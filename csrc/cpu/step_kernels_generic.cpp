@@ -21,11 +21,19 @@ struct Vec {
     return v;
   }
   // Paired bf16 rows (step_kernels.h): element 2i is row k's lane i, 2i + 1 row k + 1's.
+  static reg load_even(const c10::BFloat16* p) {
+    reg v;
+    for (int i = 0; i < kWidth; ++i) v[i] = static_cast<float>(p[2 * i]);
+    return v;
+  }
+  static reg load_odd(const c10::BFloat16* p) {
+    reg v;
+    for (int i = 0; i < kWidth; ++i) v[i] = static_cast<float>(p[2 * i + 1]);
+    return v;
+  }
   static void load_pair(const c10::BFloat16* p, reg& even, reg& odd) {
-    for (int i = 0; i < kWidth; ++i) {
-      even[i] = static_cast<float>(p[2 * i]);
-      odd[i] = static_cast<float>(p[2 * i + 1]);
-    }
+    even = load_even(p);
+    odd = load_odd(p);
   }
   static reg load(const c10::Half* p) {
     reg v;
@@ -38,7 +46,6 @@ struct Vec {
   static reg fma(reg a, reg b, reg c) { return a * b + c; }
 };
 constexpr int kMaxRows = 2;
-constexpr int kMaxPairedRows = 2;
 
 #include "cpu/step_kernels_impl.h"
 

@@ -2,8 +2,6 @@
 // step_kernels_<isa>.cpp inside a namespace of its own, after that file has defined
 //   struct Vec  { using reg; kWidth; zero, load, store, broadcast, add, fma }  (one SIMD register)
 //   constexpr int kMaxRows;                 rows of a register tile
-//   constexpr int kMaxPairedRows;           the same for paired bf16 panels, whose loop keeps
-//                                           two broadcasts per row live
 // and switched the compiler's target to the instruction set. Include no header here: anything
 // defined under the wider target must stay in this file's namespace, so the linker can never
 // hand another translation unit a copy compiled for a CPU it may not have.
@@ -39,30 +37,40 @@ template <int R, typename panel_t>
 inline void tile_product(const float* __restrict__ A, int64_t lda, int64_t K,
                          const panel_t* __restrict__ panel, reg (&acc)[R][4]) {
   int64_t k = 0;
-  if constexpr (std::is_same_v<panel_t, c10::BFloat16>) {
+  if constexpr (std::is_same_v<panel_t, c10::BFloat16> && R == 1) {
     // Paired rows (step_kernels.h): each load of 2V bf16 widens into rows k and k + 1; a last
-    // odd row is plain and left to the loop at the end. One row keeps a second set of sums for
-    // the odd rows (4 chains are too few to hide the FMA latency); more rows have enough.
-    reg odd[4] = {Vec::zero(), Vec::zero(), Vec::zero(), Vec::zero()};  // R == 1 only
+    // odd row is plain and left to the loop at the end. The odd rows get a second set of sums
+    // (one row's 4 chains are too few to hide the FMA latency).
+    reg odd[4] = {Vec::zero(), Vec::zero(), Vec::zero(), Vec::zero()};
     for (; k + 1 < K; k += 2) {
       const panel_t* p = panel + k * 4 * V;
-      reg a0[R], a1[R];
-      for (int r = 0; r < R; ++r) {
-        a0[r] = Vec::broadcast(A[r * lda + k]);
-        a1[r] = Vec::broadcast(A[r * lda + k + 1]);
-      }
+      const reg a0 = Vec::broadcast(A[k]), a1 = Vec::broadcast(A[k + 1]);
       for (int q = 0; q < 4; ++q) {
         reg w_even, w_odd;
         Vec::load_pair(p + 2 * q * V, w_even, w_odd);
-        for (int r = 0; r < R; ++r) {
-          acc[r][q] = Vec::fma(a0[r], w_even, acc[r][q]);
-          if constexpr (R == 1) odd[q] = Vec::fma(a1[0], w_odd, odd[q]);
-          else acc[r][q] = Vec::fma(a1[r], w_odd, acc[r][q]);
-        }
+        acc[0][q] = Vec::fma(a0, w_even, acc[0][q]);
+        odd[q] = Vec::fma(a1, w_odd, odd[q]);
       }
     }
-    if constexpr (R == 1)
-      for (int q = 0; q < 4; ++q) acc[0][q] = Vec::add(acc[0][q], odd[q]);
+    for (int q = 0; q < 4; ++q) acc[0][q] = Vec::add(acc[0][q], odd[q]);
+  } else if constexpr (std::is_same_v<panel_t, c10::BFloat16>) {
+    // Several rows: row k for every vector, then row k + 1 (the pair's words are reloaded from
+    // L1), so only one set of R broadcasts is live beside the accumulators: on AVX2, 3 rows
+    // x 4 vectors of sums + 3 broadcasts + 1 weight vector fill the 16 registers.
+    for (; k + 1 < K; k += 2) {
+      const panel_t* p = panel + k * 4 * V;
+      reg a[R];
+      for (int r = 0; r < R; ++r) a[r] = Vec::broadcast(A[r * lda + k]);
+      for (int q = 0; q < 4; ++q) {
+        const reg w = Vec::load_even(p + 2 * q * V);
+        for (int r = 0; r < R; ++r) acc[r][q] = Vec::fma(a[r], w, acc[r][q]);
+      }
+      for (int r = 0; r < R; ++r) a[r] = Vec::broadcast(A[r * lda + k + 1]);
+      for (int q = 0; q < 4; ++q) {
+        const reg w = Vec::load_odd(p + 2 * q * V);
+        for (int r = 0; r < R; ++r) acc[r][q] = Vec::fma(a[r], w, acc[r][q]);
+      }
+    }
   } else if constexpr (R == 1) {
     // One row gives only 4 independent FMA chains, too few to hide the FMA latency: keep a
     // second set of sums for odd k.
@@ -91,13 +99,8 @@ inline void tile_product(const float* __restrict__ A, int64_t lda, int64_t K,
 // then serves every row tile from L1 instead of being streamed from L2 once per row tile. Sums
 // between chunks wait in the block's `partial` rows (B x 4V floats).
 template <typename panel_t>
-constexpr int rows_per_tile() {
-  return std::is_same_v<panel_t, c10::BFloat16> ? kMaxPairedRows : kMaxRows;
-}
-
-template <typename panel_t>
 inline int64_t chunk_length(int64_t B, int64_t K, int64_t chunk_bytes) {
-  if (B <= rows_per_tile<panel_t>() || chunk_bytes <= 0) return K;
+  if (B <= kMaxRows || chunk_bytes <= 0) return K;
   int64_t k = chunk_bytes / (4 * V * static_cast<int64_t>(sizeof(panel_t)));
   // Paired bf16 rows (step_kernels.h) must not be split between chunks.
   if constexpr (std::is_same_v<panel_t, c10::BFloat16>) k = k < 2 ? 2 : k - k % 2;
@@ -119,8 +122,8 @@ inline void save_partial(float* __restrict__ partial, const reg (&acc)[R][4]) {
     for (int q = 0; q < 4; ++q) Vec::store(partial + r * 4 * V + q * V, acc[r][q]);
 }
 
-// Calls body.template run<R>(b0) for row tiles covering [0, B): full tiles of the panel type's
-// rows_per_tile, then one tile of the remainder.
+// Calls body.template run<R>(b0) for row tiles covering [0, B): full tiles of kMaxRows,
+// then one tile of the remainder.
 template <int R, typename Body>
 inline void tile_rows_remainder(int64_t rows, int64_t b0, Body& body) {
   if constexpr (R > 0) {
@@ -128,12 +131,11 @@ inline void tile_rows_remainder(int64_t rows, int64_t b0, Body& body) {
     else tile_rows_remainder<R - 1>(rows, b0, body);
   }
 }
-template <typename panel_t, typename Body>
+template <typename Body>
 inline void for_each_row_tile(int64_t B, Body& body) {
-  constexpr int kRows = rows_per_tile<panel_t>();
   int64_t b0 = 0;
-  for (; b0 + kRows <= B; b0 += kRows) body.template run<kRows>(b0);
-  if (b0 < B) tile_rows_remainder<kRows - 1>(B - b0, b0, body);
+  for (; b0 + kMaxRows <= B; b0 += kMaxRows) body.template run<kMaxRows>(b0);
+  if (b0 < B) tile_rows_remainder<kMaxRows - 1>(B - b0, b0, body);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -234,7 +236,7 @@ void forward_block_typed(const ForwardStepArgs& a, int64_t s, int64_t u) {
     for (int64_t k0 = 0; k0 < a.K; k0 += kc) {
       tile.k0 = k0;
       tile.k1 = a.K - k0 < kc ? a.K : k0 + kc;
-      for_each_row_tile<scalar_t>(a.B, tile);
+      for_each_row_tile(a.B, tile);
     }
   };
   if (a.save) {
@@ -357,7 +359,7 @@ void backward_block_typed(const BackwardStepArgs& a, int64_t s, int64_t q, Backw
   for (int64_t k0 = 0; k0 < K; k0 += kc) {
     tile.k0 = k0;
     tile.k1 = K - k0 < kc ? K : k0 + kc;
-    for_each_row_tile<scalar_t>(a.B, tile);
+    for_each_row_tile(a.B, tile);
   }
 }
 
@@ -421,7 +423,7 @@ void panel_product_typed(const PanelProductArgs& a, int64_t b, int64_t m0, int64
     const int64_t left = a.columns - first - (a.gate_layout ? 0 : q * V);
     tile.valid[q] = left < 0 ? 0 : left < V ? left : V;
   }
-  for_each_row_tile<scalar_t>(m1 - m0, tile);
+  for_each_row_tile(m1 - m0, tile);
 }
 
 void panel_product(const PanelProductArgs& a, int64_t b, int64_t m0, int64_t m1) {
