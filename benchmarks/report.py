@@ -39,6 +39,7 @@ COLUMNS = [
     ("vs", 15, lambda r: r.get("baseline") or "nn.LSTM"),
     ("Mtok/s", 9, _num("tokens_per_s", ".3f", 1e-6)),
     ("floor%", 7, _num("roofline_frac", ".1f", 100.0)),
+    ("bound", 8, lambda r: r.get("floor_bound") or "-"),
     ("peak MB", 9, _mb("peak_mem_mb")),
     ("saved MB", 9, _mb("saved_mb")),
     ("note", 0, lambda r: r.get("skipped") and f"skipped: {r['skipped']}" or r.get("note") or ""),
@@ -84,7 +85,10 @@ def markdown(results: dict) -> str:
             f"- measured peak (our loops, not MKL): **{m['fma_peak_gflops']:.1f} GFLOP/s** fp32 FMA "
             f"({m.get('fma_isa')}, {m.get('peak_threads')} threads); read bandwidth "
             f"{m.get('l2_read_gb_s', 0):.1f} GB/s at {m.get('l2_bytes_per_thread', 0) // 1024} KB "
-            f"per thread (L2), {m.get('big_read_gb_s', 0):.1f} GB/s over "
+            f"per thread (L2), "
+            + (f"{m['l3_read_gb_s']:.1f} GB/s at {m['l3_bytes_per_thread'] / 2**20:.3g} MB per thread (L3), "
+               if m.get("l3_read_gb_s") else "")
+            + f"{m.get('big_read_gb_s', 0):.1f} GB/s over "
             f"{m.get('big_read_bytes', 0) // 2**20} MB; for comparison MKL 1024^3 GEMM "
             f"{m.get('mkl_gemm_gflops', 0):.1f} GFLOP/s, copy_ {m.get('copy_gb_s', 0):.1f} GB/s")
     elif m.get("mkl_gemm_gflops") is not None:
@@ -105,7 +109,9 @@ def markdown(results: dict) -> str:
         "`ms` is the median; speedup is the baseline's ms / provider ms from the same run, the "
         "baseline (column vs) being nn.LSTM in the row's dtype unless the row names another "
         "(e.g. `lstm_fused:cpu float32`: ours in bfloat16 over ours in float32); floor% is "
-        "the roofline floor over ms (see benchmarks/roofline.py); peak MB is the GPU memory one "
+        "the roofline floor over ms and bound the term that set it: flops, bytes, stream (re-reading "
+        "the recurrent weights every step from the cache that holds them: CPUs) or latency (see "
+        "benchmarks/roofline.py); peak MB is the GPU memory one "
         "call adds; saved MB is what autograd keeps for backward.",
         "",
         "| " + " | ".join(h for h, _, _ in COLUMNS) + " |",

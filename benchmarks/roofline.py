@@ -13,6 +13,13 @@ byte_time = bytes / memory bandwidth, with bytes = every weight read once + the 
     the output written once (summed over layers and directions); fwdbwd counts 3x that (the
     weights are read again and their gradients written; activations and their gradients go
     through memory again). Pointwise gate traffic is not counted: a fused kernel keeps it on chip.
+stream_time (CPUs) = what re-reading the recurrent weights at every step costs: each step of a
+    layer and direction needs all of W_hh (and W_hr), and a CPU core cannot hold them in
+    registers or L1 (a GPU's persistent kernel keeps them on chip, so GPUs have no such term).
+    They are read from the nearest cache that holds them, split over the run's threads: L2 when
+    each thread's share fits one core's L2, else L3 when the whole fits the L3, else DRAM, at
+    that level's measured read bandwidth. T steps per layer and direction; fwdbwd reads them
+    again in the backward. This is the floor that matters at small batch on a CPU.
 latency_time = sequential steps * a per-step cost. Step t needs h_{t-1}, so a direction is T
     dependent steps, and stacked layers can at best run as a wavefront: T + layers - 1 steps
     (twice that for fwdbwd, whose backward is sequential too). The per-step cost is the least a
@@ -30,17 +37,19 @@ GEMM is far below the hardware on AMD CPUs):
     run's thread count. The same rate is used for bfloat16/float16: the kernels compute in fp32
     (half precision halves the bytes, not the FLOP time).
   * bytes/s: ``cpu_read_bandwidth_gbs`` over 64 MB in all (beyond most last-level caches: DRAM or
-    a large L3); the L2 read bandwidth (256 KB per thread) is recorded beside it, not used by the
-    model (it has no per-step weight-streaming term).
+    a large L3) for byte_time and for weights beyond the L3; 256 KB per thread (L2) and a buffer
+    of about a quarter of the L3 in all (L3, when the L3 is known and larger than the L2s) for
+    stream_time.
   The older figures, a 1024^3 ``torch.mm`` (MKL) and a 128 MB ``copy_``, are kept in the results for
 comparison (``mkl_gemm_gflops``, ``copy_gb_s``), and are the fallback when the ops are missing.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -71,6 +80,11 @@ class Peaks:
     step_s: float
     measure_flops: Optional[Callable[[str], float]] = field(default=None, repr=False)
     cpu: Optional[dict] = None       # CPU only: what was measured, for the machine block
+    # CPU only: the caches the recurrent weights may be read from each step, nearest first, as
+    # (bytes one thread's share may have to fit, read bytes/s of all threads); past the last one
+    # they come from memory at ``bandwidth``. Empty: no stream_time term (GPUs).
+    weight_caches: List[Tuple[float, float]] = field(default_factory=list)
+    threads: int = 1
 
     def rate(self, dtype: str, tf32: bool) -> float:
         key = "tf32" if dtype == "float32" and tf32 and "tf32" in self.flops else dtype
@@ -84,7 +98,16 @@ class Peaks:
              "bandwidth_tb_s": self.bandwidth / TB_S, "step_latency_us": self.step_s * 1e6}
         if self.cpu is not None:
             d["cpu"] = dict(self.cpu)
+        if self.weight_caches:
+            d["weight_caches"] = [{"bytes_per_thread": c, "gb_s": bw / 1e9} for c, bw in self.weight_caches]
         return d
+
+    def weight_read_rate(self, nbytes: float) -> float:
+        """Bytes/s at which ``nbytes`` of weights, split over the threads, can be re-read."""
+        for capacity, rate in self.weight_caches:
+            if nbytes / self.threads <= capacity:
+                return rate
+        return self.bandwidth
 
 
 # ----------------------------------------------------------------------------- the model
@@ -114,17 +137,28 @@ def min_bytes(shape: Shape, mode: str, elsize: int) -> float:
     return fwd if mode == "fwd" else 3 * fwd
 
 
+def stream_seconds(shape: Shape, mode: str, elsize: int, peaks: Peaks) -> float:
+    """stream_time: every layer's and direction's recurrent weights read once per step."""
+    if not peaks.weight_caches:
+        return 0.0
+    out = shape.proj_size or shape.H
+    per_step = (4 * shape.H * out + shape.H * shape.proj_size) * elsize  # W_hh, W_hr
+    one_pass = shape.layers * shape.dirs * shape.T * per_step / peaks.weight_read_rate(per_step)
+    return one_pass if mode == "fwd" else 2 * one_pass
+
+
 def steps(shape: Shape, mode: str) -> int:
     fwd = shape.T + shape.layers - 1
     return fwd if mode == "fwd" else 2 * fwd
 
 
 def floor_ms(shape: Shape, mode: str, dtype: str, peaks: Peaks, tf32: bool) -> Tuple[float, str]:
-    """(floor in ms, which bound set it: "flops", "bytes" or "latency")."""
+    """(floor in ms, which bound set it: "flops", "bytes", "stream" or "latency")."""
     elsize = torch.finfo(getattr(torch, dtype)).bits // 8
     times = {
         "flops": flops(shape, mode) / peaks.rate(dtype, tf32),
         "bytes": min_bytes(shape, mode, elsize) / peaks.bandwidth,
+        "stream": stream_seconds(shape, mode, elsize, peaks),
         "latency": steps(shape, mode) * peaks.step_s,
     }
     bound = max(times, key=times.get)
@@ -163,6 +197,41 @@ def measure_cpu_copy(mbytes: int = 128, window_s: float = 0.3) -> float:
 
 L2_BYTES_PER_THREAD = 256 * 2**10
 BIG_READ_BYTES = 64 * 2**20
+
+
+def cache_bytes(level: int) -> int:
+    """Size of one cache of ``level`` (2: a core's L2, 3: the L3 this core shares), 0 if unknown."""
+    try:
+        size = os.sysconf(f"SC_LEVEL{level}_CACHE_SIZE")
+        if size > 0:
+            return int(size)
+    except (ValueError, OSError):
+        pass
+    # sysfs: index<n> of cpu0 whose level is `level` (data or unified), size like "1024K".
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in sorted(os.listdir(root)):
+            base = os.path.join(root, entry)
+            with open(os.path.join(base, "level")) as f:
+                if int(f.read()) != level:
+                    continue
+            with open(os.path.join(base, "type")) as f:
+                if f.read().strip() == "Instruction":
+                    continue
+            with open(os.path.join(base, "size")) as f:
+                text = f.read().strip()
+            scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+            return int(text.rstrip("KMG")) * scale
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def l3_read_bytes_per_thread(threads: int, l2: int, l3: int) -> int:
+    """A buffer per thread that misses every L2 but stays well inside the L3 (a quarter of it
+    in all, at least twice a thread's L2 share); 0 when the L3 is unknown or not that large."""
+    per_thread = l3 // (4 * threads)
+    return per_thread if l3 > 0 and per_thread >= 2 * max(l2, L2_BYTES_PER_THREAD) else 0
 
 
 def peak_ops_available() -> bool:
@@ -213,9 +282,20 @@ def cpu_peaks(device_name: str, threads: Optional[int] = None) -> Peaks:
                 fma_isa=isa, fma_peak_gflops=fma / 1e9, l2_read_gb_s=l2 / 1e9,
                 l2_bytes_per_thread=L2_BYTES_PER_THREAD, big_read_gb_s=big / 1e9,
                 big_read_bytes=BIG_READ_BYTES)
+    l2_size, l3_size = cache_bytes(2), cache_bytes(3)
+    # A thread's share fits its L2 with room for the state and outputs: half of it (a quarter
+    # of 256 KB when the size is unknown, as in the read loop).
+    caches = [(max(l2_size, L2_BYTES_PER_THREAD) / 2, l2)]
+    l3_share = l3_read_bytes_per_thread(threads, l2_size, l3_size)
+    if l3_share:
+        l3 = measure_cpu_read(l3_share, threads)
+        info.update(l3_read_gb_s=l3 / 1e9, l3_bytes_per_thread=l3_share)
+        caches.append((l3_size / 2 / threads, l3))
+    info.update(l2_bytes=l2_size, l3_bytes=l3_size)
     # The kernels compute in fp32 whatever the storage dtype: one FMA rate for all of them.
     rates = {dt: fma for dt in ("float32", "bfloat16", "float16")}
-    return Peaks(device_name, f"measured (FMA {isa})", rates, big, STEP_LATENCY_S["cpu"], cpu=info)
+    return Peaks(device_name, f"measured (FMA {isa})", rates, big, STEP_LATENCY_S["cpu"], cpu=info,
+                 weight_caches=caches, threads=threads)
 
 
 def device_peaks(device, device_name: str) -> Optional[Peaks]:

@@ -266,6 +266,30 @@ def test_roofline_flops_and_floor():
     assert bound == "flops" and ms == pytest.approx(roofline.flops(big, "fwd") / 1e9 * 1e3)
 
 
+def test_roofline_stream_term_reads_the_recurrent_weights_every_step():
+    s = Shape(T=100, B=1, I=32, H=64)
+    w_hh = 4 * 64 * 64 * 4  # fp32 bytes
+    l2, l3, dram = 100e9, 50e9, 10e9
+    peaks = roofline.Peaks("cpu", "fake", {"float32": 1e15, "bfloat16": 1e15}, bandwidth=dram,
+                           step_s=1e-9, weight_caches=[(w_hh / 2, l2), (4 * w_hh, l3)], threads=2)
+    ms, bound = roofline.floor_ms(s, "fwd", "float32", peaks, tf32=False)
+    assert bound == "stream" and ms == pytest.approx(100 * w_hh / l2 * 1e3)  # each half in an L2
+    assert roofline.floor_ms(s, "fwdbwd", "float32", peaks, tf32=False)[0] == pytest.approx(2 * ms)
+    # bf16 weights: half the bytes, same level.
+    assert roofline.floor_ms(s, "fwd", "bfloat16", peaks, tf32=False)[0] == pytest.approx(ms / 2)
+    one = roofline.Peaks("cpu", "fake", {"float32": 1e15}, bandwidth=dram, step_s=1e-9,
+                         weight_caches=[(w_hh / 2, l2), (4 * w_hh, l3)], threads=1)
+    assert roofline.floor_ms(s, "fwd", "float32", one, tf32=False)[0] == pytest.approx(100 * w_hh / l3 * 1e3)
+    # Layers, directions and a projection (W_hr) each stream their own weights.
+    deep = Shape(T=100, B=1, I=32, H=64, layers=3, bidirectional=True, proj_size=16)
+    per_step = (4 * 64 * 16 + 64 * 16) * 4
+    ms, bound = roofline.floor_ms(deep, "fwd", "float32", peaks, tf32=False)
+    assert bound == "stream" and ms == pytest.approx(6 * 100 * per_step / l2 * 1e3)
+    # GPUs (no weight caches) have no such term.
+    gpu = roofline.Peaks("gpu", "fake", {"float32": 1e15}, bandwidth=dram, step_s=1e-9)
+    assert roofline.floor_ms(s, "fwd", "float32", gpu, tf32=False)[1] != "stream"
+
+
 def test_roofline_gpu_table_and_tf32():
     p = roofline.device_peaks("cuda", "NVIDIA H100 80GB HBM3")
     assert p.bandwidth == pytest.approx(3.35e12)
@@ -626,8 +650,9 @@ def test_cpu_peaks_use_our_fma_loop_and_keep_mkl(monkeypatch):
                         lambda threads, isa="auto": calls.append((threads, isa)) or 123e9)
     monkeypatch.setattr(roofline, "measure_cpu_gemm", lambda dtype="float32", **k: 7e9)
     monkeypatch.setattr(roofline, "measure_cpu_copy", lambda **k: 5e9)
-    monkeypatch.setattr(roofline, "measure_cpu_read",
-                        lambda nbytes, threads: 400e9 if nbytes == roofline.L2_BYTES_PER_THREAD else 40e9)
+    monkeypatch.setattr(roofline, "cache_bytes", lambda level: {2: 2**20, 3: 96 * 2**20}[level])
+    reads = {roofline.L2_BYTES_PER_THREAD: 400e9, 8 * 2**20: 200e9}  # L3: a quarter over 3 threads
+    monkeypatch.setattr(roofline, "measure_cpu_read", lambda nbytes, threads: reads.get(nbytes, 40e9))
     p = roofline.cpu_peaks("some cpu", threads=3)
     isa = torch.ops.lstm_fused.cpu_isa_selected()
     assert calls == [(3, isa)]
@@ -636,7 +661,16 @@ def test_cpu_peaks_use_our_fma_loop_and_keep_mkl(monkeypatch):
     assert p.cpu["mkl_gemm_gflops"] == 7.0 and p.cpu["fma_peak_gflops"] == 123.0
     assert p.cpu["l2_read_gb_s"] == 400.0 and p.cpu["big_read_gb_s"] == 40.0
     assert p.cpu["fma_isa"] == isa and p.cpu["peak_threads"] == 3
+    assert p.cpu["l3_read_gb_s"] == 200.0 and p.cpu["l3_bytes_per_thread"] == 8 * 2**20
     assert "FMA" in p.source
+    # Weights re-read per step: half an L2 per thread, half the L3 over the threads, then DRAM.
+    assert p.weight_caches == [(2**19, 400e9), (16 * 2**20, 200e9)]
+    assert p.weight_read_rate(3 * 2**19) == 400e9 and p.weight_read_rate(3 * 2**19 + 3) == 200e9
+    assert p.weight_read_rate(48 * 2**20) == 200e9 and p.weight_read_rate(49 * 2**20) == 40e9
+    # No L3 measure where the L3 is unknown or no larger than the L2s.
+    monkeypatch.setattr(roofline, "cache_bytes", lambda level: {2: 2**20, 3: 0}[level])
+    p = roofline.cpu_peaks("some cpu", threads=3)
+    assert "l3_read_gb_s" not in p.cpu and p.weight_caches == [(2**19, 400e9)]
     # Without the ops: MKL GEMM as before, and said so.
     monkeypatch.setattr(roofline, "peak_ops_available", lambda: False)
     p = roofline.cpu_peaks("some cpu", threads=3)
