@@ -129,7 +129,7 @@ def lstm(
         weights = [w.to(cast) for w in weights]
 
     # torch.onnx.export(dynamo=True) gets ONNX LSTM nodes instead of our op (onnx_export.py).
-    onnx_exporting = torch.onnx.is_in_onnx_export()
+    onnx_exporting = onnx_export.in_onnx_export()
     dropout_between_layers = dropout > 0 and training and num_layers > 1
     if (
         x.size(0) == 1 and proj_size == 0 and lengths is None and not onnx_exporting

@@ -171,10 +171,10 @@ class LSTM(nn.LSTM):
         if torch.jit.is_tracing():
             # torch.jit.trace and torch.onnx.export(dynamo=False) record nn.LSTM's aten::lstm:
             # TorchScript replays it, and the ONNX exporter maps it to ONNX's LSTM operator.
-            if torch.onnx.is_in_onnx_export():
+            if onnx_export.in_onnx_export():
                 onnx_export.refuse_projection(self.proj_size)
             return super().forward(input, hx)
-        if isinstance(input, PackedSequence) and torch.onnx.is_in_onnx_export():
+        if isinstance(input, PackedSequence) and onnx_export.in_onnx_export():
             onnx_export.refuse_packed_input()
         if not _flat_weights_current(self):
             self._update_flat_weights()
@@ -287,7 +287,7 @@ class LSTMCell(nn.LSTMCell):
             return torchscript.lstm_cell(
                 input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
             )
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        if torch.jit.is_tracing() or onnx_export.in_onnx_export():
             # Tracing, and both ONNX exporters, record nn.LSTMCell's aten::lstm_cell (plain
             # GEMMs and pointwise ops after decomposition) instead of our custom op.
             return super().forward(input, hx)
@@ -321,8 +321,10 @@ class LSTMCell(nn.LSTMCell):
                     f"hidden{label} has inconsistent hidden_size: got {value.size(1)}, "
                     f"expected {self.hidden_size}"
                 )
-        # Each parameter read goes through nn.Module.__getattr__: read them once.
-        weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        # Straight from the parameter dict (nn.Module.__getattr__ costs a microsecond or more a
+        # read here); torch.func.functional_call and per-sample grads swap the entries of it.
+        params = self._parameters
+        weights = (params["weight_ih"], params["weight_hh"], params.get("bias_ih"), params.get("bias_hh"))
         w_ih, w_hh, b_ih, b_hh = weights
         if x.dtype != w_ih.dtype:
             raise RuntimeError(

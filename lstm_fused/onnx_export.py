@@ -21,6 +21,32 @@ from torch import Tensor
 from torch._higher_order_ops.scan import scan
 
 
+_export_flags = None  # (the dynamo exporter's flags, the TorchScript exporter's), or () if absent
+
+
+def in_onnx_export() -> bool:
+    """``torch.onnx.is_in_onnx_export()`` without its two imports per call (a few microseconds,
+    which a one-step LSTMCell call shows): the same two flags, looked up once. A torch whose
+    exporter keeps them elsewhere gets the public function, and so does Dynamo, which knows it
+    (and refuses to trace into the exporter's modules)."""
+    global _export_flags
+    if torch.compiler.is_compiling():
+        return torch.onnx.is_in_onnx_export()
+    if _export_flags is None:
+        try:
+            from torch.onnx._internal.exporter import _flags
+            from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+
+            _export_flags = (_flags, GLOBALS) if hasattr(_flags, "_is_onnx_exporting") and \
+                hasattr(GLOBALS, "in_onnx_export") else ()
+        except ImportError:
+            _export_flags = ()
+    if not _export_flags:
+        return torch.onnx.is_in_onnx_export()
+    flags, globals_ = _export_flags
+    return bool(globals_.in_onnx_export or flags._is_onnx_exporting)
+
+
 def refuse_projection(proj_size: int) -> None:
     """For dynamo=False: ONNX's LSTM operator has no projection (W_hr), and the TorchScript
     exporter's own message about it does not say what works instead."""
