@@ -39,6 +39,12 @@ TORCH_LIBRARY(lstm_fused, m) {
   m.def(
       "stacked_cell_forward(Tensor x, Tensor h0, Tensor c0, Tensor[] weights, int num_layers, "
       "bool bidirectional, bool has_biases) -> (Tensor y, Tensor h_n, Tensor c_n)");
+  // A stack of unidirectional layers without projection for inference (CPU, float32): x (T, B, I),
+  // h0/c0 (L, B, H), weights w_ih, w_hh[, b_ih, b_hh] per layer; run as a wavefront over chunks
+  // of time (csrc/cpu/wavefront.cpp).
+  m.def(
+      "wavefront_forward(Tensor x, Tensor h0, Tensor c0, Tensor[] weights, int num_layers, "
+      "bool has_biases) -> (Tensor y, Tensor h_n, Tensor c_n)");
   // x @ w_ih^T + b_ih + b_hh over every row of x (..., I) -> (..., 4H): the input projection of a
   // layer with the CPU step kernels' tile product (float32). Autograd in lstm_fused/ops.py.
   m.def("input_projection(Tensor x, Tensor w_ih, Tensor? b_ih, Tensor? b_hh) -> Tensor");

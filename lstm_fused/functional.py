@@ -92,6 +92,38 @@ def stacked_cell_step(x, h0, c0, weights, num_layers, bidirectional, has_biases)
     )
 
 
+# Rows of one chunk's input projection in the wavefront (csrc/cpu/wavefront.cpp, kChunkRows).
+_WAVEFRONT_CHUNK_ROWS = 96
+# One thread per layer beats splitting each step over the threads only for a small step whose
+# W_hh one core can stream fast. Measured on a 2-core Zen 3 (T = 512, 6 layers; 200, 2 layers):
+# B = 3, H = 128 (0.2M multiply-adds a step, 256 KB of W_hh): 32 -> 23 ms; B = 4, H = 256 (1M,
+# 1 MB): 137 -> 114 ms; but B = 10, H = 256 (2.6M): 267 -> 278 ms, and B = 1, H = 512 (1M,
+# 4 MB, streamed from L3 by one core instead of two): 21 -> 31 ms.
+_WAVEFRONT_MAX_STEP_MACS = 1 << 20
+_WAVEFRONT_MAX_W_HH_BYTES = 1 << 20
+
+
+def wavefront_applies(x: Tensor, h0: Tensor, c0: Tensor, weights, num_layers: int, backend: str) -> bool:
+    """Whether a stack of unidirectional float32 layers (no projection, lengths or dropout: the
+    caller checks those) runs as ``lstm_fused::wavefront_forward``: inference on the CPU backend,
+    two threads or more, a small step and two chunks or more. Its input projections are always
+    our tile product (they run inside the wavefront's items), whatever ``ops.OWN_GEMM`` says."""
+    if num_layers < 2 or x.device.type != "cpu" or x.dtype != torch.float32:
+        return False
+    # Dynamo cannot trace torch.get_num_threads(); compiled graphs keep the layer-by-layer ops.
+    if torch.compiler.is_compiling() or not hasattr(torch.ops.lstm_fused, "wavefront_forward"):
+        return False
+    if torch.get_num_threads() < 2:
+        return False
+    T, B, H = x.size(0), x.size(1), c0.size(-1)
+    chunk = max(1, _WAVEFRONT_CHUNK_ROWS // max(1, B))
+    if T < 2 * chunk or B * 4 * H * H > _WAVEFRONT_MAX_STEP_MACS or 16 * H * H > _WAVEFRONT_MAX_W_HH_BYTES:
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, h0, c0, *weights)):
+        return False
+    return dispatch.resolve(backend, x.device, x.dtype) == "cpu"
+
+
 def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     # nn.LSTM is on autocast's lower-precision list for CPU and CUDA: under autocast it computes
     # in the autocast dtype whatever the dtype of its input and weights.
@@ -139,6 +171,11 @@ def lstm(
         # (no separate input GEMM, no Python per layer).
         y, h_n, c_n = stacked_cell_step(x[0], h0, c0, weights, num_layers, num_dirs == 2, has_biases)
         return y.unsqueeze(0), h_n, c_n
+    if (
+        num_dirs == 1 and proj_size == 0 and lengths is None and not onnx_exporting
+        and not dropout_between_layers and wavefront_applies(x, h0, c0, weights, num_layers, backend)
+    ):
+        return torch.ops.lstm_fused.wavefront_forward(x, h0, c0, list(weights), num_layers, has_biases)
     h0_k, c0_k = h0.unbind(0), c0.unbind(0)  # one call each instead of an index per direction
     h_n, c_n = [], []
     layer_input = x

@@ -234,6 +234,10 @@ if extension_loaded():
     def _cell_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
         return torch.empty_like(h0), torch.empty_like(c0)
 
+    @torch.library.register_fake(f"{LIB}::wavefront_forward")
+    def _wavefront_forward_fake(x, h0, c0, weights, num_layers, has_biases):
+        return x.new_empty(x.size(0), x.size(1), h0.size(2)), torch.empty_like(h0), torch.empty_like(c0)
+
     @torch.library.register_fake(f"{LIB}::stacked_cell_forward")
     def _stacked_cell_forward_fake(x, h0, c0, weights, num_layers, bidirectional, has_biases):
         y = x.new_empty(x.size(0), (2 if bidirectional else 1) * h0.size(2))

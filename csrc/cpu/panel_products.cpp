@@ -93,20 +93,7 @@ at::Tensor input_projection(const at::Tensor& x_in, const at::Tensor& w_ih,
   const int V = kernels.vector_width;
   const int64_t blocks = (H + V - 1) / V;
   const at::Tensor panels = packed_panels(w_ih, PanelLayout::kForwardGates, V);
-  // Both biases summed into the panels' (block, gate, lane) order, zero past H.
-  at::Tensor bias;
-  if (b_ih.has_value()) {
-    bias = at::empty({blocks * 4 * V}, x.options());
-    const at::Tensor bi = contiguous_float(*b_ih), bh = contiguous_float(*b_hh);
-    const float *pi = bi.data_ptr<float>(), *ph = bh.data_ptr<float>();
-    float* pb = bias.data_ptr<float>();
-    for (int64_t u = 0; u < blocks; ++u)
-      for (int64_t q = 0; q < 4; ++q)
-        for (int64_t v = 0; v < V; ++v) {
-          const int64_t j = u * V + v;
-          *pb++ = j < H ? pi[q * H + j] + ph[q * H + j] : 0.0f;
-        }
-  }
+  const at::Tensor bias = b_ih.has_value() ? gate_bias_panel(*b_ih, *b_hh, V) : at::Tensor();
   PanelProductArgs a;
   a.K = I, a.storage = storage;
   a.a = x.data_ptr<float>(), a.lda = I;
@@ -165,6 +152,22 @@ std::tuple<at::Tensor, at::Tensor> input_projection_backward(const at::Tensor& g
 }
 
 }  // namespace
+
+at::Tensor gate_bias_panel(const at::Tensor& b_ih, const at::Tensor& b_hh, int V) {
+  const int64_t H = b_ih.size(0) / 4, blocks = (H + V - 1) / V;
+  at::Tensor bias = at::empty({blocks * 4 * V}, b_ih.options().dtype(at::kFloat));
+  const at::Tensor bi = contiguous_float(b_ih), bh = contiguous_float(b_hh);
+  const float *pi = bi.data_ptr<float>(), *ph = bh.data_ptr<float>();
+  float* pb = bias.data_ptr<float>();
+  for (int64_t u = 0; u < blocks; ++u)
+    for (int64_t q = 0; q < 4; ++q)
+      for (int64_t v = 0; v < V; ++v) {
+        const int64_t j = u * V + v;
+        *pb++ = j < H ? pi[q * H + j] + ph[q * H + j] : 0.0f;
+      }
+  return bias;
+}
+
 }  // namespace lstm_fused::cpu
 
 TORCH_LIBRARY_IMPL(lstm_fused, CPU, m) {

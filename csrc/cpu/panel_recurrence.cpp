@@ -48,26 +48,6 @@ int panel_threads(int64_t T, int64_t step_macs, int64_t blocks, int64_t weight_b
   return static_cast<int>(std::max<int64_t>(1, threads));
 }
 
-// How much of a block's panel one chunk of the reduction covers (step_kernels_impl.h): half the
-// L1 where the L1 holds 48 KB or more; no chunks (the panel streamed from L2 for each row tile)
-// on smaller L1s, where that measured faster: 10-25% on Zen 4 (32 KB L1), at B = 16..64.
-// LSTM_FUSED_CPU_CHUNK_BYTES=<n> (0: no chunks) overrides it, read on every call: tests run both
-// paths on every machine.
-int64_t panel_chunk_bytes() {
-  static const int64_t by_cache = [] {
-    const long l1 = sysconf(_SC_LEVEL1_DCACHE_SIZE);
-    if (l1 <= 0) return int64_t(24) << 10;  // unknown: the size tuned on a 48 KB L1
-    return l1 >= (48 << 10) ? int64_t(l1) / 2 : int64_t(0);
-  }();
-  const char* forced = std::getenv("LSTM_FUSED_CPU_CHUNK_BYTES");
-  if (forced == nullptr || *forced == '\0') return by_cache;
-  char* end = nullptr;
-  const long long bytes = std::strtoll(forced, &end, 10);
-  TORCH_CHECK(*end == '\0' && bytes >= 0, "lstm_fused: LSTM_FUSED_CPU_CHUNK_BYTES=", forced,
-              " is not a byte count (0: no chunks)");
-  return bytes;
-}
-
 // Runs fn(s, block) for s in steps (in order) and every block, on up to `threads` threads: an
 // OpenMP region, so the threads are ATen's own (no second set of threads competing with them for
 // the cores), unless the last teams showed that helpers come too late to help (team_outlook.h).
@@ -113,6 +93,26 @@ void copy_rows_to_float(const at::Tensor& src, float* dst, int64_t ld) {
 }
 
 }  // namespace
+
+// How much of a block's panel one chunk of the reduction covers (step_kernels_impl.h): half the
+// L1 where the L1 holds 48 KB or more; no chunks (the panel streamed from L2 for each row tile)
+// on smaller L1s, where that measured faster: 10-25% on Zen 4 (32 KB L1), at B = 16..64.
+// LSTM_FUSED_CPU_CHUNK_BYTES=<n> (0: no chunks) overrides it, read on every call: tests run both
+// paths on every machine.
+int64_t panel_chunk_bytes() {
+  static const int64_t by_cache = [] {
+    const long l1 = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+    if (l1 <= 0) return int64_t(24) << 10;  // unknown: the size tuned on a 48 KB L1
+    return l1 >= (48 << 10) ? int64_t(l1) / 2 : int64_t(0);
+  }();
+  const char* forced = std::getenv("LSTM_FUSED_CPU_CHUNK_BYTES");
+  if (forced == nullptr || *forced == '\0') return by_cache;
+  char* end = nullptr;
+  const long long bytes = std::strtoll(forced, &end, 10);
+  TORCH_CHECK(*end == '\0' && bytes >= 0, "lstm_fused: LSTM_FUSED_CPU_CHUNK_BYTES=", forced,
+              " is not a byte count (0: no chunks)");
+  return bytes;
+}
 
 Storage storage_of(at::ScalarType dtype) {
   if (dtype == at::kBFloat16) return Storage::kBFloat16;

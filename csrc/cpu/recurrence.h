@@ -28,6 +28,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrenc
 bool panel_kernels_apply(at::ScalarType dtype, bool has_proj);
 // The step kernels' storage of a float32, bfloat16 or float16 tensor.
 Storage storage_of(at::ScalarType dtype);
+// Panel bytes per chunk of the steps' reduction (ForwardStepArgs::chunk_bytes), for this CPU.
+int64_t panel_chunk_bytes();
+// b_ih + b_hh (4H) in float32, in forward panels' (block, gate, lane) order for vector width V,
+// zero past H: the bias of PanelProductArgs with the gate layout (panel_products.cpp).
+at::Tensor gate_bias_panel(const at::Tensor& b_ih, const at::Tensor& b_hh, int V);
+// A stack of unidirectional float32 layers for inference as a wavefront over chunks of time
+// (wavefront.cpp): x (T, B, I), h0/c0 (L, B, H), weights w_ih, w_hh[, b_ih, b_hh] per layer.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> wavefront_forward(
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, at::TensorList weights,
+    int64_t num_layers, bool has_biases);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> panel_forward(
     const at::Tensor& xproj, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
     const std::optional<at::Tensor>& lengths, bool reverse, bool save);
