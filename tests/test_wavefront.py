@@ -32,6 +32,16 @@ SHAPES = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def two_threads_at_least():
+    """The wavefront needs two threads; a machine or OMP_NUM_THREADS with one still runs it here
+    (two OpenMP threads on one core are correct, just not faster)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    yield
+    torch.set_num_threads(threads)
+
+
 def _applies(m, x, hx):
     with torch.no_grad():
         return functional.wavefront_applies(x, hx[0], hx[1], list(m._flat_weights), m.num_layers, m.backend)
