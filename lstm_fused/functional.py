@@ -45,6 +45,12 @@ def input_projection(
     return F.linear(x, w_ih, bias)
 
 
+def _autograd_records(tensors) -> bool:
+    """Whether autograd would record an op on ``tensors`` (grad mode on, one of them needs grad):
+    then the forward must save for backward, and the inference-only ops do not apply."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def recurrence(
     xproj: Tensor,
     w_hh: Tensor,
@@ -57,9 +63,7 @@ def recurrence(
 ):
     """Run one direction of one layer: returns y (T, B, P), h_n (B, P), c_n (B, H)."""
     op = dispatch.pick(backend, xproj.device, xproj.dtype)
-    save = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (xproj, w_hh, w_hr, h0, c0)
-    )
+    save = _autograd_records((xproj, w_hh, w_hr, h0, c0))
     y, h_n, c_n, _gates, _c_all = op(
         xproj.contiguous(), w_hh, w_hr, h0.contiguous(), c0.contiguous(), lengths, reverse, save
     )
@@ -74,7 +78,7 @@ def fused_cell_applies(x: Tensor, tensors, backend: str) -> bool:
     pass, nothing saved, so only where autograd has nothing to record."""
     if x.device.type != "cpu" or x.dtype not in _CELL_OP_DTYPES:
         return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if _autograd_records(tensors):
         return False
     return dispatch.resolve(backend, x.device, x.dtype) == "cpu"
 
@@ -119,7 +123,7 @@ def wavefront_applies(x: Tensor, h0: Tensor, c0: Tensor, weights, num_layers: in
     chunk = max(1, _WAVEFRONT_CHUNK_ROWS // max(1, B))
     if T < 2 * chunk or B * 4 * H * H > _WAVEFRONT_MAX_STEP_MACS or 16 * H * H > _WAVEFRONT_MAX_W_HH_BYTES:
         return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, h0, c0, *weights)):
+    if _autograd_records((x, h0, c0, *weights)):
         return False
     return dispatch.resolve(backend, x.device, x.dtype) == "cpu"
 

@@ -29,10 +29,6 @@ struct Vec {
     const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return _mm256_castsi256_ps(_mm256_and_si256(words, _mm256_set1_epi32(int(0xFFFF0000u))));
   }
-  static void load_pair(const c10::BFloat16* p, reg& even, reg& odd) {
-    even = load_even(p);
-    odd = load_odd(p);
-  }
   static reg load(const c10::Half* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }

@@ -28,10 +28,6 @@ struct Vec {
   static reg load_odd(const c10::BFloat16* p) {
     return _mm512_castsi512_ps(_mm512_and_si512(_mm512_loadu_si512(p), _mm512_set1_epi32(int(0xFFFF0000u))));
   }
-  static void load_pair(const c10::BFloat16* p, reg& even, reg& odd) {
-    even = load_even(p);
-    odd = load_odd(p);
-  }
   static reg load(const c10::Half* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }

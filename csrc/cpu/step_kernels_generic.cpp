@@ -31,10 +31,6 @@ struct Vec {
     for (int i = 0; i < kWidth; ++i) v[i] = static_cast<float>(p[2 * i + 1]);
     return v;
   }
-  static void load_pair(const c10::BFloat16* p, reg& even, reg& odd) {
-    even = load_even(p);
-    odd = load_odd(p);
-  }
   static reg load(const c10::Half* p) {
     reg v;
     for (int i = 0; i < kWidth; ++i) v[i] = static_cast<float>(p[i]);

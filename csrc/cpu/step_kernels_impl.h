@@ -1,6 +1,7 @@
 // Body of the CPU step kernels, compiled once per instruction set. Included by
 // step_kernels_<isa>.cpp inside a namespace of its own, after that file has defined
-//   struct Vec  { using reg; kWidth; zero, load, store, broadcast, add, fma }  (one SIMD register)
+//   struct Vec  { using reg; kWidth; zero, load, load_even, load_odd, store, broadcast, add, fma }
+//                                           (one SIMD register; load_even/odd: paired bf16 rows)
 //   constexpr int kMaxRows;                 rows of a register tile
 // and switched the compiler's target to the instruction set. Include no header here: anything
 // defined under the wider target must stay in this file's namespace, so the linker can never
@@ -46,10 +47,8 @@ inline void tile_product(const float* __restrict__ A, int64_t lda, int64_t K,
       const panel_t* p = panel + k * 4 * V;
       const reg a0 = Vec::broadcast(A[k]), a1 = Vec::broadcast(A[k + 1]);
       for (int q = 0; q < 4; ++q) {
-        reg w_even, w_odd;
-        Vec::load_pair(p + 2 * q * V, w_even, w_odd);
-        acc[0][q] = Vec::fma(a0, w_even, acc[0][q]);
-        odd[q] = Vec::fma(a1, w_odd, odd[q]);
+        acc[0][q] = Vec::fma(a0, Vec::load_even(p + 2 * q * V), acc[0][q]);
+        odd[q] = Vec::fma(a1, Vec::load_odd(p + 2 * q * V), odd[q]);
       }
     }
     for (int q = 0; q < 4; ++q) acc[0][q] = Vec::add(acc[0][q], odd[q]);

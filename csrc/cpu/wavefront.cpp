@@ -183,7 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> wavefront_forward(
     }
     layer->h = at::empty({2, B, H}, f32);
     layer->h[0].copy_(h0[l]);
-    layer->c = c0[l].contiguous().clone();
+    layer->c = c0[l].clone(at::MemoryFormat::Contiguous);
     layer->xproj = at::empty({stack.C, B, 4 * H}, f32);
     layer->partial = at::empty({stack.blocks, B, 4 * V}, f32);
     layer->y = at::empty({T, B, H}, f32);
