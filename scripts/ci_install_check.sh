@@ -1,19 +1,18 @@
 #!/usr/bin/env bash
 # CI: lstm_fused installs the way users install it. A fresh virtual environment gets only torch
 # (TORCH_VERSION, default 2.13.0: the CPU build on the machines' local package index); then
-#   1. python -m build --sdist, then --wheel --no-isolation from the unpacked sdist (in .venv,
-#      which has the same torch): the sdist holds all a build needs, the wheel requires the
-#      torch minor version it was built against;
-#   2. pip install <wheel> into the fresh venv;
-#   3. pip install <clone> (a git clone of this repository's HEAD), no flags: pip's isolated
-#      build, where the in-tree backend finds the venv's torch.
-# pip install <sdist> is left out: its two halves (the sdist is complete, pip's isolated build
-# works) are steps 1 and 3, and a third build of the extension costs two minutes on 2 cores.
-# After each install, from outside any source tree: the package imports from the venv, the fused
+#   1. python -m build --sdist (in .venv; no compiler runs), and the sdist's listing is checked;
+#   2. pip install <sdist> into the fresh venv, no flags: pip's isolated build, where the in-tree
+#      backend finds the venv's torch, from the sdist alone (so the sdist holds all a build
+#      needs); the installed metadata must require the torch minor version it was built against.
+# One build of the extension, not three: a wheel built from the sdist without isolation and
+# pip install <clone> each compiled it again (two minutes apiece on 2 cores) and proved nothing
+# these two steps do not; the clone's own build is scripts/setup.sh's.
+# After the install, from outside any source tree: the package imports from the venv, the fused
 # CPU backend is available, and backend="cpu" and "reference" match nn.LSTM (forward and input
-# gradient, fp32 against float64). lstm_fused is uninstalled between steps; torch stays.
+# gradient, fp32 against float64).
 #
-# pip runs with --no-cache-dir so that every step really builds (pip caches wheels it built).
+# pip runs with --no-cache-dir so that it really builds (pip caches wheels it built).
 # Overrides: TORCH_VERSION, LSTM_FUSED_INSTALL_DIR (default build/ci-install), PYTHON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +27,7 @@ phase() { echo "[ci_install_check] $* ($((SECONDS - START)) s)"; }
 # pip, less its "Location 'file:///...' is ignored" lines about the machine's local indexes.
 pip_q() { local py=$1; shift; "$py" -m pip "$@" 2>&1 | { grep -v "is neither a file nor a directory" || true; }; }
 
-rm -rf "$WORK/dist" "$WORK/clone" "$WORK/sdist-src" "$WORK/run"
+rm -rf "$WORK/dist" "$WORK/run"
 mkdir -p "$WORK/dist" "$WORK/run"
 
 # --- the fresh venv: torch only (kept between local runs; CI starts from a clean clone) -------
@@ -76,40 +75,30 @@ PY
   )
 }
 
-# --- 1. sdist, and a wheel built from it ---------------------------------------------------------
+# --- 1. the sdist ----------------------------------------------------------------------------
 [ -x .venv/bin/python ] || { echo "[ci_install_check] FAIL: no .venv: run scripts/setup.sh first" >&2; exit 1; }
 . .venv/bin/activate
-python -c "import build, wheel" 2>/dev/null || pip_q python install -q build wheel
+# (not "import build": the build/ folder here imports as a namespace package)
+python -m pip show -q build >/dev/null 2>&1 || pip_q python install -q build
 python -m build --sdist --outdir "$WORK/dist" > "$WORK/sdist.log" 2>&1 || { tail -n 40 "$WORK/sdist.log"; exit 1; }
+deactivate
 SDIST=$(ls "$WORK"/dist/lstm_fused-*.tar.gz)
 LISTING=$(tar tzf "$SDIST")
 for need in build_backend/lstm_fused_build.py csrc/ops.cpp csrc/cpu/ csrc/cuda/ setup.py pyproject.toml MANIFEST.in; do
   grep -q "^lstm_fused-[^/]*/$need" <<<"$LISTING" || { echo "[ci_install_check] FAIL: $need missing from $SDIST" >&2; exit 1; }
 done
-phase "sdist: $(basename "$SDIST") ($(wc -l <<<"$LISTING") entries)"
-mkdir -p "$WORK/sdist-src" && tar xzf "$SDIST" -C "$WORK/sdist-src"
-python -m build --wheel --no-isolation --outdir "$WORK/dist" "$WORK"/sdist-src/lstm_fused-* > "$WORK/wheel.log" 2>&1 \
-  || { tail -n 40 "$WORK/wheel.log"; exit 1; }
-deactivate
-WHEEL=$(ls "$WORK"/dist/lstm_fused-*.whl)
-REQUIRES=$(unzip -p "$WHEEL" '*.dist-info/METADATA' | sed -n 's/^Requires-Dist: \(torch[^;]*\)$/\1/p')
-want="torch==${TORCH_VERSION%.*}.*"
-[ "$REQUIRES" = "$want" ] || { echo "[ci_install_check] FAIL: wheel requires '$REQUIRES', want '$want'" >&2; exit 1; }
-phase "wheel: $(basename "$WHEEL"), Requires-Dist: $REQUIRES"
-
-# --- 2. the wheel into the fresh venv ------------------------------------------------------------
-pip_q "$VPY" install -q --no-cache-dir "$WHEEL"
-check
-"$VPY" -m pip uninstall -q -y lstm_fused
-phase "wheel installed and checked"
-
-# --- 3. pip install <clone>, no flags ------------------------------------------------------------
-git clone -q "$ROOT" "$WORK/clone"
-if [ -n "$(git status --porcelain --untracked-files=no)" ]; then
-  echo "[ci_install_check] note: the clone is HEAD ($(git rev-parse --short HEAD)); uncommitted changes are not in it"
+if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
+  echo "[ci_install_check] note: the sdist holds the working tree's files, uncommitted changes included"
 fi
-"$VPY" -m pip install --no-cache-dir "$WORK/clone" > "$WORK/pip-clone.log" 2>&1 || { tail -n 40 "$WORK/pip-clone.log"; exit 1; }
-(cd "$WORK/run" && "$VPY" -W ignore -c "import lstm_fused, torch; m = lstm_fused.LSTM(8, 16, backend='cpu'); print(m(torch.randn(5, 2, 8))[0].shape)")
+phase "sdist: $(basename "$SDIST") ($(wc -l <<<"$LISTING") entries)"
+
+# --- 2. pip install <sdist>, no flags --------------------------------------------------------------
+"$VPY" -m pip install --no-cache-dir "$SDIST" > "$WORK/pip-sdist.log" 2>&1 || { tail -n 40 "$WORK/pip-sdist.log"; exit 1; }
+# From $WORK/run: here, the source tree's own metadata (an editable install's egg-info) would be found first.
+REQUIRES=$(cd "$WORK/run" && "$VPY" -W ignore -c "import importlib.metadata as m; print(';'.join(r for r in m.requires('lstm_fused') if r.startswith('torch')))")
+want="torch==${TORCH_VERSION%.*}.*"
+[ "$REQUIRES" = "$want" ] || { echo "[ci_install_check] FAIL: the built package requires '$REQUIRES', want '$want'" >&2; exit 1; }
+phase "pip install <sdist> built and installed it; Requires-Dist: $REQUIRES"
 check
 "$VPY" -m pip uninstall -q -y lstm_fused
-phase "OK: pip install <clone> checked"
+phase "OK: pip install <sdist> checked"

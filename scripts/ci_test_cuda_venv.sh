@@ -6,8 +6,8 @@
 # torch-free code (nvcc compiles of the CUDA sources, the GPU scripts, the emulated CUDA kernels),
 # and the sweeps of our CPU kernels over every instruction-set variant and tile shape
 # (test_cpu_kernels, test_input_projection): what they run is our code, called the same way on
-# both torches; the rest of the suite calls every op through this torch. Extra arguments go to
-# pytest.
+# both torches; the rest of the suite calls every op through this torch. Two pytest-xdist
+# workers, as scripts/test.sh. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -19,11 +19,11 @@ if ! ls "$WORK"/src/lstm_fused/_C*.so >/dev/null 2>&1; then
   exit 1
 fi
 # The test tools (matplotlib: the benchmark tests draw their plot).
-"$VPY" -c "import pytest, matplotlib, tqdm" 2>/dev/null \
-  || "$VPY" -m pip install -q pytest matplotlib tqdm 2>&1 | { grep -v "is neither a file nor a directory" || true; }
+"$VPY" -c "import pytest, xdist, matplotlib, tqdm" 2>/dev/null \
+  || "$VPY" -m pip install -q pytest pytest-xdist matplotlib tqdm 2>&1 | { grep -v "is neither a file nor a directory" || true; }
 echo "[ci_test_cuda_venv] $("$VPY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)')"
 cd "$WORK/src"
-"$VPY" -m pytest -q -p no:cacheprovider tests \
+"$VPY" -m pytest -q -p no:cacheprovider -n 2 tests \
   --ignore=tests/test_cuda_compile.py --ignore=tests/test_gpu_scripts.py \
   --ignore=tests/test_cuda_emulated.py --ignore=tests/test_cpu_kernels.py \
   --ignore=tests/test_input_projection.py "$@"

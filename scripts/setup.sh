@@ -14,7 +14,7 @@ fi
 python -m pip install -q --upgrade pip >/dev/null
 # torch first and pinned: an unpinned requirement would pull a multi-GB CUDA build.
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
-python -m pip install -q numpy pytest ninja matplotlib tqdm triton
+python -m pip install -q numpy pytest pytest-xdist ninja matplotlib tqdm triton
 # The ONNX export tests run the exported models in onnxruntime (tests/test_onnx.py).
 python -m pip install -q onnx==1.23.2 onnxruntime==1.32.0 onnxscript==0.7.2 2>&1 \
   | { grep -v "is neither a file nor a directory" || true; }

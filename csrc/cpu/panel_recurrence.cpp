@@ -136,9 +136,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> panel_for
   const at::Tensor xproj = xproj_in.contiguous();
   const at::Tensor panels = packed_panels(w_hh, PanelLayout::kForwardGates, V);
   const at::Tensor lengths = lengths_in.has_value() ? lengths_in->contiguous() : at::Tensor();
-  at::Tensor h = at::empty({2, B, H}, f32);
-  h[0].copy_(h0);
-  at::Tensor c = c0.to(at::kFloat, false, /*copy=*/true).contiguous();
+  const int64_t blocks = (H + V - 1) / V;
+  // A short call (a few steps of a small layer: streaming, decoding) costs microseconds, so each
+  // ATen call here shows: float32 state is copied with plain loops, and the scratch (the blocks'
+  // partial sums, then the other h buffer) is one allocation. h is double-buffered, and the
+  // buffer the last step writes is h_n itself.
+  at::Tensor h_n = at::empty({B, H}, f32);
+  at::Tensor c = at::empty({B, H}, f32);
+  at::Tensor scratch = at::empty({blocks * B * 4 * V + B * H}, f32);
+  copy_rows_to_float(c0, c.data_ptr<float>(), H);
+  float* h_buffers[2];
+  h_buffers[T % 2] = h_n.data_ptr<float>();
+  h_buffers[(T + 1) % 2] = scratch.data_ptr<float>() + blocks * B * 4 * V;
+  copy_rows_to_float(h0, h_buffers[0], H);
   at::Tensor y = at::empty({T, B, H}, opts);
   at::Tensor gates = save ? at::empty({T, B, 4 * H}, opts) : at::empty({0}, opts);
   at::Tensor c_all = save ? at::empty({T, B, H}, f32) : at::empty({0}, f32);
@@ -152,22 +162,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> panel_for
   a.xproj = xproj.data_ptr();
   a.panels = panels.data_ptr();
   a.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
-  a.h[0] = h.data_ptr<float>();
-  a.h[1] = a.h[0] + B * H;
+  a.h[0] = h_buffers[0];
+  a.h[1] = h_buffers[1];
   a.c = c.data_ptr<float>();
   a.y = y.data_ptr();
   a.gates_out = save ? gates.data_ptr() : nullptr;
   a.c_all = save ? c_all.data_ptr<float>() : nullptr;
-  const int64_t blocks = (H + V - 1) / V;
-  at::Tensor partial = at::empty({blocks, B, 4 * V}, f32);
-  a.partial = partial.data_ptr<float>();
+  a.partial = scratch.data_ptr<float>();  // (blocks, B, 4V)
   a.chunk_bytes = panel_chunk_bytes();
 
   const int threads = panel_threads(T, B * 4 * H * H, blocks, panels.nbytes());
   run_steps(threads, T, blocks,
             [&](int64_t s, int64_t u) { kernels.forward_block(a, s, u); });
   const auto dtype = xproj.scalar_type();
-  return {y, h[T % 2].to(dtype, false, /*copy=*/true), c.to(dtype), gates, c_all};
+  if (dtype == at::kFloat) return {y, h_n, c, gates, c_all};
+  return {y, h_n.to(dtype), c.to(dtype), gates, c_all};
 }
 
 std::tuple<at::Tensor, at::Tensor> panel_cell_forward(
