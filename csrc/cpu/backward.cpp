@@ -21,7 +21,7 @@
 #include "checks.h"
 #include "cpu/activations.h"
 #include "cpu/gemm.h"
-#include "cpu/huge_pages.h"
+#include "cpu/output_pool.h"
 #include "cpu/isa.h"
 #include "cpu/recurrence.h"
 
@@ -278,8 +278,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrenc
   at::Tensor dh_new = lengths.defined() ? at::empty({B, P}, acc_opts) : at::Tensor();
   const bool keep_dh_proj = s.has_proj && weight_grads;
   at::Tensor dh_proj_all = keep_dh_proj ? at::empty({T, B, P}, acc_opts) : at::Tensor();
-  at::Tensor dxproj = at::empty({T, B, 4 * H}, opts);
-  advise_huge_pages(dxproj);
+  at::Tensor dxproj = pooled_empty({T, B, 4 * H}, dtype);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "lstm_fused_cpu_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;

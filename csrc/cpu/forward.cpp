@@ -22,7 +22,7 @@
 #include "checks.h"
 #include "cpu/activations.h"
 #include "cpu/gemm.h"
-#include "cpu/huge_pages.h"
+#include "cpu/output_pool.h"
 #include "cpu/recurrence.h"
 
 #include <ATen/Dispatch.h>
@@ -203,10 +203,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrenc
   at::Tensor gates_mm = at::empty({s.B, 4 * s.H}, acc_opts);
   at::Tensor m = s.has_proj ? at::empty({s.B, s.H}, acc_opts) : at::Tensor();
   at::Tensor h_proj = s.has_proj ? at::empty({s.B, s.P}, acc_opts) : at::Tensor();
-  at::Tensor y = at::empty({s.T, s.B, s.P}, opts);
-  at::Tensor gates = save ? at::empty({s.T, s.B, 4 * s.H}, opts) : at::empty({0}, opts);
-  at::Tensor c_all = save ? at::empty({s.T, s.B, s.H}, acc_opts) : at::empty({0}, acc_opts);
-  for (const at::Tensor* out : {&y, &gates, &c_all}) advise_huge_pages(*out);
+  at::Tensor y = pooled_empty({s.T, s.B, s.P}, dtype);
+  at::Tensor gates = save ? pooled_empty({s.T, s.B, 4 * s.H}, dtype) : at::empty({0}, opts);
+  at::Tensor c_all = save ? pooled_empty({s.T, s.B, s.H}, acc) : at::empty({0}, acc_opts);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "lstm_fused_cpu_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -1,8 +1,9 @@
-// Ops that report the CPU step kernels' instruction-set choice, weight cache and thread teams
-// (tests and benchmarks read them).
+// Ops that report the CPU step kernels' instruction-set choice, weight cache, output pool and
+// thread teams (tests and benchmarks read them).
 #include <torch/library.h>
 
 #include "cpu/isa.h"
+#include "cpu/output_pool.h"
 #include "cpu/packed_weights.h"
 #include "cpu/team_outlook.h"
 
@@ -36,6 +37,14 @@ int64_t cpu_packed_cache_size() { return lstm_fused::cpu::packed_cache_size(); }
 
 void cpu_packed_cache_clear() { lstm_fused::cpu::packed_cache_clear(); }
 
+// (idle bytes, idle blocks, blocks reused, blocks newly allocated) of the output pool.
+std::tuple<int64_t, int64_t, int64_t, int64_t> cpu_output_pool_stats() {
+  const auto s = lstm_fused::cpu::output_pool_stats();
+  return {s.idle_bytes, s.idle_blocks, s.reused, s.mapped};
+}
+
+void cpu_output_pool_clear() { lstm_fused::cpu::output_pool_clear(); }
+
 // (teams opened, teams whose helpers arrived in time, calls that ran alone instead of a team).
 std::tuple<int64_t, int64_t, int64_t> cpu_team_counts() {
   const auto c = lstm_fused::cpu::team_counts();
@@ -50,5 +59,7 @@ TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
   m.def("cpu_own_gemm_default(ScalarType dtype) -> bool", &cpu_own_gemm_default);
   m.def("cpu_packed_cache_size() -> int", &cpu_packed_cache_size);
   m.def("cpu_packed_cache_clear() -> ()", &cpu_packed_cache_clear);
+  m.def("cpu_output_pool_stats() -> (int, int, int, int)", &cpu_output_pool_stats);
+  m.def("cpu_output_pool_clear() -> ()", &cpu_output_pool_clear);
   m.def("cpu_team_counts() -> (int, int, int)", &cpu_team_counts);
 }

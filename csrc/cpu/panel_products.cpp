@@ -31,7 +31,7 @@
 #include <tuple>
 
 #include "checks.h"
-#include "cpu/huge_pages.h"
+#include "cpu/output_pool.h"
 #include "cpu/isa.h"
 #include "cpu/packed_weights.h"
 #include "cpu/recurrence.h"
@@ -83,8 +83,7 @@ at::Tensor input_projection(const at::Tensor& x_in, const at::Tensor& w_ih,
   const int64_t M = I == 0 ? 0 : x_in.numel() / I;
   std::vector<int64_t> out_sizes = x_in.sizes().vec();
   out_sizes.back() = 4 * H;
-  at::Tensor out = at::empty(out_sizes, x_in.options());
-  advise_huge_pages(out);
+  at::Tensor out = pooled_empty(out_sizes, x_in.scalar_type());
   if (M == 0 || H == 0) return out;
   if (I == 0) return b_ih.has_value() ? out.copy_(at::add(*b_ih, *b_hh)) : out.zero_();
   const at::Tensor x = contiguous_float(x_in);
@@ -111,8 +110,7 @@ at::Tensor input_grad(const at::Tensor& dxproj, const at::Tensor& w_ih, Storage 
   const int64_t M = H4 == 0 ? 0 : dxproj.numel() / H4;
   std::vector<int64_t> out_sizes = dxproj.sizes().vec();
   out_sizes.back() = I;
-  at::Tensor dx = at::empty(out_sizes, w_ih.options());
-  advise_huge_pages(dx);
+  at::Tensor dx = pooled_empty(out_sizes, w_ih.scalar_type());
   if (M == 0 || I == 0) return dx;
   if (H4 == 0) return dx.zero_();
   const StepKernels& kernels = step_kernels(selected_isa());

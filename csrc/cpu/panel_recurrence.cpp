@@ -8,7 +8,7 @@
 // so it is double-buffered and the steps are separated by the team's synchronization.
 
 #include "checks.h"
-#include "cpu/huge_pages.h"
+#include "cpu/output_pool.h"
 #include "cpu/packed_weights.h"
 #include "cpu/recurrence.h"
 #include "cpu/step_kernels.h"
@@ -149,10 +149,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> panel_for
   h_buffers[T % 2] = h_n.data_ptr<float>();
   h_buffers[(T + 1) % 2] = scratch.data_ptr<float>() + blocks * B * 4 * V;
   copy_rows_to_float(h0, h_buffers[0], H);
-  at::Tensor y = at::empty({T, B, H}, opts);
-  at::Tensor gates = save ? at::empty({T, B, 4 * H}, opts) : at::empty({0}, opts);
-  at::Tensor c_all = save ? at::empty({T, B, H}, f32) : at::empty({0}, f32);
-  for (const at::Tensor* out : {&y, &gates, &c_all}) advise_huge_pages(*out);
+  const auto dtype = xproj.scalar_type();
+  at::Tensor y = pooled_empty({T, B, H}, dtype);
+  at::Tensor gates = save ? pooled_empty({T, B, 4 * H}, dtype) : at::empty({0}, opts);
+  at::Tensor c_all = save ? pooled_empty({T, B, H}, at::kFloat) : at::empty({0}, f32);
 
   ForwardStepArgs a;
   a.T = T, a.B = B, a.H = H;
@@ -174,7 +174,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> panel_for
   const int threads = panel_threads(T, B * 4 * H * H, blocks, panels.nbytes());
   run_steps(threads, T, blocks,
             [&](int64_t s, int64_t u) { kernels.forward_block(a, s, u); });
-  const auto dtype = xproj.scalar_type();
   if (dtype == at::kFloat) return {y, h_n, c, gates, c_all};
   return {y, h_n.to(dtype), c.to(dtype), gates, c_all};
 }
@@ -260,8 +259,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> panel_backward(
   at::Tensor dh = dh_n.to(at::kFloat, false, /*copy=*/true).contiguous();
   at::Tensor dc = dc_n.to(at::kFloat, false, /*copy=*/true).contiguous();
   at::Tensor dz = at::empty({2, B, 4 * H}, f32);
-  at::Tensor dxproj = at::empty({T, B, 4 * H}, opts);
-  advise_huge_pages(dxproj);
+  at::Tensor dxproj = pooled_empty({T, B, 4 * H}, gates.scalar_type());
 
   BackwardStepArgs a;
   a.T = T, a.B = B, a.H = H;
