@@ -131,3 +131,26 @@ def test_a_bad_cap_fails_the_call(monkeypatch):
     monkeypatch.setenv("LSTM_FUSED_CPU_POOL_MB", "lots")
     with pytest.raises(RuntimeError, match="LSTM_FUSED_CPU_POOL_MB=lots is not a size"):
         OPS.input_projection(x, w_ih, None, None)
+
+
+def _projection_in_child(conn):
+    torch.set_num_threads(1)  # as DataLoader workers run
+    x, w_ih, *_ = _inputs()
+    conn.send(OPS.input_projection(x, w_ih, None, None).double().sum().item())
+
+
+def test_a_forked_child_uses_the_pool():
+    import multiprocessing
+
+    x, w_ih, *_ = _inputs()
+    want = OPS.input_projection(x, w_ih, None, None)
+    want_sum = want.double().sum().item()
+    del want  # an idle block the child inherits
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    worker = ctx.Process(target=_projection_in_child, args=(child,))
+    worker.start()
+    assert parent.poll(120), "the forked child did not answer"
+    got = parent.recv()
+    worker.join(30)
+    assert worker.exitcode == 0 and got == want_sum

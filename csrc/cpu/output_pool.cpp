@@ -11,6 +11,7 @@
 #include <vector>
 
 #ifdef __linux__
+#include <pthread.h>
 #include <sys/mman.h>
 #endif
 
@@ -132,7 +133,16 @@ class OutputPool final : public c10::Allocator {
   // Never destroyed: tensors may free their blocks during interpreter shutdown, after static
   // destructors have run.
   static OutputPool& instance() {
-    static OutputPool* pool = new OutputPool();
+    static OutputPool* pool = [] {
+      auto* made = new OutputPool();
+#ifdef __linux__
+      // A fork (a DataLoader worker) while another thread holds the lock would leave the child's
+      // copy locked forever: hold it across the fork, so both sides start consistent and unlocked.
+      pthread_atfork([] { instance().mutex_.lock(); }, [] { instance().mutex_.unlock(); },
+                     [] { instance().mutex_.unlock(); });
+#endif
+      return made;
+    }();
     return *pool;
   }
 
