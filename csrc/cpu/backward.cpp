@@ -21,8 +21,8 @@
 #include "checks.h"
 #include "cpu/activations.h"
 #include "cpu/gemm.h"
-#include "cpu/output_pool.h"
 #include "cpu/isa.h"
+#include "cpu/output_pool.h"
 #include "cpu/recurrence.h"
 
 #include <ATen/Dispatch.h>

@@ -40,7 +40,7 @@ struct Block {
   size_t bytes;
 };
 
-void unmap(const Block& b) { std::free(b.ptr); }
+void return_to_os(const Block& b) { std::free(b.ptr); }  // aligned_alloc'd
 
 class OutputPool final : public c10::Allocator {
  public:
@@ -83,7 +83,7 @@ class OutputPool final : public c10::Allocator {
       freed.swap(idle_);
       idle_bytes_ = 0;
     }
-    for (const Block& b : freed) unmap(b);
+    for (const Block& b : freed) return_to_os(b);
   }
 
  private:
@@ -126,7 +126,7 @@ class OutputPool final : public c10::Allocator {
         idle_.pop_front();
       }
     }
-    for (const Block& b : freed) unmap(b);
+    for (const Block& b : freed) return_to_os(b);
   }
 
  public:

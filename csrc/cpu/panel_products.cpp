@@ -31,8 +31,8 @@
 #include <tuple>
 
 #include "checks.h"
-#include "cpu/output_pool.h"
 #include "cpu/isa.h"
+#include "cpu/output_pool.h"
 #include "cpu/packed_weights.h"
 #include "cpu/recurrence.h"
 #include "cpu/step_kernels.h"
