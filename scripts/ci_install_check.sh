@@ -7,7 +7,7 @@
 #      needs); the installed metadata must require the torch minor version it was built against.
 # One build of the extension, not three: a wheel built from the sdist without isolation and
 # pip install <clone> each compiled it again (two minutes apiece on 2 cores) and proved nothing
-# these two steps do not; the clone's own build is scripts/setup.sh's.
+# these two steps do not (a build from a checkout is what scripts/setup.sh does).
 # After the install, from outside any source tree: the package imports from the venv, the fused
 # CPU backend is available, and backend="cpu" and "reference" match nn.LSTM (forward and input
 # gradient, fp32 against float64).
