@@ -45,11 +45,11 @@ void return_to_os(const Block& b) { std::free(b.ptr); }  // aligned_alloc'd
 class OutputPool final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t n) override {
+    // Small requests go to the default allocator (glibc's heap keeps those itself).
+    if (static_cast<int64_t>(n) < kMinPooledBytes) return c10::GetDefaultCPUAllocator()->allocate(n);
     size_t cap = 0;
     TORCH_CHECK(parse_idle_cap(&cap), "lstm_fused: LSTM_FUSED_CPU_POOL_MB=", std::getenv("LSTM_FUSED_CPU_POOL_MB"),
                 " is not a size in MB (0: no pool)");
-    // Small requests (a resize of a pooled tensor to something small) go to the default allocator.
-    if (static_cast<int64_t>(n) < kMinPooledBytes) return c10::GetDefaultCPUAllocator()->allocate(n);
     const size_t bytes = (n + kBlockAlign - 1) / kBlockAlign * kBlockAlign;
     Block* block = new Block{take(bytes), bytes};
     if (block->ptr == nullptr) {
@@ -156,13 +156,8 @@ class OutputPool final : public c10::Allocator {
 }  // namespace
 
 at::Tensor pooled_empty(at::IntArrayRef sizes, at::ScalarType dtype) {
-  int64_t elements = 1;
-  for (int64_t s : sizes) elements *= s;
-  const int64_t bytes = elements * static_cast<int64_t>(c10::elementSize(dtype));
-  c10::Allocator* allocator = bytes >= kMinPooledBytes ? static_cast<c10::Allocator*>(&OutputPool::instance())
-                                                        : c10::GetDefaultCPUAllocator();
-  return at::detail::empty_generic(sizes, allocator, c10::DispatchKeySet(c10::DispatchKey::CPU), dtype,
-                                   std::nullopt);
+  return at::detail::empty_generic(sizes, &OutputPool::instance(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   dtype, std::nullopt);
 }
 
 OutputPoolStats output_pool_stats() { return OutputPool::instance().stats(); }

@@ -24,7 +24,8 @@ namespace lstm_fused::cpu {
 
 constexpr int64_t kMinPooledBytes = int64_t(4) << 20;
 
-// at::empty(sizes, dtype) on the CPU, contiguous, from the pool when large enough.
+// at::empty(sizes, dtype) on the CPU, contiguous; from the pool when large enough, and resizes
+// of it go through the pool too.
 at::Tensor pooled_empty(at::IntArrayRef sizes, at::ScalarType dtype);
 
 struct OutputPoolStats {

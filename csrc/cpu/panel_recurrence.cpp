@@ -145,10 +145,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> panel_for
   at::Tensor c = at::empty({B, H}, f32);
   at::Tensor scratch = at::empty({blocks * B * 4 * V + B * H}, f32);
   copy_rows_to_float(c0, c.data_ptr<float>(), H);
-  float* h_buffers[2];
-  h_buffers[T % 2] = h_n.data_ptr<float>();
-  h_buffers[(T + 1) % 2] = scratch.data_ptr<float>() + blocks * B * 4 * V;
-  copy_rows_to_float(h0, h_buffers[0], H);
   const auto dtype = xproj.scalar_type();
   at::Tensor y = pooled_empty({T, B, H}, dtype);
   at::Tensor gates = save ? pooled_empty({T, B, 4 * H}, dtype) : at::empty({0}, opts);
@@ -157,13 +153,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> panel_for
   ForwardStepArgs a;
   a.T = T, a.B = B, a.H = H;
   a.K = H, a.xproj_stride = 4 * H;
-  a.storage = storage_of(xproj.scalar_type());
+  a.storage = storage_of(dtype);
   a.reverse = reverse, a.save = save;
   a.xproj = xproj.data_ptr();
   a.panels = panels.data_ptr();
   a.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
-  a.h[0] = h_buffers[0];
-  a.h[1] = h_buffers[1];
+  a.h[T % 2] = h_n.data_ptr<float>();
+  a.h[(T + 1) % 2] = scratch.data_ptr<float>() + blocks * B * 4 * V;
+  copy_rows_to_float(h0, a.h[0], H);
   a.c = c.data_ptr<float>();
   a.y = y.data_ptr();
   a.gates_out = save ? gates.data_ptr() : nullptr;
