@@ -33,9 +33,11 @@ Peak rates: GPUs from a table of vendor datasheet numbers (dense, no sparsity). 
 start-up with lstm_fused's own loops (csrc/cpu/machine_peak.cpp), independent of MKL/oneDNN (whose
 GEMM is far below the hardware on AMD CPUs):
   * FLOP/s: ``torch.ops.lstm_fused.cpu_fma_peak_gflops(threads, isa)``, fp32 FMA throughput of the
-    instruction set the step kernels use (``cpu_isa_selected``: avx512, avx2 or generic) on the
-    run's thread count. The same rate is used for bfloat16/float16: the kernels compute in fp32
-    (half precision halves the bytes, not the FLOP time).
+    instruction set the step kernels use (``cpu_isa_selected``: avx512bf16, avx512, avx2 or
+    generic) on the run's thread count. The same rate is used for bfloat16/float16: the kernels
+    compute in fp32 (half precision halves the bytes, not the FLOP time), except avx512bf16's bf16
+    dot product (two multiply-adds a lane per instruction), whose own rate is not measured: there
+    a bf16 row's floor% may read up to 2x too high.
   * bytes/s: ``cpu_read_bandwidth_gbs`` over 64 MB in all (beyond most last-level caches: DRAM or
     a large L3) for byte_time and for weights beyond the L3; 256 KB per thread (L2) and a buffer
     of about a quarter of the L3 in all (L3, when the L3 is known and larger than the L2s) for

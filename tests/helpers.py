@@ -16,7 +16,7 @@ def cpu_backends():
 
 
 # The CPU step kernels' instruction-set variants (LSTM_FUSED_CPU_ISA), narrowest first.
-CPU_ISA_VARIANTS = ("generic", "avx2", "avx512")
+CPU_ISA_VARIANTS = ("generic", "avx2", "avx512", "avx512bf16")
 
 
 def supported_cpu_variants():

@@ -614,7 +614,7 @@ def test_fma_peak_op_per_isa():
     ops = _peak_ops_or_skip()
     import math
 
-    for isa in ("generic", "avx2", "avx512"):
+    for isa in ("generic", "avx2", "avx512", "avx512bf16"):
         if not ops.cpu_isa_supported(isa):
             with pytest.raises(RuntimeError, match="cannot run"):
                 ops.cpu_fma_peak_gflops(1, isa)
@@ -623,7 +623,7 @@ def test_fma_peak_op_per_isa():
         assert isinstance(g, float) and math.isfinite(g) and g > 0, (isa, g)
     g = ops.cpu_fma_peak_gflops(2, "auto")  # the selected ISA
     assert math.isfinite(g) and g > 0
-    for bad_isa in ("sse9", "AVX2", "avx512bf16"):
+    for bad_isa in ("sse9", "AVX2", "avx512_bf16"):
         with pytest.raises(RuntimeError, match="unknown CPU instruction set"):
             ops.cpu_fma_peak_gflops(1, bad_isa)
     for bad_threads in (0, -1, 100_000):
@@ -688,7 +688,7 @@ def test_smoke_records_cpu_isa_and_peaks(smoke):
     md = (out / "results.md").read_text()
     assert f"CPU: **{m['cpu']}**" in md
     if roofline.peak_ops_available():
-        assert m["cpu_isa_selected"] in ("generic", "avx2", "avx512")
+        assert m["cpu_isa_selected"] in ("generic", "avx2", "avx512", "avx512bf16")
         assert m["fma_peak_gflops"] > 0 and m["l2_read_gb_s"] > 0 and m["big_read_gb_s"] > 0
         assert results["peaks"]["tflops"]["float32"] == pytest.approx(m["fma_peak_gflops"] / 1e3)
         assert f"{m['fma_peak_gflops']:.1f} GFLOP/s" in md

@@ -11,6 +11,7 @@ namespace lstm_fused::cpu {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::kAvx512Bf16: return "avx512bf16";
     case Isa::kAvx512: return "avx512";
     case Isa::kAvx2: return "avx2";
     default: return "generic";
@@ -24,8 +25,10 @@ bool isa_supported(Isa isa) {
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (isa == Isa::kAvx2) return avx2;
-  return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (isa == Isa::kAvx512) return avx512;
+  return avx512 && __builtin_cpu_supports("avx512bf16");
 #else
   return false;
 #endif
@@ -34,25 +37,35 @@ bool isa_supported(Isa isa) {
 namespace {
 
 Isa widest_supported() {
-  static const Isa widest = isa_supported(Isa::kAvx512) ? Isa::kAvx512
-                            : isa_supported(Isa::kAvx2) ? Isa::kAvx2
-                                                        : Isa::kGeneric;
+  static const Isa widest = [] {
+    Isa widest = Isa::kGeneric;
+    for (Isa isa : kAllIsas)
+      if (isa_supported(isa)) widest = isa;
+    return widest;
+  }();
   return widest;
 }
 
 }  // namespace
 
+bool isa_from_name(const char* name, Isa* isa) {
+  for (Isa candidate : kAllIsas) {
+    if (std::strcmp(name, isa_name(candidate)) != 0) continue;
+    *isa = candidate;
+    return true;
+  }
+  return false;
+}
+
 Isa selected_isa() {
   const char* forced = std::getenv("LSTM_FUSED_CPU_ISA");
   if (forced == nullptr || *forced == '\0' || std::strcmp(forced, "auto") == 0) return widest_supported();
-  for (Isa isa : {Isa::kGeneric, Isa::kAvx2, Isa::kAvx512}) {
-    if (std::strcmp(forced, isa_name(isa)) != 0) continue;
-    TORCH_CHECK(isa_supported(isa), "lstm_fused: LSTM_FUSED_CPU_ISA=", forced,
-                " but this CPU cannot run that variant (widest here: ", isa_name(widest_supported()), ")");
-    return isa;
-  }
-  TORCH_CHECK(false, "lstm_fused: LSTM_FUSED_CPU_ISA=", forced,
-              " is not one of auto, generic, avx2, avx512");
+  Isa isa;
+  TORCH_CHECK(isa_from_name(forced, &isa), "lstm_fused: LSTM_FUSED_CPU_ISA=", forced,
+              " is not one of auto, ", kIsaNames);
+  TORCH_CHECK(isa_supported(isa), "lstm_fused: LSTM_FUSED_CPU_ISA=", forced,
+              " but this CPU cannot run that variant (widest here: ", isa_name(widest_supported()), ")");
+  return isa;
 }
 
 bool has_16bit_dot(GemmDtype dtype) {
@@ -90,6 +103,7 @@ namespace lstm_fused::cpu {
 
 const StepKernels& step_kernels(Isa isa) {
 #if defined(__x86_64__)
+  if (isa == Isa::kAvx512Bf16) return step_kernels_avx512bf16();
   if (isa == Isa::kAvx512) return step_kernels_avx512();
   if (isa == Isa::kAvx2) return step_kernels_avx2();
 #endif

@@ -1,6 +1,6 @@
 // Which SIMD variant of the CPU step kernels runs: chosen once per process from CPUID, or forced
-// with LSTM_FUSED_CPU_ISA=generic|avx2|avx512 (tests and benchmarks run every variant the machine
-// supports). The build itself targets baseline x86-64 (or the platform default elsewhere); only
+// with LSTM_FUSED_CPU_ISA=generic|avx2|avx512|avx512bf16 (tests and benchmarks run every variant
+// the machine supports). The build itself targets baseline x86-64 (or the platform default elsewhere); only
 // the step-kernel translation units are compiled for wider vectors, and only the variant this CPU
 // supports is ever called, so one build runs on every x86-64 machine.
 #pragma once
@@ -9,9 +9,16 @@
 
 namespace lstm_fused::cpu {
 
-enum class Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+// Narrowest first. avx512bf16 is avx512 with the AVX512-BF16 dot product (vdpbf16ps) for
+// bfloat16 weights; its float32 and float16 kernels are avx512's.
+enum class Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+inline constexpr Isa kAllIsas[] = {Isa::kGeneric, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16};
+// The names, as LSTM_FUSED_CPU_ISA and the ops take them, for error messages.
+inline constexpr const char* kIsaNames = "generic, avx2, avx512, avx512bf16";
 
 const char* isa_name(Isa isa);
+// The variant of that name; false for an unknown name.
+bool isa_from_name(const char* name, Isa* isa);
 // Can this CPU (and OS: the wide registers must be saved on context switches) run the variant?
 bool isa_supported(Isa isa);
 // The widest supported variant, or the one LSTM_FUSED_CPU_ISA names (an error if this CPU

@@ -13,11 +13,11 @@
 namespace {
 
 bool cpu_isa_supported(const std::string& name) {
-  using lstm_fused::cpu::Isa;
-  for (Isa isa : {Isa::kGeneric, Isa::kAvx2, Isa::kAvx512})
-    if (name == lstm_fused::cpu::isa_name(isa)) return lstm_fused::cpu::isa_supported(isa);
-  TORCH_CHECK(false, "lstm_fused: unknown CPU instruction set variant '", name,
-              "' (expected generic, avx2 or avx512)");
+  lstm_fused::cpu::Isa isa;
+  TORCH_CHECK(lstm_fused::cpu::isa_from_name(name.c_str(), &isa),
+              "lstm_fused: unknown CPU instruction set variant '", name, "' (expected ",
+              lstm_fused::cpu::kIsaNames, ")");
+  return lstm_fused::cpu::isa_supported(isa);
 }
 
 std::string cpu_isa_selected() { return lstm_fused::cpu::isa_name(lstm_fused::cpu::selected_isa()); }

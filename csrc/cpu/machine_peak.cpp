@@ -211,7 +211,8 @@ struct Variant {
 
 Variant variant(Isa isa) {
 #if defined(__x86_64__)
-  if (isa == Isa::kAvx512)
+  // avx512bf16's float32 FMAs are avx512's.
+  if (isa == Isa::kAvx512 || isa == Isa::kAvx512Bf16)
     return {&isa_avx512::fma_loop, &isa_avx512::read_loop, isa_avx512::kLanes, isa_avx512::kChains};
   if (isa == Isa::kAvx2)
     return {&isa_avx2::fma_loop, &isa_avx2::read_loop, isa_avx2::kLanes, isa_avx2::kChains};
@@ -223,14 +224,12 @@ Variant variant(Isa isa) {
 
 Isa parse_isa(const std::string& name) {
   if (name.empty() || name == "auto" || name == "selected") return selected_isa();
-  for (Isa isa : {Isa::kGeneric, Isa::kAvx2, Isa::kAvx512}) {
-    if (name != isa_name(isa)) continue;
-    TORCH_CHECK(isa_supported(isa), "lstm_fused: this CPU cannot run the '", name,
-                "' instruction set variant");
-    return isa;
-  }
-  TORCH_CHECK(false, "lstm_fused: unknown CPU instruction set variant '", name,
-              "' (expected generic, avx2, avx512 or auto)");
+  Isa isa;
+  TORCH_CHECK(isa_from_name(name.c_str(), &isa), "lstm_fused: unknown CPU instruction set variant '",
+              name, "' (expected ", kIsaNames, " or auto)");
+  TORCH_CHECK(isa_supported(isa), "lstm_fused: this CPU cannot run the '", name,
+              "' instruction set variant");
+  return isa;
 }
 
 void check_threads(int64_t threads) {

@@ -110,5 +110,6 @@ const StepKernels& step_kernels(Isa isa);
 const StepKernels& step_kernels_generic();
 const StepKernels& step_kernels_avx2();
 const StepKernels& step_kernels_avx512();
+const StepKernels& step_kernels_avx512bf16();
 
 }  // namespace lstm_fused::cpu

@@ -10,32 +10,8 @@
 
 namespace lstm_fused::cpu::isa_avx512 {
 
-struct Vec {
-  using reg = __m512;
-  static constexpr int kWidth = 16;
-  static reg zero() { return _mm512_setzero_ps(); }
-  static reg load(const float* p) { return _mm512_loadu_ps(p); }
-  // bf16 is the high half of a float: widen each 16-bit lane and shift it up.
-  static reg load(const c10::BFloat16* p) {
-    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-  }
-  // Paired bf16 rows (step_kernels.h): row k is the words' low halves shifted up, row k + 1
-  // their high halves with the low ones cleared.
-  static reg load_even(const c10::BFloat16* p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_loadu_si512(p), 16));
-  }
-  static reg load_odd(const c10::BFloat16* p) {
-    return _mm512_castsi512_ps(_mm512_and_si512(_mm512_loadu_si512(p), _mm512_set1_epi32(int(0xFFFF0000u))));
-  }
-  static reg load(const c10::Half* p) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  }
-  static void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
-  static reg broadcast(float x) { return _mm512_set1_ps(x); }
-  static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
-  static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
-};
+#include "cpu/step_kernels_avx512_vec.h"
+using Vec = Avx512Vec;
 constexpr int kMaxRows = 6;
 
 #include "cpu/step_kernels_impl.h"
