@@ -33,8 +33,8 @@ SHAPES = [
     ("threads_B1", 40, 1, 16, 130, {}, None),
     ("threads_bidir_packed", 10, 7, 8, 80, {"bidirectional": True}, [10, 3, 7, 1, 10, 6, 9]),
     ("threads_2layers_batch_first", 8, 6, 10, 90, {"num_layers": 2, "batch_first": True}, None),
-    # Several row tiles and a reduction longer than one L1 chunk of the panel, on every variant
-    # (chunks are forced where the machine's L1 would not have them: see test_reduction_chunks).
+    # Several row tiles and a reduction longer than one L1 chunk of the panel, on every variant;
+    # test_reduction_chunks runs it with chunks forced (they are off by default).
     ("chunked_reduction", 6, 8, 12, 200, {}, [6, 2, 5, 6, 1, 3, 6, 4]),
 ]
 HALF_FLOOR = 2e-3
@@ -107,7 +107,7 @@ def test_half_precision_every_variant(monkeypatch, variant, dtype, shape):
     assert not bad, f"(ours, reference backend in {dtype}) relative errors: {bad}"
 
 
-# Whether the reduction runs in L1-sized chunks depends on the machine's L1 (panel_recurrence.cpp);
+# The reduction runs in chunks only when LSTM_FUSED_CPU_CHUNK_BYTES asks (panel_recurrence.cpp);
 # both ways run here on every variant, in float32 and bfloat16 (2-byte panels: twice the k per
 # chunk). 3 KB chunks cut the forward's K = 200 and the backward's K = 800 into many pieces.
 @pytest.mark.parametrize("variant", supported_cpu_variants())

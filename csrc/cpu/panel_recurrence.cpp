@@ -21,7 +21,6 @@
 #include <cstdlib>
 #include <cstring>
 
-#include <unistd.h>
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/add.h>
@@ -94,19 +93,18 @@ void copy_rows_to_float(const at::Tensor& src, float* dst, int64_t ld) {
 
 }  // namespace
 
-// How much of a block's panel one chunk of the reduction covers (step_kernels_impl.h): half the
-// L1 where the L1 holds 48 KB or more; no chunks (the panel streamed from L2 for each row tile)
-// on smaller L1s, where that measured faster: 10-25% on Zen 4 (32 KB L1), at B = 16..64.
-// LSTM_FUSED_CPU_CHUNK_BYTES=<n> (0: no chunks) overrides it, read on every call: tests run both
-// paths on every machine.
+// How much of a block's panel one chunk of the reduction covers (step_kernels_impl.h): by
+// default none, the panel streamed from L2 for each row tile. Chunks of half the L1 (each chunk
+// serving every row tile from L1, with partial sums between chunks) measured slower on both
+// machine types measured since: 10-25% on Zen 4 (32 KB L1) at B = 16..64, and on an Intel Xeon
+// with a 48 KB L1 and 2 MB L2 (AVX512-BF16) 4-5% at T = 100, B = 64, H = 512 (forward 87-88
+// against 91-92 ms, forward + backward 263-267 against 277-285 ms), level at B = 16.
+// LSTM_FUSED_CPU_CHUNK_BYTES=<n> (0: no chunks) sets a chunk size, read on every call: tests
+// run both paths on every machine.
 int64_t panel_chunk_bytes() {
-  static const int64_t by_cache = [] {
-    const long l1 = sysconf(_SC_LEVEL1_DCACHE_SIZE);
-    if (l1 <= 0) return int64_t(24) << 10;  // unknown: the size tuned on a 48 KB L1
-    return l1 >= (48 << 10) ? int64_t(l1) / 2 : int64_t(0);
-  }();
+  constexpr int64_t kDefault = 0;
   const char* forced = std::getenv("LSTM_FUSED_CPU_CHUNK_BYTES");
-  if (forced == nullptr || *forced == '\0') return by_cache;
+  if (forced == nullptr || *forced == '\0') return kDefault;
   char* end = nullptr;
   const long long bytes = std::strtoll(forced, &end, 10);
   TORCH_CHECK(*end == '\0' && bytes >= 0, "lstm_fused: LSTM_FUSED_CPU_CHUNK_BYTES=", forced,

@@ -151,7 +151,7 @@ inline void tile_product(const float* __restrict__ A, int64_t lda, int64_t K,
 }
 
 // The reduction in chunks of k when the batch takes several row tiles and the driver asks for
-// chunks (chunk_bytes > 0, about half the L1; see panel_recurrence.cpp): each chunk of the panel
+// chunks (chunk_bytes > 0, about half the L1; off by default, see panel_recurrence.cpp): each chunk of the panel
 // then serves every row tile from L1 instead of being streamed from L2 once per row tile. Sums
 // between chunks wait in the block's `partial` rows (B x 4V floats).
 template <typename panel_t>
