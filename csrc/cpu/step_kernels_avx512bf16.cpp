@@ -1,8 +1,9 @@
 // Step kernels for AVX-512 CPUs with AVX512-BF16 (Intel Cooper Lake, Sapphire Rapids and later;
-// AMD Zen 4+): avx512's kernels, except that products over bfloat16 panels use the pair dot
+// AMD Zen 4+): avx512's kernels, except that one-row tiles over bfloat16 panels use the pair dot
 // product vdpbf16ps (each float32 lane adds the products of one pair of bf16 values) instead of
 // widening the panel to float32 first: half the vector instructions per weight, and no port
-// spent on widening. The float32 and float16 paths compile to the same code as avx512's.
+// spent on widening (dot_row_product in step_kernels_impl.h says why one row only). The float32
+// and float16 paths compile to the same code as avx512's.
 #include "cpu/step_kernels_prelude.h"
 
 #if defined(__x86_64__)

@@ -4,7 +4,7 @@
 //                 kBf16Dot }                (one SIMD register; load_even/odd: paired bf16 rows;
 //                                           kBf16Dot: it has the bf16 pair dot product, and with it
 //                                           pairs, load_pairs, broadcast_pair, dot_pairs,
-//                                           round_to_bf16: see dot_tile_product)
+//                                           round_to_bf16: see dot_row_product)
 //   constexpr int kMaxRows;                 rows of a register tile
 // and switched the compiler's target to the instruction set. Include no header here: anything
 // defined under the wider target must stay in this file's namespace, so the linker can never
@@ -34,67 +34,57 @@ inline bool row_active(const int64_t* lengths, int64_t b, int64_t t) {
 }
 inline int64_t time_of(int64_t s, int64_t T, bool reverse) { return reverse ? T - 1 - s : s; }
 
-// One pair (k, k + 1) of rows for R rows of A: a16[r] + m holds A[r][k], A[r][k + 1] in bf16,
-// p the panel's paired row.
-constexpr int64_t kDotPiece = 256;  // k of A rounded to bf16 at a time: R x 512 bytes on the stack
-
-template <int R, typename D>
-inline void dot_pair(const c10::BFloat16 (&a16)[R][kDotPiece], int64_t m, const c10::BFloat16* __restrict__ p,
-                     reg (&sums)[R][4]) {
-  typename D::pairs a[R];
-  for (int r = 0; r < R; ++r) a[r] = D::broadcast_pair(&a16[r][m]);
-  for (int q = 0; q < 4; ++q) {
-    const typename D::pairs w = D::load_pairs(p + 2 * q * V);
-    for (int r = 0; r < R; ++r) sums[r][q] = D::dot_pairs(a[r], w, sums[r][q]);
-  }
-}
-
-// tile_product (below) over paired bf16 rows with the ISA's pair dot product: lane e of a dot
-// adds A[k] * W[k][e] + A[k + 1] * W[k + 1][e], both operands bf16, the sums float32. The rows of
-// A are rounded to bf16 first (to nearest even), a piece at a time into a stack buffer, whose
-// 32-bit words are then the same (k, k + 1) pairs as the panel's. That rounds h (forward) and dz
-// (backward) for the product, as nn.LSTM's bf16 products do (its h is bf16); the panel products'
-// A (x, dxproj) hold bf16 values already and round exactly. Returns the k it covered: every pair
-// (a last odd row is the caller's). D is Vec, a template parameter so that ISAs without the dot
-// product never compile this.
-template <int R, typename D>
-inline int64_t dot_tile_product(const float* __restrict__ A, int64_t lda, int64_t K,
-                                const c10::BFloat16* __restrict__ panel, reg (&acc)[R][4]) {
-  alignas(64) c10::BFloat16 a16[R][kDotPiece];
-  // One row gives only 4 chains of dots, too few to cover their latency: a second set of sums
-  // takes every other pair.
-  reg odd[R][4];
-  for (int r = 0; r < R; ++r)
-    for (int q = 0; q < 4; ++q) odd[r][q] = D::zero();
+// tile_product (below) for one row of A over paired bf16 rows, with the ISA's pair dot product:
+// lane e of a dot adds A[k] * W[k][e] + A[k + 1] * W[k + 1][e], both operands bf16, the sums
+// float32. The row of A is rounded to bf16 first (to nearest even), a piece at a time into a
+// stack buffer, whose 32-bit words are then the same (k, k + 1) pairs as the panel's. That rounds
+// h (forward) and dz (backward) for the product, as nn.LSTM's bf16 products do (its h is bf16);
+// the panel products' A (x, dxproj) hold bf16 values already and round exactly. Returns the k it
+// covered: every pair (a last odd row is the caller's). D is Vec, a template parameter so that
+// ISAs without the dot product never compile this.
+// One row only: a row streams the panel with few instructions per byte, where the dot's half
+// count of instructions pays (Intel Xeon, AVX512-BF16, T = 200, bf16 recurrence: B = 1 2.7
+// against 3.1-3.2 ms at H = 512). Tiles of several rows are bound by the arithmetic, and there the
+// dots ran at well under half the rate of float32 FMAs (B = 2 4.8 against 4.1 ms, B = 6 12.7
+// against 8.7 ms, B = 64 68 against 46 ms): they widen the panel as other ISAs do.
+template <typename D>
+inline int64_t dot_row_product(const float* __restrict__ A, int64_t K, const c10::BFloat16* __restrict__ panel,
+                               reg (&acc)[4]) {
+  constexpr int64_t kPiece = 256;  // k rounded at a time: 512 bytes on the stack
+  alignas(64) c10::BFloat16 a16[kPiece];
+  // 4 chains of dots are too few to cover their latency: a second set of sums takes every
+  // other pair.
+  reg odd[4] = {D::zero(), D::zero(), D::zero(), D::zero()};
+  const auto pair = [&](int64_t m, const c10::BFloat16* p, reg (&sums)[4]) {
+    const typename D::pairs a = D::broadcast_pair(a16 + m);
+    for (int q = 0; q < 4; ++q) sums[q] = D::dot_pairs(a, D::load_pairs(p + 2 * q * V), sums[q]);
+  };
   const int64_t paired = K - K % 2;
-  for (int64_t k0 = 0; k0 < paired; k0 += kDotPiece) {
-    const int64_t n = paired - k0 < kDotPiece ? paired - k0 : kDotPiece;
-    for (int r = 0; r < R; ++r) D::round_to_bf16(A + r * lda + k0, n, a16[r]);
+  for (int64_t k0 = 0; k0 < paired; k0 += kPiece) {
+    const int64_t n = paired - k0 < kPiece ? paired - k0 : kPiece;
+    D::round_to_bf16(A + k0, n, a16);
     const c10::BFloat16* p = panel + k0 * 4 * V;
     int64_t m = 0;
-    if constexpr (R == 1) {
-      for (; m + 4 <= n; m += 4) {
-        dot_pair<R, D>(a16, m, p + m * 4 * V, acc);
-        dot_pair<R, D>(a16, m + 2, p + (m + 2) * 4 * V, odd);
-      }
+    for (; m + 4 <= n; m += 4) {
+      pair(m, p + m * 4 * V, acc);
+      pair(m + 2, p + (m + 2) * 4 * V, odd);
     }
-    for (; m < n; m += 2) dot_pair<R, D>(a16, m, p + m * 4 * V, acc);
+    if (m < n) pair(m, p + m * 4 * V, acc);
   }
-  if constexpr (R == 1)
-    for (int q = 0; q < 4; ++q) acc[0][q] = D::add(acc[0][q], odd[0][q]);
+  for (int q = 0; q < 4; ++q) acc[q] = D::add(acc[q], odd[q]);
   return paired;
 }
 
 // acc[r][q] += sum_k A[r * lda + k] * W[k][q * V + lane], r < R, k < K, where row k of the
 // panel is W[k] (panel + k * 4V; bf16 rows paired, see step_kernels.h). Panels of 16-bit
-// weights stay 16-bit (half the bytes streamed per step) and widen exactly on load, or, for
-// bf16 where the ISA has its dot product, meet A rounded to bf16 (dot_tile_product).
+// weights stay 16-bit (half the bytes streamed per step) and widen exactly on load, or, for a
+// single row of bf16 where the ISA has its dot product, meet A rounded to bf16 (dot_row_product).
 template <int R, typename panel_t>
 inline void tile_product(const float* __restrict__ A, int64_t lda, int64_t K,
                          const panel_t* __restrict__ panel, reg (&acc)[R][4]) {
   int64_t k = 0;
-  if constexpr (std::is_same_v<panel_t, c10::BFloat16> && Vec::kBf16Dot) {
-    k = dot_tile_product<R, Vec>(A, lda, K, panel, acc);
+  if constexpr (std::is_same_v<panel_t, c10::BFloat16> && Vec::kBf16Dot && R == 1) {
+    k = dot_row_product<Vec>(A, K, panel, acc[0]);
   } else if constexpr (std::is_same_v<panel_t, c10::BFloat16> && R == 1) {
     // Paired rows (step_kernels.h): each load of 2V bf16 widens into rows k and k + 1; a last
     // odd row is plain and left to the loop at the end. The odd rows get a second set of sums
