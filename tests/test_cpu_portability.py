@@ -5,9 +5,9 @@ The check reads the built extension's machine code (objdump): outside the step-k
 isa_avx2 / isa_avx512 / isa_avx512bf16 there must be no VEX/EVEX instruction at all (every AVX
 instruction's mnemonic starts with "v"), outside the two AVX-512 ones no zmm register, and outside
 isa_avx512bf16 no AVX512-BF16 instruction (CPUs with AVX-512 but without it: Skylake-SP to Ice
-Lake). A build with -march=native, a
-wide intrinsic outside its file's target region, or a template instantiated for a wide target and
-merged by the linker into baseline code all show up here. The variants' own results are checked in
+Lake). A build with -march=native, a wide intrinsic outside its file's target region, or a
+template instantiated for a wide target and merged by the linker into baseline code all show up
+here. The variants' own results are checked in
 test_cpu_kernels.py, with the dispatch forced to each variant this machine supports.
 """
 

@@ -1,8 +1,8 @@
 // Which SIMD variant of the CPU step kernels runs: chosen once per process from CPUID, or forced
 // with LSTM_FUSED_CPU_ISA=generic|avx2|avx512|avx512bf16 (tests and benchmarks run every variant
-// the machine supports). The build itself targets baseline x86-64 (or the platform default elsewhere); only
-// the step-kernel translation units are compiled for wider vectors, and only the variant this CPU
-// supports is ever called, so one build runs on every x86-64 machine.
+// the machine supports). The build itself targets baseline x86-64 (or the platform default
+// elsewhere); only the step-kernel translation units are compiled for wider vectors, and only the
+// variant this CPU supports is ever called, so one build runs on every x86-64 machine.
 #pragma once
 
 #include <string>
@@ -10,7 +10,7 @@
 namespace lstm_fused::cpu {
 
 // Narrowest first. avx512bf16 is avx512 with the AVX512-BF16 dot product (vdpbf16ps) for
-// bfloat16 weights; its float32 and float16 kernels are avx512's.
+// one-row tiles over bfloat16 weights; everything else in it is avx512's.
 enum class Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 inline constexpr Isa kAllIsas[] = {Isa::kGeneric, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16};
 // The names, as LSTM_FUSED_CPU_ISA and the ops take them, for error messages.

@@ -21,7 +21,6 @@
 #include <cstdlib>
 #include <cstring>
 
-
 #include <ATen/Parallel.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>

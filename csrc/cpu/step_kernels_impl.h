@@ -43,13 +43,14 @@ inline int64_t time_of(int64_t s, int64_t T, bool reverse) { return reverse ? T 
 // covered: every pair (a last odd row is the caller's). D is Vec, a template parameter so that
 // ISAs without the dot product never compile this.
 // One row only: a row streams the panel with few instructions per byte, where the dot's half
-// count of instructions pays (Intel Xeon, AVX512-BF16, T = 200, bf16 recurrence: B = 1 2.7
-// against 3.1-3.2 ms at H = 512). Tiles of several rows are bound by the arithmetic, and there the
-// dots ran at well under half the rate of float32 FMAs (B = 2 4.8 against 4.1 ms, B = 6 12.7
-// against 8.7 ms, B = 64 68 against 46 ms): they widen the panel as other ISAs do.
+// count of instructions pays (Intel Xeon with AVX512-BF16, bf16 recurrence at H = 512, against the
+// widening path: T = 200, B = 1 2.6-2.7 against 2.9-3.2 ms). Tiles of several rows are bound by
+// the arithmetic, and there the dots ran at well under half the rate of float32 FMAs (T = 200:
+// B = 2 4.8 against 4.1 ms, B = 6 12.7 against 8.7 ms; T = 100, B = 64: 68 against 46 ms): they
+// widen the panel as other ISAs do.
 template <typename D>
-inline int64_t dot_row_product(const float* __restrict__ A, int64_t K, const c10::BFloat16* __restrict__ panel,
-                               reg (&acc)[4]) {
+inline int64_t dot_row_product(const float* __restrict__ A, int64_t K,
+                               const c10::BFloat16* __restrict__ panel, reg (&acc)[4]) {
   constexpr int64_t kPiece = 256;  // k rounded at a time: 512 bytes on the stack
   alignas(64) c10::BFloat16 a16[kPiece];
   // 4 chains of dots are too few to cover their latency: a second set of sums takes every
@@ -141,9 +142,9 @@ inline void tile_product(const float* __restrict__ A, int64_t lda, int64_t K,
 }
 
 // The reduction in chunks of k when the batch takes several row tiles and the driver asks for
-// chunks (chunk_bytes > 0, about half the L1; off by default, see panel_recurrence.cpp): each chunk of the panel
-// then serves every row tile from L1 instead of being streamed from L2 once per row tile. Sums
-// between chunks wait in the block's `partial` rows (B x 4V floats).
+// chunks (chunk_bytes > 0, about half the L1; off by default, see panel_recurrence.cpp): each
+// chunk of the panel then serves every row tile from L1 instead of being streamed from L2 once
+// per row tile. Sums between chunks wait in the block's `partial` rows (B x 4V floats).
 template <typename panel_t>
 inline int64_t chunk_length(int64_t B, int64_t K, int64_t chunk_bytes) {
   if (B <= kMaxRows || chunk_bytes <= 0) return K;
