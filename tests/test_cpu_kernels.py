@@ -152,6 +152,8 @@ def test_forcing_a_variant_this_cpu_lacks_or_an_unknown_one_is_an_error(monkeypa
 def test_supported_variants_agree_with_the_cpu_flags():
     # The dispatch asks CPUID (libgcc); the kernel's flags are a second opinion, and a CPU with
     # AVX-512 but without AVX512-BF16 (Skylake-SP to Ice Lake) must not get the bf16 variant.
+    # Under valgrind CPUID shows its virtual CPU (AVX2), the flags the real one: there the
+    # dispatch may only claim less.
     with open("/proc/cpuinfo") as f:
         line = next((l for l in f if l.startswith("flags")), "")
     flags = set(line.split(":", 1)[-1].split())
@@ -160,7 +162,9 @@ def test_supported_variants_agree_with_the_cpu_flags():
     avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
     want = {"generic": True, "avx2": True, "avx512": avx512, "avx512bf16": avx512 and "avx512_bf16" in flags}
     got = {v: bool(torch.ops.lstm_fused.cpu_isa_supported(v)) for v in CPU_ISA_VARIANTS}
-    assert got == want
+    assert all(want[v] for v in got if got[v]), (got, want)
+    if "vgpreload" not in os.environ.get("LD_PRELOAD", ""):
+        assert got == want
 
 
 def test_default_variant_is_the_widest_supported(monkeypatch):
