@@ -48,6 +48,12 @@ Isa widest_supported() {
 
 }  // namespace
 
+std::string isa_names() {
+  std::string names;
+  for (Isa isa : kAllIsas) names += (names.empty() ? "" : ", ") + std::string(isa_name(isa));
+  return names;
+}
+
 bool isa_from_name(const char* name, Isa* isa) {
   for (Isa candidate : kAllIsas) {
     if (std::strcmp(name, isa_name(candidate)) != 0) continue;
@@ -62,7 +68,7 @@ Isa selected_isa() {
   if (forced == nullptr || *forced == '\0' || std::strcmp(forced, "auto") == 0) return widest_supported();
   Isa isa;
   TORCH_CHECK(isa_from_name(forced, &isa), "lstm_fused: LSTM_FUSED_CPU_ISA=", forced,
-              " is not one of auto, ", kIsaNames);
+              " is not one of auto, ", isa_names());
   TORCH_CHECK(isa_supported(isa), "lstm_fused: LSTM_FUSED_CPU_ISA=", forced,
               " but this CPU cannot run that variant (widest here: ", isa_name(widest_supported()), ")");
   return isa;

@@ -13,10 +13,9 @@ namespace lstm_fused::cpu {
 // one-row tiles over bfloat16 weights; everything else in it is avx512's.
 enum class Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 inline constexpr Isa kAllIsas[] = {Isa::kGeneric, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16};
-// The names, as LSTM_FUSED_CPU_ISA and the ops take them, for error messages.
-inline constexpr const char* kIsaNames = "generic, avx2, avx512, avx512bf16";
-
 const char* isa_name(Isa isa);
+// Every variant's name, comma-separated, for error messages.
+std::string isa_names();
 // The variant of that name; false for an unknown name.
 bool isa_from_name(const char* name, Isa* isa);
 // Can this CPU (and OS: the wide registers must be saved on context switches) run the variant?

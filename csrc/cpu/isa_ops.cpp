@@ -16,7 +16,7 @@ bool cpu_isa_supported(const std::string& name) {
   lstm_fused::cpu::Isa isa;
   TORCH_CHECK(lstm_fused::cpu::isa_from_name(name.c_str(), &isa),
               "lstm_fused: unknown CPU instruction set variant '", name, "' (expected ",
-              lstm_fused::cpu::kIsaNames, ")");
+              lstm_fused::cpu::isa_names(), ")");
   return lstm_fused::cpu::isa_supported(isa);
 }
 

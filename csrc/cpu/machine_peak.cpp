@@ -226,7 +226,7 @@ Isa parse_isa(const std::string& name) {
   if (name.empty() || name == "auto" || name == "selected") return selected_isa();
   Isa isa;
   TORCH_CHECK(isa_from_name(name.c_str(), &isa), "lstm_fused: unknown CPU instruction set variant '",
-              name, "' (expected ", kIsaNames, " or auto)");
+              name, "' (expected ", isa_names(), " or auto)");
   TORCH_CHECK(isa_supported(isa), "lstm_fused: this CPU cannot run the '", name,
               "' instruction set variant");
   return isa;

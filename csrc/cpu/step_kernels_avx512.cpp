@@ -12,7 +12,6 @@ namespace lstm_fused::cpu::isa_avx512 {
 
 #include "cpu/step_kernels_avx512_vec.h"
 using Vec = Avx512Vec;
-constexpr int kMaxRows = 6;
 
 #include "cpu/step_kernels_impl.h"
 

@@ -1,5 +1,5 @@
-// The AVX-512 vector of the step kernels (16 floats), shared by step_kernels_avx512.cpp and
-// step_kernels_avx512bf16.cpp. Included inside each file's own namespace, after its target pragma
+// The AVX-512 vector of the step kernels (16 floats) and its tile height, shared by
+// step_kernels_avx512.cpp and step_kernels_avx512bf16.cpp. Included inside each file's own namespace, after its target pragma
 // (see step_kernels_impl.h), so each copy is compiled for its file's target only.
 struct Avx512Vec {
   using reg = __m512;
@@ -28,3 +28,5 @@ struct Avx512Vec {
   static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
   static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
 };
+// 32 registers: tiles of 6 rows (24 accumulators, 6 broadcasts, 1 weight vector).
+constexpr int kMaxRows = 6;

@@ -50,7 +50,6 @@ struct Vec : Avx512Vec {
                              reinterpret_cast<const __m512i&>(v));
   }
 };
-constexpr int kMaxRows = 6;
 
 #include "cpu/step_kernels_impl.h"
 
