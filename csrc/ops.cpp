@@ -46,8 +46,11 @@ TORCH_LIBRARY(lstm_fused, m) {
       "wavefront_forward(Tensor x, Tensor h0, Tensor c0, Tensor[] weights, int num_layers, "
       "bool has_biases) -> (Tensor y, Tensor h_n, Tensor c_n)");
   // x @ w_ih^T + b_ih + b_hh over every row of x (..., I) -> (..., 4H): the input projection of a
-  // layer with the CPU step kernels' tile product (float32). Autograd in lstm_fused/ops.py.
-  m.def("input_projection(Tensor x, Tensor w_ih, Tensor? b_ih, Tensor? b_hh) -> Tensor");
+  // CPU layer (float32, bfloat16, float16), with the CPU step kernels' tile product, or with
+  // ATen's GEMM (own_product=False) into an output from our pool. Autograd in lstm_fused/ops.py.
+  m.def(
+      "input_projection(Tensor x, Tensor w_ih, Tensor? b_ih, Tensor? b_hh, bool own_product=True) "
+      "-> Tensor");
   // Its first-order gradients: dx = grad @ w_ih the same way, dw_ih = grad^T x with ATen's GEMM
   // (each an empty tensor when not wanted); the bias gradient is grad summed over rows.
   m.def(

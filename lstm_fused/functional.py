@@ -1,8 +1,8 @@
 """The multi-layer LSTM as plain PyTorch around one fused op: the recurrence.
 
 Per layer and direction the input projection x @ W_ih^T + b_ih + b_hh is a single GEMM over all
-T*B rows (autograd differentiates it; on CPUs where ATen's GEMM is the slower for the dtype, our
-own op, see ops.OWN_GEMM), and only the sequential part goes through a backend's recurrence op.
+T*B rows (on the cpu backend our op, with our own product where ATen's GEMM is the slower for
+the dtype, see ops.OWN_GEMM), and only the sequential part goes through a backend's recurrence op.
 Dropout sits between layers; directions are concatenated on the feature dim.
 """
 
@@ -23,15 +23,25 @@ from . import dispatch, onnx_export, ops
 _OWN_GEMM_MIN_FEATURES = 64
 
 
-def own_gemm_applies(x: Tensor, w_ih: Tensor, backend: str = "auto") -> bool:
-    """Whether ``lstm_fused::input_projection`` computes the input projection (see ops.py): only
-    for layers the cpu backend runs, so the reference backend stays plain PyTorch throughout."""
+def projection_op_applies(x: Tensor, w_ih: Tensor, backend: str = "auto") -> bool:
+    """Whether ``lstm_fused::input_projection`` computes the input projection (see ops.py), with
+    our own product or ATen's GEMM into a pooled output: only for layers the cpu backend runs,
+    so the reference backend stays plain PyTorch throughout."""
     return (
         x.device.type == "cpu"
-        and ops.OWN_GEMM.get(x.dtype, False)
+        and x.dtype in ops.OWN_GEMM
         and w_ih.dtype == x.dtype
-        and w_ih.size(1) >= _OWN_GEMM_MIN_FEATURES
+        and ops.extension_loaded()
         and dispatch.resolve(backend, x.device, x.dtype) == "cpu"
+    )
+
+
+def own_gemm_applies(x: Tensor, w_ih: Tensor, backend: str = "auto") -> bool:
+    """Whether that op uses our own product (ops.OWN_GEMM, and enough input features)."""
+    return (
+        ops.OWN_GEMM.get(x.dtype, False)
+        and w_ih.size(1) >= _OWN_GEMM_MIN_FEATURES
+        and projection_op_applies(x, w_ih, backend)
     )
 
 
@@ -39,8 +49,9 @@ def input_projection(
     x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor], backend: str = "auto"
 ) -> Tensor:
     """(T, B, I) -> (T, B, 4H), both biases folded into one."""
-    if own_gemm_applies(x, w_ih, backend):
-        return torch.ops.lstm_fused.input_projection(x, w_ih, b_ih, b_hh)
+    if projection_op_applies(x, w_ih, backend):
+        own = own_gemm_applies(x, w_ih, backend)
+        return torch.ops.lstm_fused.input_projection(x, w_ih, b_ih, b_hh, own)
     bias = None if b_ih is None else b_ih + b_hh
     return F.linear(x, w_ih, bias)
 

@@ -246,8 +246,9 @@ if extension_loaded():
 
 # --------------------------------------------------------------------------------------------
 # The CPU input projection (csrc/cpu/panel_products.cpp): x @ w_ih^T + b_ih + b_hh on the step
-# kernels' tile product. First-order gradients through the paired op (dx on the same tile
-# product); under create_graph=True the gradients are plain PyTorch (two GEMMs and a sum), so
+# kernels' tile product, or on ATen's GEMM into a pooled output (own_product=False). First-order
+# gradients of the tile product through the paired op (dx on the same tile product), of ATen's
+# as F.linear's are; under create_graph=True the gradients are plain PyTorch (two GEMMs and a sum), so
 # gradients of every order come out of autograd.
 
 
@@ -282,8 +283,9 @@ def set_own_gemm(own: bool, dtype: Optional[torch.dtype] = None) -> None:
 
 
 def _projection_setup_context(ctx, inputs, output):
-    x, w_ih, b_ih, _b_hh = inputs
+    x, w_ih, b_ih, _b_hh, own_product = inputs
     ctx.has_bias = b_ih is not None
+    ctx.own_product = own_product
     ctx.save_for_backward(x, w_ih)
 
 
@@ -292,19 +294,21 @@ def _projection_backward(ctx, grad):
     need = ctx.needs_input_grad
     rows = grad.reshape(-1, grad.size(-1))
     db = rows.sum(0) if ctx.has_bias and (need[2] or need[3]) else None
-    if torch.is_grad_enabled():  # create_graph=True: a graph autograd can differentiate again
+    # create_graph=True: a graph autograd can differentiate again. ATen's product: its gradients
+    # are ATen's too, as F.linear's would be.
+    if torch.is_grad_enabled() or not ctx.own_product:
         dx = grad @ w_ih if need[0] else None
         dw = rows.t() @ x.reshape(-1, x.size(-1)) if need[1] else None
     else:
         dx, dw = torch.ops.lstm_fused.input_projection_backward(grad, x, w_ih, need[0], need[1])
         dx, dw = (dx if need[0] else None), (dw if need[1] else None)
-    return dx, dw, db if need[2] else None, db if need[3] else None
+    return dx, dw, db if need[2] else None, db if need[3] else None, None
 
 
 if extension_loaded():
 
     @torch.library.register_fake(f"{LIB}::input_projection")
-    def _input_projection_fake(x, w_ih, b_ih, b_hh):
+    def _input_projection_fake(x, w_ih, b_ih, b_hh, own_product=True):
         return x.new_empty(*x.shape[:-1], w_ih.size(0))
 
     @torch.library.register_fake(f"{LIB}::input_projection_backward")

@@ -472,8 +472,8 @@ def test_bf16_row_is_relative_to_our_float32(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_gemm_options_run_the_gemm_they_name(monkeypatch, dtype):
-    # Each option's forward must reach (own-gemm) or avoid (aten-gemm) our input projection op,
-    # whatever the package's default, and the plain provider must keep that default.
+    # Each option's forward must run our input projection op with our own product (own-gemm) or
+    # ATen's (aten-gemm), whatever the package's default, and the plain provider that default.
     _fused_cpu_or_skip()
     from lstm_fused import ops
 
@@ -481,7 +481,7 @@ def test_gemm_options_run_the_gemm_they_name(monkeypatch, dtype):
     native = providers.make_native(shape, "cpu", dtype)
     calls = []
     real_op = torch.ops.lstm_fused.input_projection
-    monkeypatch.setattr(torch.ops.lstm_fused, "input_projection", lambda *a: calls.append(1) or real_op(*a))
+    monkeypatch.setattr(torch.ops.lstm_fused, "input_projection", lambda *a: calls.append(a[4]) or real_op(*a))
     saved = dict(ops.OWN_GEMM)
     try:
         x = torch.randn(3, 2, 64, dtype=dtype)
@@ -492,7 +492,7 @@ def test_gemm_options_run_the_gemm_they_name(monkeypatch, dtype):
             calls.clear()
             with torch.no_grad():
                 built.forward(x)
-            assert bool(calls) == uses_op, name
+            assert calls == [uses_op], name  # the op projects on the cpu backend; own_product as named
     finally:
         for d, own in saved.items():
             ops.set_own_gemm(own, d)

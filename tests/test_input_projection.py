@@ -70,7 +70,7 @@ def test_values_and_gradients_match_float64(monkeypatch, variant, case):
     x, w, (b_ih, b_hh) = _draw(lead, I, H, bias)
     want = F.linear(x, w, None if b_ih is None else b_ih + b_hh)
     xf, wf, bif, bhf = _f32(x), _f32(w), _f32(b_ih), _f32(b_hh)
-    got = torch.ops.lstm_fused.input_projection(xf, wf, bif, bhf)
+    got = torch.ops.lstm_fused.input_projection(xf, wf, bif, bhf)  # own_product defaults to True
     assert got.shape == want.shape and got.dtype == torch.float32
     assert rel_error(got, want) <= 2e-6
 
@@ -120,7 +120,48 @@ def test_half_precision_within_twice_aten(monkeypatch, variant, dtype, case):
         assert rel_error(o, e) <= 2 * rel_error(t, e) + HALF_FLOOR, (name, rel_error(o, e), rel_error(t, e))
 
 
-def test_second_order_gradients_match_float64():
+# ATen's product through the op (own_product=False: what CPU layers run where ATen's GEMM is the
+# faster, into a pooled output): float32 against float64, 16 bits within twice F.linear in the same
+# dtype, every gradient; a non-contiguous x (a transposed batch-first input) too.
+@pytest.mark.parametrize("dtype", [torch.float32] + HALF_DTYPES, ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_aten_product_matches_float64(dtype, case):
+    _, lead, I, H, bias = case
+    x, w, (b_ih, b_hh) = _draw(lead, I, H, bias)
+    if len(lead) == 2:
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)
+    cot = torch.randn(*lead, 4 * H, dtype=torch.float64)
+    rounded = [None if t is None else t.to(dtype) for t in (x, w, b_ih, b_hh, cot)]
+    wide = [None if t is None else t.double() for t in rounded]
+
+    def project_and_grad(project, x, w, bi, bh, cot):
+        leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (x, w, bi, bh)]
+        out = project(*leaves)
+        present = [t for t in leaves if t is not None]
+        return (out,) + torch.autograd.grad(out, present, cot)
+
+    def aten(x, w, bi, bh):
+        return F.linear(x, w, None if bi is None else bi + bh)
+
+    def ours(x, w, bi, bh):
+        return torch.ops.lstm_fused.input_projection(x, w, bi, bh, False)
+
+    want = project_and_grad(aten, *wide)
+    got = project_and_grad(ours, *rounded)
+    assert len(got) == len(want)
+    if dtype == torch.float32:
+        for o, e in zip(got, want):
+            assert o.dtype == dtype and o.shape == e.shape
+            assert rel_error(o, e) <= 2e-6
+        return
+    theirs = project_and_grad(aten, *rounded)
+    for o, t, e in zip(got, theirs, want):
+        assert o.dtype == dtype and o.shape == e.shape
+        assert rel_error(o, e) <= 2 * rel_error(t, e) + HALF_FLOOR, (rel_error(o, e), rel_error(t, e))
+
+
+@pytest.mark.parametrize("own", [True, False], ids=["own_product", "aten_product"])
+def test_second_order_gradients_match_float64(own):
     x, w, (b_ih, b_hh) = _draw((6, 5), 80, 24, True)
     cot = torch.randn(6, 5, 96, dtype=torch.float64)
 
@@ -132,7 +173,8 @@ def test_second_order_gradients_match_float64():
         return torch.autograd.grad(gx.square().sum() + gw.square().sum(), tensors)
 
     want = second_order(lambda x, w, bi, bh: F.linear(x, w, bi + bh), [x, w, b_ih, b_hh])
-    got = second_order(torch.ops.lstm_fused.input_projection, [t.float() for t in (x, w, b_ih, b_hh)])
+    got = second_order(lambda *t: torch.ops.lstm_fused.input_projection(*t, own),
+                       [t.float() for t in (x, w, b_ih, b_hh)])
     for g, e in zip(got, want):
         assert rel_error(g, e) <= 1e-5
 
@@ -152,7 +194,7 @@ def test_lstm_matches_float64_with_either_gemm(monkeypatch, set_own_gemm, varian
     real_op = torch.ops.lstm_fused.input_projection
 
     def counting_op(*args):
-        calls.append(args[0].shape)
+        calls.append(args[4])  # own_product
         return real_op(*args)
 
     monkeypatch.setattr(torch.ops.lstm_fused, "input_projection", counting_op)
@@ -166,8 +208,8 @@ def test_lstm_matches_float64_with_either_gemm(monkeypatch, set_own_gemm, varian
         ((y * cot.to(dtype)).sum() + h_n.sum() + c_n.sum()).backward()
         outs.append((y, h_n, c_n))
         grads.append([xi.grad] + [p.grad for p in module.parameters()])
-    # Every layer and direction went through the op (4 projections), or none did.
-    assert len(calls) == (4 if own else 0)
+    # Every layer and direction went through the op (4 projections), with the product chosen.
+    assert calls == [own] * 4
     for got, want in zip(outs[1] + tuple(grads[1]), outs[0] + tuple(grads[0])):
         assert rel_error(got, want) <= 2e-5
 
@@ -189,16 +231,16 @@ def test_lstm_half_precision_with_either_gemm(monkeypatch, set_own_gemm, dtype, 
                                            "reference")
     calls = []
     real_op = torch.ops.lstm_fused.input_projection
-    monkeypatch.setattr(torch.ops.lstm_fused, "input_projection", lambda *a: calls.append(1) or real_op(*a))
+    monkeypatch.setattr(torch.ops.lstm_fused, "input_projection", lambda *a: calls.append(a[4]) or real_op(*a))
     x = torch.randn(9, 5, 72, dtype=torch.float64)
     hx = (torch.randn(2, 5, 64, dtype=torch.float64), torch.randn(2, 5, 64, dtype=torch.float64))
     cot = (torch.randn(9, 5, 64, dtype=torch.float64), torch.randn(2, 5, 64, dtype=torch.float64),
            torch.randn(2, 5, 64, dtype=torch.float64))
     want = run_and_grad(oracle, x, hx, cot)
     got = run_and_grad(fused, x.to(dtype), tuple(t.to(dtype) for t in hx), cot)
-    assert len(calls) == (2 if own else 0)  # both layers (I = 72, 64)
+    assert calls == [own] * 2  # both layers (I = 72, 64), with the product chosen
     yardstick = run_and_grad(reference, x.to(dtype), tuple(t.to(dtype) for t in hx), cot)
-    assert len(calls) == (2 if own else 0)  # the reference backend's layers did not
+    assert calls == [own] * 2  # the reference backend's layers did not call the op
 
     def flat(result):
         y, h_n, c_n, grads = result
@@ -210,6 +252,16 @@ def test_lstm_half_precision_with_either_gemm(monkeypatch, set_own_gemm, dtype, 
         if not rel_error(o, e) <= 2 * rel_error(r, e) + HALF_FLOOR:
             bad[name] = (rel_error(o, e), rel_error(r, e))
     assert not bad, f"(ours, reference backend in {dtype}) relative errors: {bad}"
+
+
+def test_the_op_runs_cpu_backend_layers_in_its_dtypes_whatever_the_product():
+    w = torch.randn(64, 32)
+    for dtype in ops.OWN_GEMM_DTYPES:
+        assert functional.projection_op_applies(torch.randn(3, 32).to(dtype), w.to(dtype))
+        assert functional.projection_op_applies(torch.randn(3, 32).to(dtype), w.to(dtype), "cpu")
+        assert not functional.projection_op_applies(torch.randn(3, 32).to(dtype), w.to(dtype), "reference")
+    assert not functional.projection_op_applies(torch.randn(3, 32).double(), w.double())
+    assert not functional.projection_op_applies(torch.randn(3, 32), w.bfloat16())
 
 
 def test_applies_to_cpu_backend_layers_in_the_chosen_dtypes_with_enough_features(monkeypatch):

@@ -85,6 +85,24 @@ def test_reused_blocks_give_the_fresh_results(dtype, padded):
         assert torch.equal(got, expected), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_aten_product_writes_into_a_pooled_block(dtype):
+    # input_projection with ATen's GEMM (own_product=False) projects into a pool block too.
+    steps = T * 4 // dtype.itemsize  # a 5 MB output in either dtype
+    x, w_ih, _, b_ih, b_hh, *_ = _inputs(dtype, steps)
+    first = OPS.input_projection(x, w_ih, b_ih, b_hh, False)
+    want = first.clone()
+    assert torch.equal(want, torch.nn.functional.linear(x, w_ih, b_ih + b_hh))
+    first.fill_(float("nan"))
+    del first
+    freed = _stats()
+    assert freed["idle_blocks"] == 1
+    again = OPS.input_projection(x, w_ih, b_ih, b_hh, False)
+    after = _stats()
+    assert after["reused"] == freed["reused"] + 1 and after["mapped"] == freed["mapped"]
+    assert torch.equal(again, want)
+
+
 def test_a_cap_of_zero_keeps_nothing(monkeypatch):
     monkeypatch.setenv("LSTM_FUSED_CPU_POOL_MB", "0")
     start = _stats()

@@ -1,6 +1,6 @@
 // The input projection of a layer and its input gradient on the CPU, on the step kernels' tile
 // product (step_kernels.h, PanelProductArgs) instead of ATen's GEMM (see own_gemm_by_default in
-// isa.h for where):
+// isa.h for where; elsewhere input_projection runs ATen's GEMM, into a pooled output):
 //   input_projection:           xproj = x @ W_ih^T + b_ih + b_hh   (W_ih in forward panels)
 //   input_projection_backward:  dx = dxproj @ W_ih                 (W_ih in backward-column panels)
 //                               dW_ih = dxproj^T @ x               (ATen's float32 GEMM)
@@ -23,6 +23,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/add.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 
@@ -70,8 +71,27 @@ Storage checked_storage(const at::Tensor& t, const char* op) {
 // t as contiguous float32 (no copy when it already is).
 at::Tensor contiguous_float(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
+// out (M, 4H) = x (M, I) @ w_ih^T + b_ih + b_hh by ATen's GEMM, written into out. Why not
+// F.linear: its output is fresh memory on every call, and at T*B*4H*4 bytes above glibc's largest
+// mmap threshold (32 MB) that means newly mapped pages the kernel zeroes on first touch. On the
+// Intel Xeon at T = 100, B = 64, I = H = 512 (52 MB) F.linear took 44-46 ms, the same GEMM into
+// a reused output 34-35 ms. out comes from the output pool (output_pool.h), whose blocks stay
+// mapped. The bias is summed in the input dtype first, as F.linear(x, w_ih, b_ih + b_hh) does.
+void aten_projection(const at::Tensor& x, const at::Tensor& w_ih, const std::optional<at::Tensor>& b_ih,
+                     const std::optional<at::Tensor>& b_hh, at::Tensor& out) {
+  const int64_t I = w_ih.size(1), H4 = w_ih.size(0);
+  at::Tensor out_rows = out.view({-1, H4});
+  const at::Tensor x_rows = x.reshape({-1, I});
+  if (b_ih.has_value()) {
+    at::addmm_out(out_rows, at::add(*b_ih, *b_hh), x_rows, w_ih.t());
+  } else {
+    at::mm_out(out_rows, x_rows, w_ih.t());
+  }
+}
+
 at::Tensor input_projection(const at::Tensor& x_in, const at::Tensor& w_ih,
-                            const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+                            const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+                            bool own_product) {
   TORCH_CHECK(x_in.dim() >= 1 && w_ih.dim() == 2 && w_ih.size(0) % 4 == 0,
               "lstm_fused: input_projection takes x (..., I) and w_ih (4H, I)");
   const int64_t I = w_ih.size(1), H = w_ih.size(0) / 4;
@@ -86,6 +106,10 @@ at::Tensor input_projection(const at::Tensor& x_in, const at::Tensor& w_ih,
   at::Tensor out = pooled_empty(out_sizes, x_in.scalar_type());
   if (M == 0 || H == 0) return out;
   if (I == 0) return b_ih.has_value() ? out.copy_(at::add(*b_ih, *b_hh)) : out.zero_();
+  if (!own_product) {
+    aten_projection(x_in, w_ih, b_ih, b_hh, out);
+    return out;
+  }
   const at::Tensor x = contiguous_float(x_in);
 
   const StepKernels& kernels = step_kernels(selected_isa());

@@ -34,6 +34,20 @@ inline bool row_active(const int64_t* lengths, int64_t b, int64_t t) {
 }
 inline int64_t time_of(int64_t s, int64_t T, bool reverse) { return reverse ? T - 1 - s : s; }
 
+// Asks for the panel bytes [p + kPrefetchBytes, + n) in L1, for tiles of several rows. Timed
+// alone on the Intel Xeon (AVX-512, K = 512, float32), the hardware prefetchers left the 6-row
+// tile at 80% of its rate from L1 with the panel in L2, and at 62% with 1.8 MB of panels in the
+// 2 MB L2; prefetching 4 KB ahead gave 91% and 78%. In the recurrence op less shows (T = 100,
+// B = 64, H = 512: 396-421 against 416-434 us a step). One-row tiles have none: their loads are
+// the bottleneck, and the prefetches cost 5-8% there (B = 1, H = 128). Beyond a panel's end they
+// touch the next panel, or nothing: prefetches never fault.
+constexpr int64_t kPrefetchBytes = 4096;
+template <int64_t n>
+inline void prefetch_ahead(const void* p) {
+  const char* ahead = static_cast<const char*>(p) + kPrefetchBytes;
+  for (int64_t line = 0; line < n; line += 64) __builtin_prefetch(ahead + line, 0, 3);
+}
+
 // tile_product (below) for one row of A over paired bf16 rows, with the ISA's pair dot product:
 // lane e of a dot adds A[k] * W[k][e] + A[k + 1] * W[k + 1][e], both operands bf16, the sums
 // float32. The row of A is rounded to bf16 first (to nearest even), a piece at a time into a
@@ -132,6 +146,7 @@ inline void tile_product(const float* __restrict__ A, int64_t lda, int64_t K,
   }
   for (; k < K; ++k) {
     const panel_t* p = panel + k * 4 * V;
+    prefetch_ahead<4 * V * sizeof(panel_t)>(p);
     reg a[R];
     for (int r = 0; r < R; ++r) a[r] = Vec::broadcast(A[r * lda + k]);
     for (int q = 0; q < 4; ++q) {
