@@ -268,9 +268,9 @@ STEAL_SCRIPT = textwrap.dedent("""
 # ... but the threads that run them may be fewer: the OpenMP region that runs the steps gets one
 # thread under OMP_THREAD_LIMIT=1, and the caller must then run every slice itself. The backoff
 # (team_outlook.h) is off, so every call of the run (forward and backward, a sequence and a
-# single step) opens a team whose helpers never come. H = 192: the backward runs alone where W_hh
-# fits one core's L2 (512 KB, H <= 181 in float32), so the sequence's backward has a team too.
-@pytest.mark.parametrize("T,H", [(30, 192), (1, 256)], ids=["sequence", "single_step"])
+# single step) opens a team whose helpers never come: teams by blocks (H = 192) and batch slices
+# (H = 96: W_hh fits one core's L2, see test_the_plan_slices_the_batch_where_the_weights_fit_one_core).
+@pytest.mark.parametrize("T,H", [(30, 192), (30, 96), (1, 256)], ids=["sequence", "batch_slices", "single_step"])
 def test_slices_of_threads_that_never_run_are_stolen(T, H):
     env = dict(os.environ, OMP_THREAD_LIMIT="1", LSTM_FUSED_CPU_TEAM_BACKOFF="0")
     done = subprocess.run([sys.executable, "-c", STEAL_SCRIPT, str(T), str(H)], env=env,
@@ -280,27 +280,33 @@ def test_slices_of_threads_that_never_run_are_stolen(T, H):
     assert len(errors) == 3 and all(e < 2e-5 for e in errors), errors
 
 
-def _team_wanted():
-    teams, _joined, alone = torch.ops.lstm_fused.cpu_team_counts()
-    return teams + alone  # calls that wanted a team (opened one, or ran alone in a backoff)
+# How a call is spread over the threads (panel_recurrence.cpp, plan_recurrence), as
+# lstm_fused::cpu_recurrence_plan reports it: (batch slices, threads of a team by blocks).
+def _plan(backward, T, B, H, dtype=torch.float32):
+    return tuple(torch.ops.lstm_fused.cpu_recurrence_plan(backward, T, B, H, dtype))
 
 
-# The backward wants a thread team only where W_hh outgrows one core's L2 (panel_recurrence.cpp:
-# its steps hand dz between the cores); the forward of the same layer wants one.
-@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one thread: no team is ever wanted")
-@pytest.mark.parametrize("H,backward_team", [(128, False), (192, True)])
-def test_the_backward_runs_alone_where_the_weights_fit_one_core(H, backward_team):
-    ops = torch.ops.lstm_fused
-    T, B = 30, 16
-    xp, w = torch.randn(T, B, 4 * H), torch.randn(4 * H, H) / H**0.5
-    h0, c0 = torch.randn(B, H), torch.randn(B, H)
-    before = _team_wanted()
-    y, h_n, c_n, gates, c_all = ops.recurrence_forward(xp, w, None, h0, c0, None, False, True)
-    assert _team_wanted() == before + 1
-    before = _team_wanted()
-    ops.recurrence_backward(torch.randn_like(y), torch.randn_like(h_n), torch.randn_like(c_n), w, None,
-                            h0, c0, None, False, y, gates, c_all, True)
-    assert _team_wanted() == before + int(backward_team)
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one thread: every call runs alone")
+def test_the_plan_slices_the_batch_where_the_weights_fit_one_core():
+    for backward in (False, True):
+        assert _plan(backward, 50, 16, 128) == (2, 1)  # 256 KB of float32 weights
+        assert _plan(backward, 50, 16, 160, torch.bfloat16) == (2, 1)  # 205 / 245 KB of panels
+        assert _plan(backward, 50, 1, 128)[0] == 1  # one row: nothing to slice
+        assert _plan(backward, 1, 16, 64) == (1, 1)  # too little work for a second thread
+        assert _plan(backward, 50, 16, 256) == (1, 2)  # 1 MB: each thread its share of the blocks
+    # Between 256 and 512 KB the forward splits blocks, the backward runs alone.
+    assert _plan(False, 50, 16, 160) == (1, 2) and _plan(True, 50, 16, 160) == (1, 1)
+    threads = torch.get_num_threads()
+    assert _plan(False, 50, 64, 128) == (min(threads, 64), 1)
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one thread: every call runs alone")
+def test_the_parity_shapes_cover_both_ways_of_splitting():
+    plans = {s[0]: (_plan(False, s[1], s[2], s[4]), _plan(True, s[1], s[2], s[4])) for s in SHAPES}
+    assert plans["threads_bidir_packed"] == ((2, 1), (2, 1))  # slices with lengths
+    assert plans["threads_2layers_batch_first"] == ((2, 1), (2, 1))
+    assert plans["threads_B1"] == ((1, 2), (1, 1))  # a team by blocks forward, alone backward
+    assert plans["chunked_reduction"] == ((1, 2), (1, 2))  # teams by blocks both ways
 
 
 # With the backoff on, teams whose helpers never come make the following calls run alone: after

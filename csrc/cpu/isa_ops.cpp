@@ -5,6 +5,8 @@
 #include "cpu/isa.h"
 #include "cpu/output_pool.h"
 #include "cpu/packed_weights.h"
+#include "cpu/recurrence.h"
+#include "cpu/step_kernels.h"
 #include "cpu/team_outlook.h"
 
 #include <string>
@@ -33,6 +35,19 @@ bool cpu_own_gemm_default(at::ScalarType dtype) {
   }
 }
 
+// (batch slices, threads) the step kernels' recurrence would use for a layer of this size on
+// this CPU and thread count (lstm_fused::cpu::plan_recurrence).
+std::tuple<int64_t, int64_t> cpu_recurrence_plan(bool backward, int64_t T, int64_t B, int64_t H,
+                                                 at::ScalarType dtype) {
+  namespace cpu = lstm_fused::cpu;
+  TORCH_CHECK(T >= 1 && B >= 1 && H >= 1, "lstm_fused: cpu_recurrence_plan takes sizes of at least 1");
+  const int V = cpu::step_kernels(cpu::selected_isa()).vector_width;
+  const int64_t width = backward ? 4 * V : V;
+  const auto plan = cpu::plan_recurrence(backward, T, B, H, (H + width - 1) / width,
+                                         cpu::panel_bytes(backward, H, V, dtype));
+  return {plan.batch_slices, plan.threads};
+}
+
 int64_t cpu_packed_cache_size() { return lstm_fused::cpu::packed_cache_size(); }
 
 void cpu_packed_cache_clear() { lstm_fused::cpu::packed_cache_clear(); }
@@ -59,6 +74,8 @@ TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
   m.def("cpu_own_gemm_default(ScalarType dtype) -> bool", &cpu_own_gemm_default);
   m.def("cpu_packed_cache_size() -> int", &cpu_packed_cache_size);
   m.def("cpu_packed_cache_clear() -> ()", &cpu_packed_cache_clear);
+  m.def("cpu_recurrence_plan(bool backward, int T, int B, int H, ScalarType dtype) -> (int, int)",
+        &cpu_recurrence_plan);
   m.def("cpu_output_pool_stats() -> (int, int, int, int)", &cpu_output_pool_stats);
   m.def("cpu_output_pool_clear() -> ()", &cpu_output_pool_clear);
   m.def("cpu_team_counts() -> (int, int, int)", &cpu_team_counts);

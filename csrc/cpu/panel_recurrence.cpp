@@ -79,6 +79,65 @@ void run_steps(int threads, int64_t steps, int64_t blocks, const Fn& fn) {
   record_team(in_time);
 }
 
+// Runs fn(k) for k in [0, slices) on up to `slices` threads, each slice on the thread that claims
+// it; a thread done with its slice claims the next unclaimed one, so a helper that comes late
+// (or never) costs only the slices it took. Late helpers count as in run_steps.
+template <typename Fn>
+void run_batch_slices(int64_t slices, const Fn& fn) {
+  int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), slices));
+  if (threads > 1 && !team_worth_trying()) threads = 1;
+  if (threads == 1) {
+    for (int64_t k = 0; k < slices; ++k) fn(k);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  std::atomic<int> helpers_arrived{0};
+  bool in_time = false;
+#pragma omp parallel num_threads(threads)
+  {
+    const int k = omp_get_thread_num();
+    if (k != 0) helpers_arrived.fetch_add(1, std::memory_order_acq_rel);
+    for (int64_t slice = next.fetch_add(1); slice < slices; slice = next.fetch_add(1)) fn(slice);
+    if (k == 0) in_time = helpers_arrived.load(std::memory_order_acquire) == threads - 1;
+  }
+  record_team(in_time);
+}
+
+// Rows [b0, b0 + n) of a call's arguments, as a call of its own over that slice of the batch:
+// its pointers at the slice's first row, its own part of the scratch sums (blocks x n x 4V).
+// elem: bytes per element of the storage dtype.
+ForwardStepArgs batch_rows(const ForwardStepArgs& a, int64_t b0, int64_t n, int64_t blocks, int V,
+                           int64_t elem) {
+  ForwardStepArgs r = a;
+  r.B = n;
+  r.xproj = static_cast<const char*>(a.xproj) + b0 * a.xproj_stride * elem;
+  r.lengths = a.lengths != nullptr ? a.lengths + b0 : nullptr;
+  r.h[0] = a.h[0] + b0 * a.K, r.h[1] = a.h[1] + b0 * a.K;
+  r.c = a.c + b0 * a.H;
+  r.y = static_cast<char*>(a.y) + b0 * a.H * elem;
+  r.gates_out = a.gates_out != nullptr ? static_cast<char*>(a.gates_out) + b0 * 4 * a.H * elem : nullptr;
+  r.c_all = a.c_all != nullptr ? a.c_all + b0 * a.H : nullptr;
+  r.partial = a.partial + blocks * b0 * 4 * V;
+  return r;
+}
+
+BackwardStepArgs batch_rows(const BackwardStepArgs& a, int64_t b0, int64_t n, int64_t blocks, int V,
+                            int64_t elem) {
+  BackwardStepArgs r = a;
+  r.B = n;
+  r.dy = static_cast<const char*>(a.dy) + b0 * a.H * elem;
+  r.gates = static_cast<const char*>(a.gates) + b0 * 4 * a.H * elem;
+  r.c_all = a.c_all + b0 * a.H;
+  r.c0 = a.c0 + b0 * a.H;
+  r.lengths = a.lengths != nullptr ? a.lengths + b0 : nullptr;
+  r.dh = a.dh + b0 * a.H;
+  r.dc = a.dc + b0 * a.H;
+  r.dz[0] = a.dz[0] + b0 * 4 * a.H, r.dz[1] = a.dz[1] + b0 * 4 * a.H;
+  r.dxproj = static_cast<char*>(a.dxproj) + b0 * 4 * a.H * elem;
+  r.partial = a.partial + blocks * b0 * 4 * V;
+  return r;
+}
+
 // src (B, n), any floating dtype and strides, into the first n floats of B rows of stride ld.
 void copy_rows_to_float(const at::Tensor& src, float* dst, int64_t ld) {
   const int64_t B = src.size(0), n = src.size(1);
@@ -91,6 +150,35 @@ void copy_rows_to_float(const at::Tensor& src, float* dst, int64_t ld) {
 }
 
 }  // namespace
+
+// The batch rows of a recurrence are independent of each other: split by rows, each thread runs
+// its rows through every step with no synchronization at all, but reads the whole of W_hh every
+// step. Split by blocks of units (run_steps), each thread reads only its share of W_hh, but the
+// step's state (h forward, dz backward) passes between the cores every step. The backward's dz
+// is B x 4H floats, four times the forward's h per multiply-add.
+// Measured on the Intel Xeon, float32 unless named, T = 50 (forward with saved activations):
+// - H = 128 (256 KB of weights): B = 16 forward 0.48-0.53 ms in batch slices against 0.57-0.58
+//   by blocks, backward 0.43 against 0.67 on one thread (0.91 by blocks); B = 64 backward 1.43
+//   against 2.65-2.70; B = 4 level.
+// - bfloat16 H = 256 (512 KB), T = 200: B = 2 and 4 10% slower in slices, B = 16 2% faster.
+// - Backward at H = 128 on one thread against by blocks on two: B = 1 0.095 against 0.115 ms,
+//   B = 4 0.18 against 0.31, B = 16 0.69 against 0.91; the forward gains from two threads there.
+constexpr int64_t kBatchSliceWeightBytes = int64_t(256) << 10;
+
+RecurrencePlan plan_recurrence(bool backward, int64_t T, int64_t B, int64_t H, int64_t blocks,
+                               int64_t weight_bytes) {
+  const int64_t step_macs = B * 4 * H * H;
+  const int64_t slices = std::min<int64_t>(at::get_num_threads(), B);
+  if (slices > 1 && weight_bytes <= kBatchSliceWeightBytes && T * step_macs >= kMinCallMacsForThreads)
+    return {slices, 1};
+  if (backward && weight_bytes <= kOneCoreWeightBytes) return {1, 1};
+  return {1, panel_threads(T, step_macs, blocks, weight_bytes)};
+}
+
+int64_t panel_bytes(bool backward, int64_t H, int V, at::ScalarType dtype) {
+  const int64_t width = backward ? 4 * V : V;  // units per block
+  return (H + width - 1) / width * (backward ? 4 * H : H) * 4 * V * at::elementSize(dtype);
+}
 
 // How much of a block's panel one chunk of the reduction covers (step_kernels_impl.h): by
 // default none, the panel streamed from L2 for each row tile. Chunks of half the L1 (each chunk
@@ -148,7 +236,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> panel_for
   at::Tensor c_all = save ? pooled_empty({T, B, H}, at::kFloat) : at::empty({0}, f32);
 
   ForwardStepArgs a;
-  a.T = T, a.B = B, a.H = H;
+  a.T = T, a.B = B, a.H = H, a.batch = B;
   a.K = H, a.xproj_stride = 4 * H;
   a.storage = storage_of(dtype);
   a.reverse = reverse, a.save = save;
@@ -165,9 +253,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> panel_for
   a.partial = scratch.data_ptr<float>();  // (blocks, B, 4V)
   a.chunk_bytes = panel_chunk_bytes();
 
-  const int threads = panel_threads(T, B * 4 * H * H, blocks, panels.nbytes());
-  run_steps(threads, T, blocks,
-            [&](int64_t s, int64_t u) { kernels.forward_block(a, s, u); });
+  const RecurrencePlan plan = plan_recurrence(false, T, B, H, blocks, panel_bytes(false, H, V, dtype));
+  if (plan.batch_slices > 1) {
+    const int64_t slices = plan.batch_slices;
+    run_batch_slices(slices, [&](int64_t k) {
+      const int64_t b0 = B * k / slices, b1 = B * (k + 1) / slices;
+      const ForwardStepArgs part = batch_rows(a, b0, b1 - b0, blocks, V, xproj.element_size());
+      for (int64_t s = 0; s < T; ++s)
+        for (int64_t u = 0; u < blocks; ++u) kernels.forward_block(part, s, u);
+    });
+  } else {
+    run_steps(plan.threads, T, blocks, [&](int64_t s, int64_t u) { kernels.forward_block(a, s, u); });
+  }
   if (dtype == at::kFloat) return {y, h_n, c, gates, c_all};
   return {y, h_n.to(dtype), c.to(dtype), gates, c_all};
 }
@@ -213,7 +310,7 @@ std::tuple<at::Tensor, at::Tensor> panel_cell_forward(
   at::Tensor h = at::empty({B, H}, opts);  // the step's y is its new h, in the input dtype
 
   ForwardStepArgs a;
-  a.T = 1, a.B = B, a.H = H;
+  a.T = 1, a.B = B, a.H = H, a.batch = B;
   a.K = K, a.xproj_stride = 0;
   a.storage = storage_of(x.scalar_type());
   a.reverse = false, a.save = false;
@@ -256,7 +353,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> panel_backward(
   at::Tensor dxproj = pooled_empty({T, B, 4 * H}, gates.scalar_type());
 
   BackwardStepArgs a;
-  a.T = T, a.B = B, a.H = H;
+  a.T = T, a.B = B, a.H = H, a.batch = B;
   a.storage = storage_of(gates.scalar_type());
   a.reverse = reverse;
   a.dy = dy.data_ptr();
@@ -276,21 +373,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> panel_backward(
   a.chunk_bytes = panel_chunk_bytes();
 
   // Sync step i processes recurrence step T-1-i; the last one (i = T) is the final product.
-  // Every backward step hands dz (B x 4H floats, each thread's columns) to every thread: per
-  // multiply-add four times the traffic between cores of the forward's h. Where the weights fit
-  // one core's L2, one thread beat two at every batch measured (Intel Xeon, T = 50, H = 128:
-  // B = 1 0.095 against 0.115 ms, B = 4 0.18 against 0.31, B = 16 0.69 against 0.91, B = 64 2.68
-  // against 2.77), while the forward gains from two threads there (B = 16: 2.6 against 4.1 ms).
-  const int threads = panels.nbytes() <= kOneCoreWeightBytes
-                          ? 1
-                          : panel_threads(T, B * 4 * H * H, blocks, panels.nbytes());
-  run_steps(threads, T + 1, blocks, [&](int64_t i, int64_t q) {
+  const auto step = [&](const BackwardStepArgs& args, int64_t i, int64_t q) {
     const int64_t s = T - 1 - i;
     const BackwardPhase phase = i == 0 ? BackwardPhase::kFirst
                                 : i == T ? BackwardPhase::kFinal
                                          : BackwardPhase::kStep;
-    kernels.backward_block(a, s < 0 ? 0 : s, q, phase);
-  });
+    kernels.backward_block(args, s < 0 ? 0 : s, q, phase);
+  };
+  const RecurrencePlan plan = plan_recurrence(true, T, B, H, blocks, panel_bytes(true, H, V, gates.scalar_type()));
+  if (plan.batch_slices > 1) {
+    const int64_t slices = plan.batch_slices;
+    run_batch_slices(slices, [&](int64_t k) {
+      const int64_t b0 = B * k / slices, b1 = B * (k + 1) / slices;
+      const BackwardStepArgs part = batch_rows(a, b0, b1 - b0, blocks, V, gates.element_size());
+      for (int64_t i = 0; i <= T; ++i)
+        for (int64_t q = 0; q < blocks; ++q) step(part, i, q);
+    });
+  } else {
+    run_steps(plan.threads, T + 1, blocks, [&](int64_t i, int64_t q) { step(a, i, q); });
+  }
   const auto dtype = gates.scalar_type();
   return {dxproj, dh.to(dtype), dc.to(dtype)};
 }

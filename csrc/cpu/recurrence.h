@@ -28,6 +28,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrenc
 bool panel_kernels_apply(at::ScalarType dtype, bool has_proj);
 // The step kernels' storage of a float32, bfloat16 or float16 tensor.
 Storage storage_of(at::ScalarType dtype);
+// How a recurrence call of the step kernels is spread over the threads (panel_recurrence.cpp):
+// batch_slices > 1, the batch cut into that many slices, each run through every step by one
+// thread; otherwise `threads` split each step's blocks of units (1: the caller alone).
+struct RecurrencePlan {
+  int64_t batch_slices;
+  int threads;
+};
+// weight_bytes: W_hh's panels (panel_bytes).
+RecurrencePlan plan_recurrence(bool backward, int64_t T, int64_t B, int64_t H, int64_t blocks,
+                               int64_t weight_bytes);
+// Bytes of W_hh's panels for vector width V: forward (unit blocks) or backward (column blocks).
+int64_t panel_bytes(bool backward, int64_t H, int V, at::ScalarType dtype);
+
 // Panel bytes per chunk of the steps' reduction (ForwardStepArgs::chunk_bytes), for this CPU.
 int64_t panel_chunk_bytes();
 // b_ih + b_hh (4H) in float32, in forward panels' (block, gate, lane) order for vector width V,

@@ -29,8 +29,10 @@ enum class Storage { kFloat, kBFloat16, kHalf };
 // one may be partial); its panel is (H, 4, V): for every input column k, the i, f, g, o weight
 // rows of its V units, zero past H. Panels have the storage dtype (the weights' own values).
 // A fused cell step (T = 1) reduces over [h | x] with panels of [W_hh | W_ih]: K = H + I.
+// B is the rows this call runs; batch is the rows of the (T, batch, ...) tensors per step (a
+// call may run a slice of the batch, its pointers offset to the slice's first row).
 struct ForwardStepArgs {
-  int64_t T, B, H;
+  int64_t T, B, H, batch;
   int64_t K;              // reduction length = row stride of h: H, or H + I for a fused cell
   int64_t xproj_stride;   // between the rows of xproj: 4H, or 0 (one bias row for all)
   Storage storage;
@@ -54,7 +56,7 @@ struct ForwardStepArgs {
 //   steps T-2..0:  dh = dz_{s+1} @ W_hh, then the gate gradients of step s,
 //   then kFinal:   dh0 = dz_0 @ W_hh.
 struct BackwardStepArgs {
-  int64_t T, B, H;
+  int64_t T, B, H, batch;  // B and batch as in ForwardStepArgs
   Storage storage;
   bool reverse;
   const void* dy;          // (T, B, H) storage dtype

@@ -242,20 +242,20 @@ struct ForwardTile {
 
   template <int R>
   void run(int64_t b0) {
-    const int64_t H = a.H, B = a.B, K = a.K;
+    const int64_t H = a.H, K = a.K;
     if (k1 == K) {
       // The epilogue's x-projection rows (4 cache lines a row, 4 KB and more apart, read once)
       // are requested now and arrive while the product runs.
       const scalar_t* xproj = static_cast<const scalar_t*>(a.xproj);
       for (int r = 0; r < R; ++r)
         for (int q = 0; q < 4; ++q)
-          __builtin_prefetch(xproj + (t * B + b0 + r) * a.xproj_stride + q * H + j0, 0, 3);
+          __builtin_prefetch(xproj + (t * a.batch + b0 + r) * a.xproj_stride + q * H + j0, 0, 3);
     }
     reg acc[R][4];
     chunk_product<R>(h_cur + b0 * K, K, panel, k0, k1, partial + b0 * 4 * V, acc);
     if (k1 < K) return save_partial<R>(partial + b0 * 4 * V, acc);
     for (int r = 0; r < R; ++r) {
-      const int64_t b = b0 + r, row = t * B + b;
+      const int64_t b = b0 + r, row = t * a.batch + b;
       float* c = a.c + b * H + j0;
       float* hn = h_next + b * K + j0;
       scalar_t* y = static_cast<scalar_t*>(a.y) + row * H + j0;
@@ -362,7 +362,7 @@ struct BackwardTile {
 
   template <int R>
   void run(int64_t b0) {
-    const int64_t H = a.H, B = a.B, T = a.T;
+    const int64_t H = a.H, T = a.T;
     if (phase != BackwardPhase::kFirst) {
       // dh of these units = dz of the step processed before (s + 1; step 0 for the final one)
       // times W_hh. Rows that were padding there produced dz = 0 and keep the dh they carry.
@@ -388,7 +388,7 @@ struct BackwardTile {
     const int64_t t_before = s > 0 ? time_of(s - 1, T, a.reverse) : -1;  // forward's previous step
     float* dz_out = a.dz[s % 2];
     for (int r = 0; r < R; ++r) {
-      const int64_t b = b0 + r, row = t * B + b;
+      const int64_t b = b0 + r, row = t * a.batch + b;
       float* dz = dz_out + b * 4 * H + j0;
       scalar_t* dx = static_cast<scalar_t*>(a.dxproj) + row * 4 * H + j0;
       if (!row_active(a.lengths, b, t)) {
@@ -400,7 +400,7 @@ struct BackwardTile {
         continue;
       }
       const float* c = a.c_all + row * H + j0;
-      const float* c_prev = (t_before >= 0 ? a.c_all + (t_before * B + b) * H : a.c0 + b * H) + j0;
+      const float* c_prev = (t_before >= 0 ? a.c_all + (t_before * a.batch + b) * H : a.c0 + b * H) + j0;
       const scalar_t* dy = static_cast<const scalar_t*>(a.dy) + row * H + j0;
       const scalar_t* gt = static_cast<const scalar_t*>(a.gates) + row * 4 * H + j0;
       float* dh = a.dh + b * H + j0;

@@ -78,7 +78,7 @@ struct Stack {
     for (int64_t b = 0; b < blocks; ++b) kernels->panel_product(p, b, 0, steps * B);
 
     ForwardStepArgs a;
-    a.T = steps, a.B = B, a.H = H;
+    a.T = steps, a.B = B, a.H = H, a.batch = B;
     a.K = H, a.xproj_stride = 4 * H;
     a.storage = Storage::kFloat;
     a.reverse = false, a.save = false;
