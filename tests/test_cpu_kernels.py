@@ -31,6 +31,10 @@ SHAPES = [
     ("partial_row_tile", 4, 13, 6, 21, {}, None),
     ("threads_ragged_units", 12, 9, 7, 72, {}, None),
     ("threads_B1", 40, 1, 16, 130, {}, None),
+    # W_hh small enough for batch slices on any L2 of 192 KB or more, and large enough (4 MB)
+    # for teams by blocks both ways on any L2 up to 8 MB (test_the_plan_...).
+    ("batch_slices", 60, 8, 12, 24, {}, None),
+    ("threads_wide", 3, 3, 8, 512, {}, None),
     ("threads_bidir_packed", 10, 7, 8, 80, {"bidirectional": True}, [10, 3, 7, 1, 10, 6, 9]),
     ("threads_2layers_batch_first", 8, 6, 10, 90, {"num_layers": 2, "batch_first": True}, None),
     # Several row tiles and a reduction longer than one L1 chunk of the panel, on every variant;
@@ -268,9 +272,9 @@ STEAL_SCRIPT = textwrap.dedent("""
 # ... but the threads that run them may be fewer: the OpenMP region that runs the steps gets one
 # thread under OMP_THREAD_LIMIT=1, and the caller must then run every slice itself. The backoff
 # (team_outlook.h) is off, so every call of the run (forward and backward, a sequence and a
-# single step) opens a team whose helpers never come: teams by blocks (H = 192) and batch slices
+# single step) opens a team whose helpers never come: teams by blocks (H = 512) and batch slices
 # (H = 96: W_hh fits one core's L2, see test_the_plan_slices_the_batch_where_the_weights_fit_one_core).
-@pytest.mark.parametrize("T,H", [(30, 192), (30, 96), (1, 256)], ids=["sequence", "batch_slices", "single_step"])
+@pytest.mark.parametrize("T,H", [(30, 512), (30, 96), (1, 256)], ids=["sequence", "batch_slices", "single_step"])
 def test_slices_of_threads_that_never_run_are_stolen(T, H):
     env = dict(os.environ, OMP_THREAD_LIMIT="1", LSTM_FUSED_CPU_TEAM_BACKOFF="0")
     done = subprocess.run([sys.executable, "-c", STEAL_SCRIPT, str(T), str(H)], env=env,
@@ -286,27 +290,40 @@ def _plan(backward, T, B, H, dtype=torch.float32):
     return tuple(torch.ops.lstm_fused.cpu_recurrence_plan(backward, T, B, H, dtype))
 
 
+def _panel_bytes(backward, H, dtype=torch.float32):
+    """W_hh's panels on the selected variant (step_kernels.h): unit blocks of V forward, column
+    blocks of 4V backward, zero-padded."""
+    V = 16 if torch.ops.lstm_fused.cpu_isa_selected().startswith("avx512") else 8
+    width = 4 * V if backward else V
+    return -(-H // width) * (4 * H if backward else H) * 4 * V * dtype.itemsize
+
+
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="one thread: every call runs alone")
 def test_the_plan_slices_the_batch_where_the_weights_fit_one_core():
-    for backward in (False, True):
-        assert _plan(backward, 50, 16, 128) == (2, 1)  # 256 KB of float32 weights
-        assert _plan(backward, 50, 16, 160, torch.bfloat16) == (2, 1)  # 205 / 245 KB of panels
-        assert _plan(backward, 50, 1, 128)[0] == 1  # one row: nothing to slice
-        assert _plan(backward, 1, 16, 64) == (1, 1)  # too little work for a second thread
-        assert _plan(backward, 50, 16, 256) == (1, 2)  # 1 MB: each thread its share of the blocks
-    # Between 256 and 512 KB the forward splits blocks, the backward runs alone.
-    assert _plan(False, 50, 16, 160) == (1, 2) and _plan(True, 50, 16, 160) == (1, 1)
+    l2 = torch.ops.lstm_fused.cpu_core_l2_bytes()
+    assert l2 >= 64 << 10
     threads = torch.get_num_threads()
-    assert _plan(False, 50, 64, 128) == (min(threads, 64), 1)
+    for backward in (False, True):
+        for H in (32, 64, 128, 192, 256, 320, 512):
+            for B in (1, 2, 4, 16, 32):
+                w = _panel_bytes(backward, H)
+                fits = w <= l2 // 8 or (w <= l2 // 2 and (backward or B >= 32))
+                enough_work = 100 * B * 4 * H * H >= 1 << 20  # kMinCallMacsForThreads
+                slices, team = _plan(backward, 100, B, H)
+                if B > 1 and fits and enough_work:
+                    assert (slices, team) == (min(threads, B), 1), (backward, H, B)
+                else:
+                    assert slices == 1, (backward, H, B)
+    assert _plan(False, 1, 16, 64) == (1, 1)  # too little work for a second thread
+    assert _plan(True, 1, 16, 64) == (1, 1)
 
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="one thread: every call runs alone")
 def test_the_parity_shapes_cover_both_ways_of_splitting():
-    plans = {s[0]: (_plan(False, s[1], s[2], s[4]), _plan(True, s[1], s[2], s[4])) for s in SHAPES}
-    assert plans["threads_bidir_packed"] == ((2, 1), (2, 1))  # slices with lengths
-    assert plans["threads_2layers_batch_first"] == ((2, 1), (2, 1))
-    assert plans["threads_B1"] == ((1, 2), (1, 1))  # a team by blocks forward, alone backward
-    assert plans["chunked_reduction"] == ((1, 2), (1, 2))  # teams by blocks both ways
+    plans = [(_plan(False, s[1], s[2], s[4]), _plan(True, s[1], s[2], s[4])) for s in SHAPES]
+    for direction in (0, 1):
+        assert any(p[direction][0] > 1 for p in plans)  # batch slices
+        assert any(p[direction][0] == 1 and p[direction][1] > 1 for p in plans)  # a team by blocks
 
 
 # With the backoff on, teams whose helpers never come make the following calls run alone: after

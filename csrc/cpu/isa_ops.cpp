@@ -48,6 +48,9 @@ std::tuple<int64_t, int64_t> cpu_recurrence_plan(bool backward, int64_t T, int64
   return {plan.batch_slices, plan.threads};
 }
 
+// The L2 bytes per core that plan uses (sysconf, or 512 KB where it does not say).
+int64_t cpu_core_l2_bytes() { return lstm_fused::cpu::core_l2_bytes(); }
+
 int64_t cpu_packed_cache_size() { return lstm_fused::cpu::packed_cache_size(); }
 
 void cpu_packed_cache_clear() { lstm_fused::cpu::packed_cache_clear(); }
@@ -76,6 +79,7 @@ TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
   m.def("cpu_packed_cache_clear() -> ()", &cpu_packed_cache_clear);
   m.def("cpu_recurrence_plan(bool backward, int T, int B, int H, ScalarType dtype) -> (int, int)",
         &cpu_recurrence_plan);
+  m.def("cpu_core_l2_bytes() -> int", &cpu_core_l2_bytes);
   m.def("cpu_output_pool_stats() -> (int, int, int, int)", &cpu_output_pool_stats);
   m.def("cpu_output_pool_clear() -> ()", &cpu_output_pool_clear);
   m.def("cpu_team_counts() -> (int, int, int)", &cpu_team_counts);

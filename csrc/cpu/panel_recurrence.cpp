@@ -16,6 +16,7 @@
 #include "cpu/team_outlook.h"
 
 #include <omp.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <cstdlib>
@@ -156,21 +157,32 @@ void copy_rows_to_float(const at::Tensor& src, float* dst, int64_t ld) {
 // step. Split by blocks of units (run_steps), each thread reads only its share of W_hh, but the
 // step's state (h forward, dz backward) passes between the cores every step. The backward's dz
 // is B x 4H floats, four times the forward's h per multiply-add.
-// Measured on the Intel Xeon, float32 unless named, T = 50 (forward with saved activations):
-// - H = 128 (256 KB of weights): B = 16 forward 0.48-0.53 ms in batch slices against 0.57-0.58
-//   by blocks, backward 0.43 against 0.67 on one thread (0.91 by blocks); B = 64 backward 1.43
-//   against 2.65-2.70; B = 4 level.
-// - bfloat16 H = 256 (512 KB), T = 200: B = 2 and 4 10% slower in slices, B = 16 2% faster.
-// - Backward at H = 128 on one thread against by blocks on two: B = 1 0.095 against 0.115 ms,
-//   B = 4 0.18 against 0.31, B = 16 0.69 against 0.91; the forward gains from two threads there.
-constexpr int64_t kBatchSliceWeightBytes = int64_t(256) << 10;
+// Measured on the Intel Xeon (2 MB of L2 per core), float32, forward with saved activations:
+// - 256 KB of weights (H = 128), T = 50: B = 16 forward 0.48-0.53 ms in batch slices against
+//   0.57-0.58 by blocks, backward 0.43 against 0.67 on one thread (0.91 by blocks); B = 64
+//   backward 1.43 against 2.65-2.70; B = 4 level; T = 200, B = 2: forward 0.38 against 0.43.
+// - 1 MB (H = 256), T = 100: backward in slices 18-30% faster at B = 2..64 (B = 16: 3.1 against
+//   3.8 ms); forward 20% slower at B = 4, level at B = 2 and 16, faster from 32 (5.0-5.6 against
+//   6.2-6.6 ms; B = 64 11.5-11.8 against 12.4-14.4).
+// So slices where the weights take at most an eighth of one core's L2, and up to half of it for
+// the backward and for forwards of 32 rows or more (in the suite, T = 100, B = 16, H = 256
+// forward: 5.39-5.54 ms in slices against 5.36-5.45 by blocks). Where a slice would stream W_hh
+// from L3, blocks win.
+int64_t core_l2_bytes() {
+  static const int64_t bytes = [] {
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return l2 > 0 ? static_cast<int64_t>(l2) : int64_t(512) << 10;  // unknown: the least measured
+  }();
+  return bytes;
+}
 
 RecurrencePlan plan_recurrence(bool backward, int64_t T, int64_t B, int64_t H, int64_t blocks,
                                int64_t weight_bytes) {
   const int64_t step_macs = B * 4 * H * H;
   const int64_t slices = std::min<int64_t>(at::get_num_threads(), B);
-  if (slices > 1 && weight_bytes <= kBatchSliceWeightBytes && T * step_macs >= kMinCallMacsForThreads)
-    return {slices, 1};
+  const int64_t l2 = core_l2_bytes();
+  const bool slices_pay = weight_bytes <= l2 / 8 || (weight_bytes <= l2 / 2 && (backward || B >= 32));
+  if (slices > 1 && slices_pay && T * step_macs >= kMinCallMacsForThreads) return {slices, 1};
   if (backward && weight_bytes <= kOneCoreWeightBytes) return {1, 1};
   return {1, panel_threads(T, step_macs, blocks, weight_bytes)};
 }
