@@ -248,8 +248,8 @@ if extension_loaded():
 # The CPU input projection (csrc/cpu/panel_products.cpp): x @ w_ih^T + b_ih + b_hh on the step
 # kernels' tile product, or on ATen's GEMM into a pooled output (own_product=False). First-order
 # gradients of the tile product through the paired op (dx on the same tile product), of ATen's
-# as F.linear's are; under create_graph=True the gradients are plain PyTorch (two GEMMs and a sum), so
-# gradients of every order come out of autograd.
+# as F.linear's are; under create_graph=True the gradients are plain PyTorch (two GEMMs and a
+# sum), so gradients of every order come out of autograd.
 
 
 # The dtypes our own products run in.
