@@ -274,7 +274,8 @@ STEAL_SCRIPT = textwrap.dedent("""
 # (team_outlook.h) is off, so every call of the run (forward and backward, a sequence and a
 # single step) opens a team whose helpers never come: teams by blocks (H = 512) and batch slices
 # (H = 96: W_hh fits one core's L2, see test_the_plan_slices_the_batch_where_the_weights_fit_one_core).
-@pytest.mark.parametrize("T,H", [(30, 512), (30, 96), (1, 256)], ids=["sequence", "batch_slices", "single_step"])
+@pytest.mark.parametrize("T,H", [(30, 512), (30, 96), (1, 256)],
+                         ids=["sequence", "batch_slices", "single_step"])
 def test_slices_of_threads_that_never_run_are_stolen(T, H):
     env = dict(os.environ, OMP_THREAD_LIMIT="1", LSTM_FUSED_CPU_TEAM_BACKOFF="0")
     done = subprocess.run([sys.executable, "-c", STEAL_SCRIPT, str(T), str(H)], env=env,

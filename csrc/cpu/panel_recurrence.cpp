@@ -392,7 +392,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> panel_backward(
                                          : BackwardPhase::kStep;
     kernels.backward_block(args, s < 0 ? 0 : s, q, phase);
   };
-  const RecurrencePlan plan = plan_recurrence(true, T, B, H, blocks, panel_bytes(true, H, V, gates.scalar_type()));
+  const RecurrencePlan plan =
+      plan_recurrence(true, T, B, H, blocks, panel_bytes(true, H, V, gates.scalar_type()));
   if (plan.batch_slices > 1) {
     const int64_t slices = plan.batch_slices;
     run_batch_slices(slices, [&](int64_t k) {
