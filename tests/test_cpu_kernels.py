@@ -31,10 +31,10 @@ SHAPES = [
     ("partial_row_tile", 4, 13, 6, 21, {}, None),
     ("threads_ragged_units", 12, 9, 7, 72, {}, None),
     ("threads_B1", 40, 1, 16, 130, {}, None),
-    # W_hh small enough for batch slices on any L2 of 192 KB or more, and large enough (4 MB)
-    # for teams by blocks both ways on any L2 up to 8 MB (test_the_plan_...).
+    # W_hh small enough for batch slices on any L2 of 192 KB or more, and large enough (1.6 MB)
+    # for teams by blocks both ways on any L2 up to 3 MB (test_the_plan_...).
     ("batch_slices", 60, 8, 12, 24, {}, None),
-    ("threads_wide", 3, 3, 8, 512, {}, None),
+    ("threads_wide", 3, 3, 8, 320, {}, None),
     ("threads_bidir_packed", 10, 7, 8, 80, {"bidirectional": True}, [10, 3, 7, 1, 10, 6, 9]),
     ("threads_2layers_batch_first", 8, 6, 10, 90, {"num_layers": 2, "batch_first": True}, None),
     # Several row tiles and a reduction longer than one L1 chunk of the panel, on every variant;
@@ -272,9 +272,9 @@ STEAL_SCRIPT = textwrap.dedent("""
 # ... but the threads that run them may be fewer: the OpenMP region that runs the steps gets one
 # thread under OMP_THREAD_LIMIT=1, and the caller must then run every slice itself. The backoff
 # (team_outlook.h) is off, so every call of the run (forward and backward, a sequence and a
-# single step) opens a team whose helpers never come: teams by blocks (H = 512) and batch slices
+# single step) opens a team whose helpers never come: teams by blocks (H = 320) and batch slices
 # (H = 96: W_hh fits one core's L2, see test_the_plan_slices_the_batch_where_the_weights_fit_one_core).
-@pytest.mark.parametrize("T,H", [(30, 512), (30, 96), (1, 256)],
+@pytest.mark.parametrize("T,H", [(30, 320), (30, 96), (1, 256)],
                          ids=["sequence", "batch_slices", "single_step"])
 def test_slices_of_threads_that_never_run_are_stolen(T, H):
     env = dict(os.environ, OMP_THREAD_LIMIT="1", LSTM_FUSED_CPU_TEAM_BACKOFF="0")
