@@ -29,20 +29,20 @@ def projection_op_applies(x: Tensor, w_ih: Tensor, backend: str = "auto") -> boo
     so the reference backend stays plain PyTorch throughout."""
     return (
         x.device.type == "cpu"
-        and x.dtype in ops.OWN_GEMM
+        and x.dtype in ops.OWN_GEMM_DTYPES
         and w_ih.dtype == x.dtype
         and ops.extension_loaded()
         and dispatch.resolve(backend, x.device, x.dtype) == "cpu"
     )
 
 
+def _own_product_chosen(x: Tensor, w_ih: Tensor) -> bool:
+    return ops.OWN_GEMM.get(x.dtype, False) and w_ih.size(1) >= _OWN_GEMM_MIN_FEATURES
+
+
 def own_gemm_applies(x: Tensor, w_ih: Tensor, backend: str = "auto") -> bool:
     """Whether that op uses our own product (ops.OWN_GEMM, and enough input features)."""
-    return (
-        ops.OWN_GEMM.get(x.dtype, False)
-        and w_ih.size(1) >= _OWN_GEMM_MIN_FEATURES
-        and projection_op_applies(x, w_ih, backend)
-    )
+    return _own_product_chosen(x, w_ih) and projection_op_applies(x, w_ih, backend)
 
 
 def input_projection(
@@ -50,7 +50,7 @@ def input_projection(
 ) -> Tensor:
     """(T, B, I) -> (T, B, 4H), both biases folded into one."""
     if projection_op_applies(x, w_ih, backend):
-        own = own_gemm_applies(x, w_ih, backend)
+        own = _own_product_chosen(x, w_ih)
         return torch.ops.lstm_fused.input_projection(x, w_ih, b_ih, b_hh, own)
     bias = None if b_ih is None else b_ih + b_hh
     return F.linear(x, w_ih, bias)

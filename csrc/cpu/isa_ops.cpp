@@ -42,9 +42,7 @@ std::tuple<int64_t, int64_t> cpu_recurrence_plan(bool backward, int64_t T, int64
   namespace cpu = lstm_fused::cpu;
   TORCH_CHECK(T >= 1 && B >= 1 && H >= 1, "lstm_fused: cpu_recurrence_plan takes sizes of at least 1");
   const int V = cpu::step_kernels(cpu::selected_isa()).vector_width;
-  const int64_t width = backward ? 4 * V : V;
-  const auto plan = cpu::plan_recurrence(backward, T, B, H, (H + width - 1) / width,
-                                         cpu::panel_bytes(backward, H, V, dtype));
+  const auto plan = cpu::plan_recurrence(backward, T, B, H, V, dtype);
   return {plan.batch_slices, plan.threads};
 }
 

@@ -47,27 +47,17 @@ int panel_threads(int64_t T, int64_t step_macs, int64_t blocks, int64_t weight_b
   return static_cast<int>(std::max<int64_t>(1, threads));
 }
 
-// Runs fn(s, block) for s in steps (in order) and every block, on up to `threads` threads: an
-// OpenMP region, so the threads are ATen's own (no second set of threads competing with them for
-// the cores), unless the last teams showed that helpers come too late to help (team_outlook.h).
-template <typename Fn>
-void run_steps(int threads, int64_t steps, int64_t blocks, const Fn& fn) {
-  if (threads > 1 && !team_worth_trying()) threads = 1;
-  if (threads == 1) {
-    for (int64_t s = 0; s < steps; ++s)
-      for (int64_t blk = 0; blk < blocks; ++blk) fn(s, blk);
-    return;
-  }
-  StepTeam team(threads, blocks);
-  const auto body = [&](int k) {
-    for (int64_t s = 0; s < steps; ++s) team.run_step(k, s, [&](int64_t blk) { fn(s, blk); });
-  };
+// Runs body(k) on threads k = 0 .. threads - 1 of one OpenMP region, so the threads are ATen's
+// own (no second set of threads competing with them for the cores), and records whether the
+// helpers arrived before the caller (thread 0) was done (team_outlook.h). The runtime may give
+// fewer threads than asked: body must let the threads that came do the work of those that did
+// not, and the team then counts as not joined.
+template <typename Body>
+void run_team(int threads, const Body& body) {
   std::atomic<int> helpers_arrived{0};
   bool in_time = false;
 #pragma omp parallel num_threads(threads)
   {
-    // The runtime may give fewer threads than asked: their slices get stolen, and the team
-    // counts as not joined.
     const int k = omp_get_thread_num();
     if (k == 0) {
       body(0);
@@ -80,9 +70,25 @@ void run_steps(int threads, int64_t steps, int64_t blocks, const Fn& fn) {
   record_team(in_time);
 }
 
+// Runs fn(s, block) for s in steps (in order) and every block, on up to `threads` threads of a
+// team (step_team.h), unless the last teams showed that helpers come too late to help.
+template <typename Fn>
+void run_steps(int threads, int64_t steps, int64_t blocks, const Fn& fn) {
+  if (threads > 1 && !team_worth_trying()) threads = 1;
+  if (threads == 1) {
+    for (int64_t s = 0; s < steps; ++s)
+      for (int64_t blk = 0; blk < blocks; ++blk) fn(s, blk);
+    return;
+  }
+  StepTeam team(threads, blocks);
+  run_team(threads, [&](int k) {
+    for (int64_t s = 0; s < steps; ++s) team.run_step(k, s, [&](int64_t blk) { fn(s, blk); });
+  });
+}
+
 // Runs fn(k) for k in [0, slices) on up to `slices` threads, each slice on the thread that claims
 // it; a thread done with its slice claims the next unclaimed one, so a helper that comes late
-// (or never) costs only the slices it took. Late helpers count as in run_steps.
+// (or never) costs only the slices it took.
 template <typename Fn>
 void run_batch_slices(int64_t slices, const Fn& fn) {
   int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), slices));
@@ -92,16 +98,9 @@ void run_batch_slices(int64_t slices, const Fn& fn) {
     return;
   }
   std::atomic<int64_t> next{0};
-  std::atomic<int> helpers_arrived{0};
-  bool in_time = false;
-#pragma omp parallel num_threads(threads)
-  {
-    const int k = omp_get_thread_num();
-    if (k != 0) helpers_arrived.fetch_add(1, std::memory_order_acq_rel);
+  run_team(threads, [&](int) {
     for (int64_t slice = next.fetch_add(1); slice < slices; slice = next.fetch_add(1)) fn(slice);
-    if (k == 0) in_time = helpers_arrived.load(std::memory_order_acquire) == threads - 1;
-  }
-  record_team(in_time);
+  });
 }
 
 // Rows [b0, b0 + n) of a call's arguments, as a call of its own over that slice of the batch:
@@ -176,8 +175,11 @@ int64_t core_l2_bytes() {
   return bytes;
 }
 
-RecurrencePlan plan_recurrence(bool backward, int64_t T, int64_t B, int64_t H, int64_t blocks,
-                               int64_t weight_bytes) {
+RecurrencePlan plan_recurrence(bool backward, int64_t T, int64_t B, int64_t H, int V, at::ScalarType dtype) {
+  // W_hh's panels (step_kernels.h): unit blocks of V forward, column blocks of 4V backward.
+  const int64_t width = backward ? 4 * V : V;
+  const int64_t blocks = (H + width - 1) / width;
+  const int64_t weight_bytes = blocks * (backward ? 4 * H : H) * 4 * V * at::elementSize(dtype);
   const int64_t step_macs = B * 4 * H * H;
   const int64_t slices = std::min<int64_t>(at::get_num_threads(), B);
   const int64_t l2 = core_l2_bytes();
@@ -185,11 +187,6 @@ RecurrencePlan plan_recurrence(bool backward, int64_t T, int64_t B, int64_t H, i
   if (slices > 1 && slices_pay && T * step_macs >= kMinCallMacsForThreads) return {slices, 1};
   if (backward && weight_bytes <= kOneCoreWeightBytes) return {1, 1};
   return {1, panel_threads(T, step_macs, blocks, weight_bytes)};
-}
-
-int64_t panel_bytes(bool backward, int64_t H, int V, at::ScalarType dtype) {
-  const int64_t width = backward ? 4 * V : V;  // units per block
-  return (H + width - 1) / width * (backward ? 4 * H : H) * 4 * V * at::elementSize(dtype);
 }
 
 // How much of a block's panel one chunk of the reduction covers (step_kernels_impl.h): by
@@ -265,7 +262,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> panel_for
   a.partial = scratch.data_ptr<float>();  // (blocks, B, 4V)
   a.chunk_bytes = panel_chunk_bytes();
 
-  const RecurrencePlan plan = plan_recurrence(false, T, B, H, blocks, panel_bytes(false, H, V, dtype));
+  const RecurrencePlan plan = plan_recurrence(false, T, B, H, V, dtype);
   if (plan.batch_slices > 1) {
     const int64_t slices = plan.batch_slices;
     run_batch_slices(slices, [&](int64_t k) {
@@ -392,8 +389,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> panel_backward(
                                          : BackwardPhase::kStep;
     kernels.backward_block(args, s < 0 ? 0 : s, q, phase);
   };
-  const RecurrencePlan plan =
-      plan_recurrence(true, T, B, H, blocks, panel_bytes(true, H, V, gates.scalar_type()));
+  const RecurrencePlan plan = plan_recurrence(true, T, B, H, V, gates.scalar_type());
   if (plan.batch_slices > 1) {
     const int64_t slices = plan.batch_slices;
     run_batch_slices(slices, [&](int64_t k) {

@@ -35,13 +35,10 @@ struct RecurrencePlan {
   int64_t batch_slices;
   int threads;
 };
-// weight_bytes: W_hh's panels (panel_bytes).
-RecurrencePlan plan_recurrence(bool backward, int64_t T, int64_t B, int64_t H, int64_t blocks,
-                               int64_t weight_bytes);
+// V: the step kernels' vector width; dtype: W_hh's.
+RecurrencePlan plan_recurrence(bool backward, int64_t T, int64_t B, int64_t H, int V, at::ScalarType dtype);
 // One core's L2 in bytes (sysconf; 512 KB where it does not say), read once.
 int64_t core_l2_bytes();
-// Bytes of W_hh's panels for vector width V: forward (unit blocks) or backward (column blocks).
-int64_t panel_bytes(bool backward, int64_t H, int V, at::ScalarType dtype);
 
 // Panel bytes per chunk of the steps' reduction (ForwardStepArgs::chunk_bytes), for this CPU.
 int64_t panel_chunk_bytes();

@@ -1,6 +1,7 @@
 // The AVX-512 vector of the step kernels (16 floats) and its tile height, shared by
-// step_kernels_avx512.cpp and step_kernels_avx512bf16.cpp. Included inside each file's own namespace, after its target pragma
-// (see step_kernels_impl.h), so each copy is compiled for its file's target only.
+// step_kernels_avx512.cpp and step_kernels_avx512bf16.cpp. Included inside each file's own
+// namespace, after its target pragma (see step_kernels_impl.h), so each copy is compiled for its
+// file's target only.
 struct Avx512Vec {
   using reg = __m512;
   static constexpr int kWidth = 16;
