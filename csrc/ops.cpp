@@ -56,6 +56,9 @@ TORCH_LIBRARY(lstm_fused, m) {
   m.def(
       "input_projection_backward(Tensor grad, Tensor x, Tensor w_ih, bool input_grad, "
       "bool weight_grad) -> (Tensor dx, Tensor dw_ih)");
+  // g^T @ x for g (M, N), x (M, I), float32 with contiguous rows: the weight gradients of a CPU
+  // layer on our own kernels (csrc/cpu/weight_grads.cpp); for tests and benchmarks.
+  m.def("weight_grad(Tensor g, Tensor x) -> Tensor");
   m.def("has_cuda_kernels() -> bool", &has_cuda_kernels);
 }
 

@@ -273,13 +273,15 @@ OWN_GEMM_DEFAULT = dict(OWN_GEMM)  # as the process started (set_own_gemm change
 
 def set_own_gemm(own: bool, dtype: Optional[torch.dtype] = None) -> None:
     """Use our own products (True) or ATen's GEMM (False) for CPU layers in ``dtype`` (None: every
-    dtype in OWN_GEMM_DTYPES), process-wide. Without the extension there are none to use."""
+    dtype in OWN_GEMM_DTYPES), process-wide. Without the extension there are none to use. The
+    weight gradients, computed in float32 inside the ops, follow the float32 choice."""
     if not extension_loaded():
         return
     if dtype is not None and dtype not in OWN_GEMM:
         raise ValueError(f"our own products run {OWN_GEMM_DTYPES}, not {dtype}")
     for d in OWN_GEMM if dtype is None else (dtype,):
         OWN_GEMM[d] = bool(own)
+        torch.ops.lstm_fused.cpu_set_own_gemm(d, bool(own))
 
 
 def _projection_setup_context(ctx, inputs, output):
@@ -310,6 +312,10 @@ if extension_loaded():
     @torch.library.register_fake(f"{LIB}::input_projection")
     def _input_projection_fake(x, w_ih, b_ih, b_hh, own_product=True):
         return x.new_empty(*x.shape[:-1], w_ih.size(0))
+
+    @torch.library.register_fake(f"{LIB}::weight_grad")
+    def _weight_grad_fake(g, x):
+        return g.new_empty(g.size(1), x.size(1))
 
     @torch.library.register_fake(f"{LIB}::input_projection_backward")
     def _input_projection_backward_fake(grad, x, w_ih, input_grad, weight_grad):

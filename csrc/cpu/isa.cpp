@@ -4,6 +4,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
@@ -101,6 +102,20 @@ bool own_gemm_by_default(GemmDtype dtype) {
 #else
   return false;
 #endif
+}
+
+namespace {
+// Per GemmDtype: -1 until set_own_gemm, then 0 or 1.
+std::atomic<int> own_gemm_choice[3] = {-1, -1, -1};
+}  // namespace
+
+bool own_gemm(GemmDtype dtype) {
+  const int choice = own_gemm_choice[static_cast<int>(dtype)].load(std::memory_order_relaxed);
+  return choice < 0 ? own_gemm_by_default(dtype) : choice == 1;
+}
+
+void set_own_gemm(GemmDtype dtype, bool own) {
+  own_gemm_choice[static_cast<int>(dtype)].store(own ? 1 : 0, std::memory_order_relaxed);
 }
 
 }  // namespace lstm_fused::cpu

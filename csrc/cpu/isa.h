@@ -42,5 +42,10 @@ bool has_16bit_dot(GemmDtype dtype);
 //     16-bit panels.
 // LSTM_FUSED_CPU_GEMM=own|aten|auto forces every dtype (an unknown value is an error).
 bool own_gemm_by_default(GemmDtype dtype);
+// The process's current choice: own_gemm_by_default until set_own_gemm changes it (as
+// lstm_fused.ops.set_own_gemm does, beside its OWN_GEMM). Read where the product runs inside an
+// op: the weight gradients follow the float32 choice (weight_grads.cpp).
+bool own_gemm(GemmDtype dtype);
+void set_own_gemm(GemmDtype dtype, bool own);
 
 }  // namespace lstm_fused::cpu

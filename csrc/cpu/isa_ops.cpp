@@ -24,16 +24,24 @@ bool cpu_isa_supported(const std::string& name) {
 
 std::string cpu_isa_selected() { return lstm_fused::cpu::isa_name(lstm_fused::cpu::selected_isa()); }
 
-// The default of lstm_fused.ops.OWN_GEMM for a dtype (see own_gemm_by_default in isa.h).
-bool cpu_own_gemm_default(at::ScalarType dtype) {
+lstm_fused::cpu::GemmDtype gemm_dtype_of(at::ScalarType dtype) {
   using lstm_fused::cpu::GemmDtype;
   switch (dtype) {
-    case at::kFloat: return lstm_fused::cpu::own_gemm_by_default(GemmDtype::kFloat32);
-    case at::kBFloat16: return lstm_fused::cpu::own_gemm_by_default(GemmDtype::kBFloat16);
-    case at::kHalf: return lstm_fused::cpu::own_gemm_by_default(GemmDtype::kFloat16);
+    case at::kFloat: return GemmDtype::kFloat32;
+    case at::kBFloat16: return GemmDtype::kBFloat16;
+    case at::kHalf: return GemmDtype::kFloat16;
     default: TORCH_CHECK(false, "lstm_fused: our own products run float32, bfloat16 and float16, not ", dtype);
   }
 }
+
+// The default of lstm_fused.ops.OWN_GEMM for a dtype (see own_gemm_by_default in isa.h).
+bool cpu_own_gemm_default(at::ScalarType dtype) {
+  return lstm_fused::cpu::own_gemm_by_default(gemm_dtype_of(dtype));
+}
+
+// lstm_fused.ops.set_own_gemm's choice, for the products that run inside ops (own_gemm in isa.h).
+void cpu_set_own_gemm(at::ScalarType dtype, bool own) { lstm_fused::cpu::set_own_gemm(gemm_dtype_of(dtype), own); }
+bool cpu_own_gemm(at::ScalarType dtype) { return lstm_fused::cpu::own_gemm(gemm_dtype_of(dtype)); }
 
 // (batch slices, threads) the step kernels' recurrence would use for a layer of this size on
 // this CPU and thread count (lstm_fused::cpu::plan_recurrence).
@@ -73,6 +81,8 @@ TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
   m.def("cpu_isa_supported(str name) -> bool", &cpu_isa_supported);
   m.def("cpu_isa_selected() -> str", &cpu_isa_selected);
   m.def("cpu_own_gemm_default(ScalarType dtype) -> bool", &cpu_own_gemm_default);
+  m.def("cpu_own_gemm(ScalarType dtype) -> bool", &cpu_own_gemm);
+  m.def("cpu_set_own_gemm(ScalarType dtype, bool own) -> ()", &cpu_set_own_gemm);
   m.def("cpu_packed_cache_size() -> int", &cpu_packed_cache_size);
   m.def("cpu_packed_cache_clear() -> ()", &cpu_packed_cache_clear);
   m.def("cpu_recurrence_plan(bool backward, int T, int B, int H, ScalarType dtype) -> (int, int)",

@@ -167,7 +167,9 @@ std::tuple<at::Tensor, at::Tensor> input_projection_backward(const at::Tensor& g
   at::Tensor dx = input_grad_wanted ? input_grad(grad, w_ih, storage) : at::empty({0}, w_ih.options());
   at::Tensor dw = at::empty({0}, w_ih.options());
   if (weight_grad_wanted) {
-    dw = at::mm(grad.reshape({-1, w_ih.size(0)}).t(), contiguous_float(x_in).reshape({-1, w_ih.size(1)}))
+    const at::Tensor g_rows = grad.reshape({-1, w_ih.size(0)});
+    const at::Tensor x_rows = contiguous_float(x_in).reshape({-1, w_ih.size(1)});
+    dw = (own_gemm(GemmDtype::kFloat32) ? weight_grad(g_rows, x_rows) : at::mm(g_rows.t(), x_rows))
              .to(w_ih.scalar_type());
   }
   return {dx, dw};

@@ -40,6 +40,11 @@ RecurrencePlan plan_recurrence(bool backward, int64_t T, int64_t B, int64_t H, i
 // One core's L2 in bytes (sysconf; 512 KB where it does not say), read once.
 int64_t core_l2_bytes();
 
+// dW = G^T X on the step kernels (weight_grads.cpp): g (M, N), x (M, I), out (N, I), 2-D float32
+// CPU tensors with contiguous rows; accumulate: out += G^T X.
+void weight_grad_into(const at::Tensor& g, const at::Tensor& x, at::Tensor& out, bool accumulate);
+at::Tensor weight_grad(const at::Tensor& g, const at::Tensor& x);
+
 // Panel bytes per chunk of the steps' reduction (ForwardStepArgs::chunk_bytes), for this CPU.
 int64_t panel_chunk_bytes();
 // b_ih + b_hh (4H) in float32, in forward panels' (block, gate, lane) order for vector width V,

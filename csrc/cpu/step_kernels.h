@@ -96,14 +96,43 @@ struct PanelProductArgs {
   bool gate_layout;
 };
 
+// The weight gradients of a layer, out (N, I) = G^T X (or out += G^T X), a reduction over the
+// M = T*B rows: G (M, N) the gate gradients (dxproj), X (M, I) what the weights multiplied (the
+// layer's input for dW_ih, h_{t-1} for dW_hh), all float32. Rows [n0, n1) of out are computed as
+// register tiles of tile_rows rows of out x 4V columns, blocked for the caches as a GEMM is
+// (step_kernels_impl.h, weight_grad_rows): per chunk of k_chunk rows of M, the rows of G^T that
+// feed a block of row_block rows of out are packed k-major (L2), and for each 4V columns of X
+// the chunk's k_chunk x 4V floats are packed once (L1) and serve every tile of the block.
+struct WeightGradArgs {
+  int64_t M, N, I;
+  const float* g;      // row m at g + m * ldg
+  int64_t ldg;
+  const float* x;      // row m at x + m * ldx
+  int64_t ldx;
+  float* out;          // row n at out + n * ldo
+  int64_t ldo;
+  bool accumulate;     // out += G^T X instead of out = G^T X
+  int64_t k_chunk;     // rows of M per chunk (X's packed chunk: k_chunk * 4V floats)
+  int64_t row_block;   // rows of out per block, a multiple of tile_rows
+};
+
 struct StepKernels {
   Isa isa;
   int vector_width;  // V: floats per vector register
+  int tile_rows;     // rows of a register tile (batch rows; weight-gradient rows of out)
   void (*forward_block)(const ForwardStepArgs&, int64_t s, int64_t unit_block);
   void (*backward_block)(const BackwardStepArgs&, int64_t s, int64_t column_block, BackwardPhase);
   // Rows [m0, m1) of out, the columns of block b.
   void (*panel_product)(const PanelProductArgs&, int64_t b, int64_t m0, int64_t m1);
+  // Rows [n0, n1) of WeightGradArgs::out. scratch: weight_grad_scratch_floats(args, V) floats,
+  // the calling thread's own.
+  void (*weight_grad_rows)(const WeightGradArgs&, int64_t n0, int64_t n1, float* scratch);
 };
+
+// The packing buffers of weight_grad_rows: row_block x k_chunk floats of G^T, k_chunk x 4V of X.
+inline int64_t weight_grad_scratch_floats(const WeightGradArgs& a, int V) {
+  return a.row_block * a.k_chunk + a.k_chunk * 4 * V;
+}
 
 // The kernels of a supported variant (see isa.h for the choice).
 const StepKernels& step_kernels(Isa isa);

@@ -49,9 +49,11 @@ constexpr int kMaxRows = 3;
 namespace lstm_fused::cpu {
 
 const StepKernels& step_kernels_avx2() {
-  static const StepKernels kernels{Isa::kAvx2, isa_avx2::V, &isa_avx2::forward_block,
+  static const StepKernels kernels{Isa::kAvx2, isa_avx2::V, isa_avx2::kMaxRows,
+                                   &isa_avx2::forward_block,
                                    &isa_avx2::backward_block,
-                                   &isa_avx2::panel_product};
+                                   &isa_avx2::panel_product,
+                                   &isa_avx2::weight_grad_rows};
   return kernels;
 }
 

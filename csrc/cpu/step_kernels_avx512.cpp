@@ -22,9 +22,11 @@ using Vec = Avx512Vec;
 namespace lstm_fused::cpu {
 
 const StepKernels& step_kernels_avx512() {
-  static const StepKernels kernels{Isa::kAvx512, isa_avx512::V, &isa_avx512::forward_block,
+  static const StepKernels kernels{Isa::kAvx512, isa_avx512::V, isa_avx512::kMaxRows,
+                                   &isa_avx512::forward_block,
                                    &isa_avx512::backward_block,
-                                   &isa_avx512::panel_product};
+                                   &isa_avx512::panel_product,
+                                   &isa_avx512::weight_grad_rows};
   return kernels;
 }
 

@@ -60,9 +60,11 @@ struct Vec : Avx512Vec {
 namespace lstm_fused::cpu {
 
 const StepKernels& step_kernels_avx512bf16() {
-  static const StepKernels kernels{Isa::kAvx512Bf16, isa_avx512bf16::V, &isa_avx512bf16::forward_block,
+  static const StepKernels kernels{Isa::kAvx512Bf16, isa_avx512bf16::V, isa_avx512bf16::kMaxRows,
+                                   &isa_avx512bf16::forward_block,
                                    &isa_avx512bf16::backward_block,
-                                   &isa_avx512bf16::panel_product};
+                                   &isa_avx512bf16::panel_product,
+                                   &isa_avx512bf16::weight_grad_rows};
   return kernels;
 }
 

@@ -51,9 +51,11 @@ constexpr int kMaxRows = 2;
 namespace lstm_fused::cpu {
 
 const StepKernels& step_kernels_generic() {
-  static const StepKernels kernels{Isa::kGeneric, isa_generic::V, &isa_generic::forward_block,
+  static const StepKernels kernels{Isa::kGeneric, isa_generic::V, isa_generic::kMaxRows,
+                                   &isa_generic::forward_block,
                                    &isa_generic::backward_block,
-                                   &isa_generic::panel_product};
+                                   &isa_generic::panel_product,
+                                   &isa_generic::weight_grad_rows};
   return kernels;
 }
 

@@ -495,3 +495,107 @@ void panel_product(const PanelProductArgs& a, int64_t b, int64_t m0, int64_t m1)
     case Storage::kHalf: return panel_product_typed<c10::Half>(a, b, m0, m1);
   }
 }
+
+// ------------------------------------------------------------------------------------------
+// Weight gradients (see WeightGradArgs): out (+)= G^T X, a reduction over the M rows of G and X.
+// The register tile is R rows n of out x 4 vectors of its columns; per k (a row of G and X), R
+// broadcasts of G[k][n .. n + R) and 4 vectors of X[k], R x 4 FMAs. Both operands are packed per
+// chunk of k: G^T's rows k-major, kMaxRows floats per k for each tile (one short run per k, from
+// L2), X's 4V columns as k_chunk x 4V floats (L1), which every tile of the block then reads. The
+// sums start from out (zero on the first chunk) and go back to out after each chunk.
+
+constexpr int64_t kGradPrefetchRows = 4;
+
+template <int R>
+inline void weight_grad_tile(const float* __restrict__ gp, const float* __restrict__ xp, int64_t kc,
+                             reg (&acc)[R][4]) {
+  for (int64_t k = 0; k < kc; ++k) {
+    const float* w = xp + k * 4 * V;
+    reg a[R];
+    for (int r = 0; r < R; ++r) a[r] = Vec::broadcast(gp[k * kMaxRows + r]);
+    for (int q = 0; q < 4; ++q) {
+      const reg wq = Vec::load(w + q * V);
+      for (int r = 0; r < R; ++r) acc[r][q] = Vec::fma(a[r], wq, acc[r][q]);
+    }
+  }
+}
+
+// The first n (<= V) floats at p as a vector, zero past them.
+inline reg load_columns(const float* p, int64_t n) {
+  if (n == V) return Vec::load(p);
+  alignas(64) float tmp[V] = {};
+  for (int64_t j = 0; j < n; ++j) tmp[j] = p[j];
+  return Vec::load(tmp);
+}
+inline void store_columns(float* p, reg v, int64_t n) {
+  if (n == V) return Vec::store(p, v);
+  alignas(64) float tmp[V];
+  Vec::store(tmp, v);
+  for (int64_t j = 0; j < n; ++j) p[j] = tmp[j];
+}
+
+struct WeightGradTile {
+  const WeightGradArgs& a;
+  const float* gp;       // the block's packed G^T: the tile of rows b0.. at gp + b0 * kc
+  const float* xp;       // the chunk of X's columns [col0, col0 + 4V), kc x 4V
+  int64_t n0, kc, col0;  // the block's first row of out, the chunk's length, the first column
+  bool from_zero;        // the first chunk of an out = G^T X
+  int64_t valid[4];      // columns of each vector inside out
+
+  template <int R>
+  void run(int64_t b0) {
+    reg acc[R][4];
+    float* row = a.out + (n0 + b0) * a.ldo + col0;
+    for (int r = 0; r < R; ++r)
+      for (int q = 0; q < 4; ++q)
+        acc[r][q] = from_zero ? Vec::zero() : load_columns(row + r * a.ldo + q * V, valid[q]);
+    weight_grad_tile<R>(gp + b0 * kc, xp, kc, acc);
+    for (int r = 0; r < R; ++r)
+      for (int q = 0; q < 4; ++q)
+        if (valid[q] > 0) store_columns(row + r * a.ldo + q * V, acc[r][q], valid[q]);
+  }
+};
+
+void weight_grad_rows(const WeightGradArgs& a, int64_t n0, int64_t n1, float* scratch) {
+  float* gp = scratch;                         // row_block x k_chunk
+  float* xp = scratch + a.row_block * a.k_chunk;  // k_chunk x 4V
+  for (int64_t nb = n0; nb < n1; nb += a.row_block) {
+    const int64_t rows = n1 - nb < a.row_block ? n1 - nb : a.row_block;
+    if (a.M == 0 && !a.accumulate) {
+      for (int64_t n = nb; n < nb + rows; ++n)
+        for (int64_t i = 0; i < a.I; ++i) a.out[n * a.ldo + i] = 0.0f;
+    }
+    for (int64_t k0 = 0; k0 < a.M; k0 += a.k_chunk) {
+      const int64_t kc = a.M - k0 < a.k_chunk ? a.M - k0 : a.k_chunk;
+      // G^T's rows [nb, nb + rows) of this chunk; a last partial tile leaves rows past it unset
+      // (its narrower register tile never reads them). G comes from memory (it is the largest
+      // operand, read once): the rows a few k ahead are requested while this one is copied.
+      const int64_t full = rows - rows % kMaxRows;
+      for (int64_t k = 0; k < kc; ++k) {
+        const float* src = a.g + (k0 + k) * a.ldg + nb;
+        if (k + kGradPrefetchRows < kc)
+          for (int64_t j = 0; j < rows; j += 64 / sizeof(float))
+            __builtin_prefetch(src + kGradPrefetchRows * a.ldg + j, 0, 0);
+        float* dst = gp + k * kMaxRows;
+        for (int64_t t0 = 0; t0 < full; t0 += kMaxRows)
+          for (int r = 0; r < kMaxRows; ++r) dst[t0 * kc + r] = src[t0 + r];
+        for (int64_t r = full; r < rows; ++r) dst[full * kc + r - full] = src[r];
+      }
+      for (int64_t col0 = 0; col0 < a.I; col0 += 4 * V) {
+        const int64_t cols = a.I - col0 < 4 * V ? a.I - col0 : 4 * V;
+        for (int64_t k = 0; k < kc; ++k) {
+          const float* src = a.x + (k0 + k) * a.ldx + col0;
+          float* dst = xp + k * 4 * V;
+          for (int64_t j = 0; j < cols; ++j) dst[j] = src[j];
+          for (int64_t j = cols; j < 4 * V; ++j) dst[j] = 0.0f;
+        }
+        WeightGradTile tile{a, gp, xp, nb, kc, col0, k0 == 0 && !a.accumulate, {}};
+        for (int q = 0; q < 4; ++q) {
+          const int64_t left = cols - q * V;
+          tile.valid[q] = left < 0 ? 0 : left < V ? left : V;
+        }
+        for_each_row_tile(rows, tile);
+      }
+    }
+  }
+}
