@@ -577,8 +577,8 @@ void weight_grad_rows(const WeightGradArgs& a, int64_t n0, int64_t n1, float* sc
           for (int64_t j = 0; j < rows; j += 64 / sizeof(float))
             __builtin_prefetch(src + kGradPrefetchRows * a.ldg + j, 0, 0);
         float* dst = gp + k * kMaxRows;
-        for (int64_t t0 = 0; t0 < full; t0 += kMaxRows)
-          for (int r = 0; r < kMaxRows; ++r) dst[t0 * kc + r] = src[t0 + r];
+        for (int64_t t0 = 0; t0 < full; t0 += kMaxRows)  // one short run: a few wide moves
+          __builtin_memcpy(dst + t0 * kc, src + t0, kMaxRows * sizeof(float));
         for (int64_t r = full; r < rows; ++r) dst[full * kc + r - full] = src[r];
       }
       for (int64_t col0 = 0; col0 < a.I; col0 += 4 * V) {
