@@ -27,6 +27,46 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown cpu"
 
 
+def _cpuinfo_fields() -> dict:
+    """The first processor's "key: value" lines of /proc/cpuinfo ({} where there is none)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return fields
+
+
+# AMD's x86 family and model numbers of each Zen generation (family 25 holds Zen 3 and Zen 4).
+_ZEN3_MODELS = (range(0x00, 0x10), range(0x20, 0x30), range(0x40, 0x60))
+_ZEN4_MODELS = (range(0x10, 0x20), range(0x60, 0x80), range(0xA0, 0xB0))
+
+
+def cpu_generation(fields: Optional[dict] = None) -> Optional[str]:
+    """The Zen generation of an AMD CPU ("zen3", "zen4", "zen5"; "family26-model2" style where
+    the numbers are not in the table), None for other vendors. A VM's model name ("AMD EPYC")
+    does not say it, and the generations differ in cores, caches and vector units."""
+    fields = _cpuinfo_fields() if fields is None else fields
+    if fields.get("vendor_id") != "AuthenticAMD":
+        return None
+    try:
+        family, model = int(fields["cpu family"]), int(fields["model"])
+    except (KeyError, ValueError):
+        return None
+    if family == 25 and any(model in r for r in _ZEN3_MODELS):
+        return "zen3"
+    if family == 25 and any(model in r for r in _ZEN4_MODELS):
+        return "zen4"
+    if family == 26 and model < 0x80:
+        return "zen5"
+    return f"family{family}-model{model}"
+
+
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_bf16")
 
 
@@ -106,13 +146,16 @@ def tf32_enabled(device) -> bool:
 
 
 def results_slug(device) -> str:
-    """The results folder of this machine: the device slug; on CPUs followed by the SIMD variant
-    our kernels run ("cpu-amd-epyc-avx2"), since one model name (a VM's "AMD EPYC") covers
-    machines with and without AVX-512, and their numbers differ."""
+    """The results folder of this machine: the device slug; on CPUs followed by the generation of
+    an AMD CPU and the SIMD variant our kernels run ("cpu-amd-epyc-zen3-avx2"), since one model
+    name (a VM's "AMD EPYC") covers machines of several generations, with and without AVX-512,
+    and their numbers differ."""
     device = torch.device(device)
     slug = device_slug(device_name(device), device.type)
-    isa = cpu_isa_selected() if device.type == "cpu" else None
-    return f"{slug}-{isa}" if isa else slug
+    if device.type != "cpu":
+        return slug
+    parts = [slug, cpu_generation(), cpu_isa_selected()]
+    return "-".join(p for p in parts if p)
 
 
 def machine_info(device) -> dict:

@@ -237,15 +237,35 @@ def test_device_slug():
     assert device_slug("AMD EPYC 7763 64-Core Processor", "cpu") == "cpu-amd-epyc-7763"
 
 
-def test_cpu_results_folder_names_the_kernels_isa(monkeypatch):
+def test_cpu_results_folder_names_the_generation_and_the_kernels_isa(monkeypatch):
     from benchmarks import machine
 
     monkeypatch.setattr(machine, "cpu_model", lambda: "AMD EPYC")
+    monkeypatch.setattr(machine, "cpu_generation", lambda: "zen4")
     for isa in ("avx2", "avx512"):
         monkeypatch.setattr(machine, "cpu_isa_selected", lambda isa=isa: isa)
-        assert machine.results_slug("cpu") == f"cpu-amd-epyc-{isa}"
+        assert machine.results_slug("cpu") == f"cpu-amd-epyc-zen4-{isa}"
     monkeypatch.setattr(machine, "cpu_isa_selected", lambda: None)  # extension not built
-    assert machine.results_slug("cpu") == "cpu-amd-epyc"
+    assert machine.results_slug("cpu") == "cpu-amd-epyc-zen4"
+    monkeypatch.setattr(machine, "cpu_model", lambda: "Intel(R) Xeon(R) Processor")
+    monkeypatch.setattr(machine, "cpu_generation", lambda: None)
+    monkeypatch.setattr(machine, "cpu_isa_selected", lambda: "avx512bf16")
+    assert machine.results_slug("cpu") == "cpu-intel-xeon-avx512bf16"
+
+
+@pytest.mark.parametrize("vendor, family, model, generation", [
+    ("AuthenticAMD", 25, 0x01, "zen3"),   # EPYC 7003 (Milan)
+    ("AuthenticAMD", 25, 0x11, "zen4"),   # EPYC 9004 (Genoa)
+    ("AuthenticAMD", 25, 0xA0, "zen4"),   # EPYC 97x4 (Bergamo)
+    ("AuthenticAMD", 26, 0x02, "zen5"),   # EPYC 9005 (Turin)
+    ("AuthenticAMD", 23, 0x31, "family23-model49"),
+    ("GenuineIntel", 6, 143, None),
+])
+def test_cpu_generation_from_family_and_model(vendor, family, model, generation):
+    from benchmarks import machine
+
+    fields = {"vendor_id": vendor, "cpu family": str(family), "model": str(model)}
+    assert machine.cpu_generation(fields) == generation
 
 
 # ----------------------------------------------------------------------------- roofline, memory
