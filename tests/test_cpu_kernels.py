@@ -10,6 +10,7 @@ one L1 chunk of the panel (step_kernels_impl.h).
 """
 
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -20,6 +21,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import lstm_fused
+from lstm_fused import ops
 from helpers import CPU_ISA_VARIANTS, make_pair, rel_error, supported_cpu_variants
 
 pytestmark = pytest.mark.skipif("cpu" not in lstm_fused.available_backends(),
@@ -362,6 +364,68 @@ def test_calls_run_alone_while_helpers_do_not_come():
 # --------------------------------------------------------------------------------------------
 # Streaming steps without autograd: LSTMCell and T = 1 layers run lstm_fused::cell_forward, both
 # products in one kernel pass over [h | x].
+
+# avx512bf16 uses the bf16 dot product in one-row tiles only, or in tiles of every height
+# (bf16_dot_all_rows in isa.h: by the CPU's vendor, or LSTM_FUSED_CPU_BF16_DOT). Both ways here,
+# wherever the variant runs: the recurrence (several row tiles, a partial one, a one-row last
+# tile, chunked reductions), the cell step (odd K = H + I) and the input projection's products.
+needs_avx512bf16 = pytest.mark.skipif(
+    "avx512bf16" not in supported_cpu_variants(), reason="this CPU has no AVX512-BF16")
+BF16_DOT_SHAPES = [s for s in SHAPES if s[0] in ("partial_row_tile", "threads_bidir_packed",
+                                                 "threads_2layers_batch_first", "chunked_reduction")]
+
+
+@needs_avx512bf16
+@pytest.mark.parametrize("dot", ["one", "rows"])
+@pytest.mark.parametrize("chunk_bytes", ["0", "3072"], ids=["whole_panel", "chunks_3KB"])
+@pytest.mark.parametrize("shape", BF16_DOT_SHAPES, ids=lambda s: s[0])
+def test_bf16_dot_in_one_row_or_every_row_tile(monkeypatch, dot, chunk_bytes, shape):
+    monkeypatch.setenv("LSTM_FUSED_CPU_ISA", "avx512bf16")
+    monkeypatch.setenv("LSTM_FUSED_CPU_BF16_DOT", dot)
+    monkeypatch.setenv("LSTM_FUSED_CPU_CHUNK_BYTES", chunk_bytes)
+    assert torch.ops.lstm_fused.cpu_bf16_dot_all_rows() == (dot == "rows")
+    saved = dict(ops.OWN_GEMM)
+    ops.set_own_gemm(True, torch.bfloat16)  # the input projection on the same tiles
+    try:
+        ours, base = _errors(shape, torch.bfloat16)
+    finally:
+        for dtype, own in saved.items():
+            ops.set_own_gemm(own, dtype)
+    bad = {i: (o, b) for i, (o, b) in enumerate(zip(ours, base)) if not o <= 2 * b + HALF_FLOOR}
+    assert not bad, f"(ours, reference backend in bf16) relative errors: {bad}"
+
+
+@needs_avx512bf16
+@pytest.mark.parametrize("dot", ["one", "rows"])
+def test_bf16_dot_cell_step_in_one_row_or_every_row_tile(monkeypatch, dot):
+    monkeypatch.setenv("LSTM_FUSED_CPU_ISA", "avx512bf16")
+    monkeypatch.setenv("LSTM_FUSED_CPU_BF16_DOT", dot)
+    B, I, H = 9, 7, 30  # tiles of 6 and 3 rows; K = 37
+    oracle = nn.LSTMCell(I, H, dtype=torch.float64)
+    x, h0, c0 = (torch.randn(B, n, dtype=torch.float64) for n in (I, H, H))
+    with torch.no_grad():
+        want = oracle(x, (h0, c0))
+        errors = {}
+        for backend in ("cpu", "reference"):
+            m = lstm_fused.LSTMCell(I, H, backend=backend, dtype=torch.float64)
+            m.load_state_dict(oracle.state_dict())
+            h, c = m.to(torch.bfloat16)(x.bfloat16(), (h0.bfloat16(), c0.bfloat16()))
+            errors[backend] = (rel_error(h, want[0]), rel_error(c, want[1]))
+    for ours, ref in zip(errors["cpu"], errors["reference"]):
+        assert ours <= 2 * ref + HALF_FLOOR, errors
+
+
+def test_bf16_dot_choice_follows_the_environment_then_the_vendor(monkeypatch):
+    with open("/proc/cpuinfo") as f:
+        intel = "GenuineIntel" in f.read()
+    monkeypatch.delenv("LSTM_FUSED_CPU_BF16_DOT", raising=False)
+    assert torch.ops.lstm_fused.cpu_bf16_dot_all_rows() == (platform.machine() == "x86_64" and not intel)
+    for forced, rows in (("rows", True), ("one", False)):
+        monkeypatch.setenv("LSTM_FUSED_CPU_BF16_DOT", forced)
+        assert torch.ops.lstm_fused.cpu_bf16_dot_all_rows() == rows
+    monkeypatch.setenv("LSTM_FUSED_CPU_BF16_DOT", "all")
+    with pytest.raises(RuntimeError, match="LSTM_FUSED_CPU_BF16_DOT=all is not one of"):
+        torch.ops.lstm_fused.cpu_bf16_dot_all_rows()
 
 
 @pytest.mark.parametrize("variant", supported_cpu_variants())

@@ -122,9 +122,24 @@ void set_own_gemm(GemmDtype dtype, bool own) {
 
 namespace lstm_fused::cpu {
 
+bool bf16_dot_all_rows() {
+  const char* forced = std::getenv("LSTM_FUSED_CPU_BF16_DOT");
+  if (forced != nullptr && *forced != '\0' && std::strcmp(forced, "auto") != 0) {
+    TORCH_CHECK(std::strcmp(forced, "rows") == 0 || std::strcmp(forced, "one") == 0,
+                "lstm_fused: LSTM_FUSED_CPU_BF16_DOT=", forced, " is not one of auto, rows, one");
+    return std::strcmp(forced, "rows") == 0;
+  }
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  return !__builtin_cpu_is("intel");
+#else
+  return false;
+#endif
+}
+
 const StepKernels& step_kernels(Isa isa) {
 #if defined(__x86_64__)
-  if (isa == Isa::kAvx512Bf16) return step_kernels_avx512bf16();
+  if (isa == Isa::kAvx512Bf16) return bf16_dot_all_rows() ? step_kernels_avx512bf16_rows() : step_kernels_avx512bf16();
   if (isa == Isa::kAvx512) return step_kernels_avx512();
   if (isa == Isa::kAvx2) return step_kernels_avx2();
 #endif

@@ -23,6 +23,13 @@ bool isa_supported(Isa isa);
 // The widest supported variant, or the one LSTM_FUSED_CPU_ISA names (an error if this CPU
 // cannot run it, or the name is unknown). Read on every call: tests switch it per process.
 Isa selected_isa();
+// Whether the avx512bf16 variant uses the bf16 dot product in register tiles of several rows
+// too, not only in one-row tiles (dot_rows_product, step_kernels_impl.h). On the Intel Xeon
+// measured (Sapphire Rapids or later) several rows were faster widened to float32 FMAs; on a
+// Zen 5 EPYC the dots were 1.4-1.7x faster there. So: on x86 CPUs not made by Intel.
+// LSTM_FUSED_CPU_BF16_DOT=rows|one|auto forces it (read on every call, as LSTM_FUSED_CPU_ISA).
+bool bf16_dot_all_rows();
+
 // The dtypes of a layer's T*B-row products (the input projection and its input gradient).
 enum class GemmDtype { kFloat32, kBFloat16, kFloat16 };
 

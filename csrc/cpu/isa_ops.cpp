@@ -34,6 +34,9 @@ lstm_fused::cpu::GemmDtype gemm_dtype_of(at::ScalarType dtype) {
   }
 }
 
+// Whether avx512bf16's tiles of several rows use the bf16 dot product (bf16_dot_all_rows, isa.h).
+bool cpu_bf16_dot_all_rows() { return lstm_fused::cpu::bf16_dot_all_rows(); }
+
 // The default of lstm_fused.ops.OWN_GEMM for a dtype (see own_gemm_by_default in isa.h).
 bool cpu_own_gemm_default(at::ScalarType dtype) {
   return lstm_fused::cpu::own_gemm_by_default(gemm_dtype_of(dtype));
@@ -80,6 +83,7 @@ std::tuple<int64_t, int64_t, int64_t> cpu_team_counts() {
 TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
   m.def("cpu_isa_supported(str name) -> bool", &cpu_isa_supported);
   m.def("cpu_isa_selected() -> str", &cpu_isa_selected);
+  m.def("cpu_bf16_dot_all_rows() -> bool", &cpu_bf16_dot_all_rows);
   m.def("cpu_own_gemm_default(ScalarType dtype) -> bool", &cpu_own_gemm_default);
   m.def("cpu_own_gemm(ScalarType dtype) -> bool", &cpu_own_gemm);
   m.def("cpu_set_own_gemm(ScalarType dtype, bool own) -> ()", &cpu_set_own_gemm);

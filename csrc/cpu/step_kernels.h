@@ -142,5 +142,7 @@ const StepKernels& step_kernels_generic();
 const StepKernels& step_kernels_avx2();
 const StepKernels& step_kernels_avx512();
 const StepKernels& step_kernels_avx512bf16();
+// avx512bf16 with the bf16 dot product in tiles of several rows too (bf16_dot_all_rows, isa.h).
+const StepKernels& step_kernels_avx512bf16_rows();
 
 }  // namespace lstm_fused::cpu

@@ -14,6 +14,7 @@ struct Vec {
   using reg = __m256;
   static constexpr int kWidth = 8;
   static constexpr bool kBf16Dot = false;
+  static constexpr bool kBf16DotRows = false;
   static reg zero() { return _mm256_setzero_ps(); }
   static reg load(const float* p) { return _mm256_loadu_ps(p); }
   // bf16 is the high half of a float: widen each 16-bit lane and shift it up.

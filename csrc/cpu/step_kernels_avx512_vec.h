@@ -6,6 +6,7 @@ struct Avx512Vec {
   using reg = __m512;
   static constexpr int kWidth = 16;
   static constexpr bool kBf16Dot = false;
+  static constexpr bool kBf16DotRows = false;
   static reg zero() { return _mm512_setzero_ps(); }
   static reg load(const float* p) { return _mm512_loadu_ps(p); }
   // bf16 is the high half of a float: widen each 16-bit lane and shift it up.

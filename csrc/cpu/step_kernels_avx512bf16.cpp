@@ -2,8 +2,10 @@
 // AMD Zen 4+): avx512's kernels, except that one-row tiles over bfloat16 panels use the pair dot
 // product vdpbf16ps (each float32 lane adds the products of one pair of bf16 values) instead of
 // widening the panel to float32 first: half the vector instructions per weight, and no port
-// spent on widening (dot_row_product in step_kernels_impl.h says why one row only). The float32
-// and float16 paths compile to the same code as avx512's.
+// spent on widening. Compiled twice: tiles of several rows widen (isa_avx512bf16: faster on the
+// Intel Xeon measured) or use the dots too (isa_avx512bf16_rows: faster on Zen 5); see
+// dot_row_product in step_kernels_impl.h and bf16_dot_all_rows in isa.h. The float32 and
+// float16 paths compile to the same code as avx512's.
 #include "cpu/step_kernels_prelude.h"
 
 #if defined(__x86_64__)
@@ -18,6 +20,7 @@ namespace lstm_fused::cpu::isa_avx512bf16 {
 
 struct Vec : Avx512Vec {
   static constexpr bool kBf16Dot = true;
+  static constexpr bool kBf16DotRows = false;  // tiles of several rows widen (Intel: faster)
   // 16 lanes of 32 bits, each a pair of bf16: (k, k + 1) of one column in the panel's pairing
   // (step_kernels.h), or of one row of A.
   using pairs = __m512i;
@@ -55,6 +58,20 @@ struct Vec : Avx512Vec {
 
 }  // namespace lstm_fused::cpu::isa_avx512bf16
 
+// The same kernels with the dot product in tiles of every height (AMD: faster; see
+// bf16_dot_all_rows in isa.h).
+namespace lstm_fused::cpu::isa_avx512bf16_rows {
+
+#include "cpu/step_kernels_avx512_vec.h"
+
+struct Vec : isa_avx512bf16::Vec {
+  static constexpr bool kBf16DotRows = true;
+};
+
+#include "cpu/step_kernels_impl.h"
+
+}  // namespace lstm_fused::cpu::isa_avx512bf16_rows
+
 #pragma GCC pop_options
 
 namespace lstm_fused::cpu {
@@ -65,6 +82,15 @@ const StepKernels& step_kernels_avx512bf16() {
                                    &isa_avx512bf16::backward_block,
                                    &isa_avx512bf16::panel_product,
                                    &isa_avx512bf16::weight_grad_rows};
+  return kernels;
+}
+
+const StepKernels& step_kernels_avx512bf16_rows() {
+  static const StepKernels kernels{Isa::kAvx512Bf16, isa_avx512bf16_rows::V, isa_avx512bf16_rows::kMaxRows,
+                                   &isa_avx512bf16_rows::forward_block,
+                                   &isa_avx512bf16_rows::backward_block,
+                                   &isa_avx512bf16_rows::panel_product,
+                                   &isa_avx512bf16_rows::weight_grad_rows};
   return kernels;
 }
 

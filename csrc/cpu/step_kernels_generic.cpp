@@ -10,6 +10,7 @@ struct Vec {
   typedef float reg __attribute__((vector_size(32)));
   static constexpr int kWidth = 8;
   static constexpr bool kBf16Dot = false;
+  static constexpr bool kBf16DotRows = false;
   static reg zero() { return reg{}; }
   static reg load(const float* p) {
     reg v;

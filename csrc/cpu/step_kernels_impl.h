@@ -56,12 +56,14 @@ inline void prefetch_ahead(const void* p) {
 // the panel products' A (x, dxproj) hold bf16 values already and round exactly. Returns the k it
 // covered: every pair (a last odd row is the caller's). D is Vec, a template parameter so that
 // ISAs without the dot product never compile this.
-// One row only: a row streams the panel with few instructions per byte, where the dot's half
-// count of instructions pays (Intel Xeon with AVX512-BF16, bf16 recurrence at H = 512, against the
+// One row: a row streams the panel with few instructions per byte, where the dot's half count
+// of instructions pays (Intel Xeon with AVX512-BF16, bf16 recurrence at H = 512, against the
 // widening path: T = 200, B = 1 2.6-2.7 against 2.9-3.2 ms). Tiles of several rows are bound by
-// the arithmetic, and there the dots ran at well under half the rate of float32 FMAs (T = 200:
-// B = 2 4.8 against 4.1 ms, B = 6 12.7 against 8.7 ms; T = 100, B = 64: 68 against 46 ms): they
-// widen the panel as other ISAs do.
+// the arithmetic. On that Xeon the dots ran there at well under half the rate of float32 FMAs
+// (T = 200: B = 2 4.8 against 4.1 ms, B = 6 12.7 against 8.7 ms; T = 100, B = 64: 68 against
+// 46 ms), so several rows widen the panel as other ISAs do; on a Zen 5 EPYC the dots were
+// 1.4-1.7x faster there (T = 100, B = 64, H = 512: forward 20-22 against 33-36 ms), so on such
+// CPUs they use dot_rows_product (Vec::kBf16DotRows; bf16_dot_all_rows in isa.h).
 template <typename D>
 inline int64_t dot_row_product(const float* __restrict__ A, int64_t K,
                                const c10::BFloat16* __restrict__ panel, reg (&acc)[4]) {
@@ -90,16 +92,44 @@ inline int64_t dot_row_product(const float* __restrict__ A, int64_t K,
   return paired;
 }
 
+// dot_row_product for R rows of A (lda apart): each row rounded to bf16 a piece at a time, then
+// per pair of k, R broadcast pairs, 4 loads of paired weights and R x 4 dots (R x 4 chains
+// cover the dots' latency without a second set of sums).
+template <typename D, int R>
+inline int64_t dot_rows_product(const float* __restrict__ A, int64_t lda, int64_t K,
+                                const c10::BFloat16* __restrict__ panel, reg (&acc)[R][4]) {
+  constexpr int64_t kPiece = 128;  // k rounded at a time: R x 256 bytes on the stack
+  alignas(64) c10::BFloat16 a16[R][kPiece];
+  const int64_t paired = K - K % 2;
+  for (int64_t k0 = 0; k0 < paired; k0 += kPiece) {
+    const int64_t n = paired - k0 < kPiece ? paired - k0 : kPiece;
+    for (int r = 0; r < R; ++r) D::round_to_bf16(A + r * lda + k0, n, a16[r]);
+    const c10::BFloat16* p = panel + k0 * 4 * V;
+    for (int64_t m = 0; m < n; m += 2) {
+      typename D::pairs a[R];
+      for (int r = 0; r < R; ++r) a[r] = D::broadcast_pair(a16[r] + m);
+      for (int q = 0; q < 4; ++q) {
+        const typename D::pairs w = D::load_pairs(p + m * 4 * V + 2 * q * V);
+        for (int r = 0; r < R; ++r) acc[r][q] = D::dot_pairs(a[r], w, acc[r][q]);
+      }
+    }
+  }
+  return paired;
+}
+
 // acc[r][q] += sum_k A[r * lda + k] * W[k][q * V + lane], r < R, k < K, where row k of the
 // panel is W[k] (panel + k * 4V; bf16 rows paired, see step_kernels.h). Panels of 16-bit
 // weights stay 16-bit (half the bytes streamed per step) and widen exactly on load, or, for a
-// single row of bf16 where the ISA has its dot product, meet A rounded to bf16 (dot_row_product).
+// single row of bf16 where the ISA has its dot product (of every tile where Vec::kBf16DotRows),
+// meet A rounded to bf16 (dot_row_product, dot_rows_product).
 template <int R, typename panel_t>
 inline void tile_product(const float* __restrict__ A, int64_t lda, int64_t K,
                          const panel_t* __restrict__ panel, reg (&acc)[R][4]) {
   int64_t k = 0;
   if constexpr (std::is_same_v<panel_t, c10::BFloat16> && Vec::kBf16Dot && R == 1) {
     k = dot_row_product<Vec>(A, K, panel, acc[0]);
+  } else if constexpr (std::is_same_v<panel_t, c10::BFloat16> && Vec::kBf16DotRows) {
+    k = dot_rows_product<Vec, R>(A, lda, K, panel, acc);
   } else if constexpr (std::is_same_v<panel_t, c10::BFloat16> && R == 1) {
     // Paired rows (step_kernels.h): each load of 2V bf16 widens into rows k and k + 1; a last
     // odd row is plain and left to the loop at the end. The odd rows get a second set of sums
