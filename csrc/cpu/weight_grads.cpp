@@ -5,8 +5,8 @@
 // 2-core Zen 5 EPYC MKL ran these transposed products at 176-191 GFLOP/s (M = 200..6400 rows,
 // N = 512..2048, I = 128..512), 40% of the FMA peak our loops measure there (473 GFLOP/s).
 //
-// Work split: the rows of dW (the 4H gate columns of G), tile-aligned, a contiguous range per
-// thread; each thread reads all of X and its own columns of G, and packs both itself.
+// Work split: the rows of dW (the 4H gate columns of G) in tile-aligned pieces, claimed by the
+// threads as they come; each piece reads all of X and its own columns of G, and packs both.
 
 #include <torch/library.h>
 
@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 
 #include "checks.h"
 #include "cpu/isa.h"
@@ -42,6 +43,8 @@ constexpr int64_t kMinMacsPerThread = int64_t(1) << 20;
 // 96-row chunks (X's chunk 24 KB) 58-75%, 192 rows (48 KB) 73-79%, 288 (72 KB) 76-81%, 576
 // 72-75%, 768 70-72%; AVX2 with 192 rows (24 KB) 81-85%, 576 77-84%, 768 71-77%.
 constexpr int64_t kMaxChunkRows = 192;
+
+constexpr int64_t kPiecesPerThread = 4;
 
 void check_operand(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 2 && t.stride(1) == 1,
@@ -72,20 +75,26 @@ void weight_grad_into(const at::Tensor& g, const at::Tensor& x, at::Tensor& out,
   const int64_t macs = M * N * I;
   const int64_t threads = std::max<int64_t>(
       1, std::min<int64_t>({at::get_num_threads(), tiles, macs / kMinMacsPerThread}));
-  const int64_t tiles_per_thread = (tiles + threads - 1) / threads;
+  // The rows go out in pieces, about a quarter of a thread's share each, claimed by whichever
+  // thread is free: a thread descheduled for a while (its core taken by another process) costs
+  // the call the piece it holds, not its whole share. Each piece packs X again (M x I floats
+  // against M x I x piece rows multiply-adds).
+  const int64_t wanted_pieces = threads * kPiecesPerThread;
+  const int64_t piece_tiles = (tiles + wanted_pieces - 1) / wanted_pieces;
+  const int64_t pieces = (tiles + piece_tiles - 1) / piece_tiles;
   // X's chunk (k_chunk x 4V floats) fills at most the L1, and is at most kMaxChunkRows long; the
-  // block's packed G^T (row_block x k_chunk) takes half of L2, and no more than the thread's rows.
+  // block's packed G^T (row_block x k_chunk) takes half of L2, and no more than a piece's rows.
   const int64_t l1_rows = core_l1d_bytes() / int64_t(sizeof(float)) / (4 * V) / 8 * 8;
   a.k_chunk = std::clamp<int64_t>(std::min(l1_rows, kMaxChunkRows), 8, std::max<int64_t>(8, M));
   const int64_t block_tiles = core_l2_bytes() / 2 / int64_t(sizeof(float)) / (a.k_chunk * tile_rows);
-  a.row_block = std::clamp<int64_t>(block_tiles, 1, tiles_per_thread) * tile_rows;
+  a.row_block = std::clamp<int64_t>(block_tiles, 1, piece_tiles) * tile_rows;
 
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     at::Tensor scratch = at::empty({weight_grad_scratch_floats(a, V)}, g.options());
-    for (int64_t k = begin; k < end; ++k) {
-      const int64_t n0 = std::min(N, k * tiles_per_thread * tile_rows);
-      const int64_t n1 = std::min(N, (k + 1) * tiles_per_thread * tile_rows);
-      if (n0 < n1) kernels.weight_grad_rows(a, n0, n1, scratch.data_ptr<float>());
+    for (int64_t p = next.fetch_add(1); p < pieces; p = next.fetch_add(1)) {
+      const int64_t n0 = p * piece_tiles * tile_rows;
+      kernels.weight_grad_rows(a, n0, std::min(N, n0 + piece_tiles * tile_rows), scratch.data_ptr<float>());
     }
   });
 }
