@@ -274,7 +274,8 @@ OWN_GEMM_DEFAULT = dict(OWN_GEMM)  # as the process started (set_own_gemm change
 def set_own_gemm(own: bool, dtype: Optional[torch.dtype] = None) -> None:
     """Use our own products (True) or ATen's GEMM (False) for CPU layers in ``dtype`` (None: every
     dtype in OWN_GEMM_DTYPES), process-wide. Without the extension there are none to use. The
-    weight gradients, computed in float32 inside the ops, follow the float32 choice."""
+    weight gradients computed in float32 inside the ops (16-bit layers' too where their operands
+    are widened) follow the float32 choice."""
     if not extension_loaded():
         return
     if dtype is not None and dtype not in OWN_GEMM:

@@ -2,7 +2,7 @@
 // layer's input; dW_hh: X = h_{t-1}), on the step kernels' register tiles (weight_grad_rows,
 // step_kernels_impl.h) instead of ATen's GEMM where our own float32 products are chosen
 // (own_gemm in isa.h: x86 CPUs not made by Intel, where ATen's float32 GEMM is MKL's). On a
-// 2-core Zen 5 EPYC MKL ran these transposed products at 176-191 GFLOP/s (M = 200..6400 rows,
+// 2-core Zen 5 EPYC MKL ran these transposed products at 157-191 GFLOP/s (M = 200..6400 rows,
 // N = 512..2048, I = 128..512), 40% of the FMA peak our loops measure there (473 GFLOP/s).
 //
 // Work split: the rows of dW (the 4H gate columns of G) in tile-aligned pieces, claimed by the
