@@ -400,19 +400,7 @@ def test_bf16_dot_in_one_row_or_every_row_tile(monkeypatch, dot, chunk_bytes, sh
 def test_bf16_dot_cell_step_in_one_row_or_every_row_tile(monkeypatch, dot):
     monkeypatch.setenv("LSTM_FUSED_CPU_ISA", "avx512bf16")
     monkeypatch.setenv("LSTM_FUSED_CPU_BF16_DOT", dot)
-    B, I, H = 9, 7, 30  # tiles of 6 and 3 rows; K = 37
-    oracle = nn.LSTMCell(I, H, dtype=torch.float64)
-    x, h0, c0 = (torch.randn(B, n, dtype=torch.float64) for n in (I, H, H))
-    with torch.no_grad():
-        want = oracle(x, (h0, c0))
-        errors = {}
-        for backend in ("cpu", "reference"):
-            m = lstm_fused.LSTMCell(I, H, backend=backend, dtype=torch.float64)
-            m.load_state_dict(oracle.state_dict())
-            h, c = m.to(torch.bfloat16)(x.bfloat16(), (h0.bfloat16(), c0.bfloat16()))
-            errors[backend] = (rel_error(h, want[0]), rel_error(c, want[1]))
-    for ours, ref in zip(errors["cpu"], errors["reference"]):
-        assert ours <= 2 * ref + HALF_FLOOR, errors
+    _check_cell_step_within_twice_the_reference(torch.bfloat16, B=9, I=7, H=30)  # rows 6 + 3, K = 37
 
 
 def test_bf16_dot_choice_follows_the_environment_then_the_vendor(monkeypatch):
@@ -478,7 +466,10 @@ def test_cell_step_strided_state_and_no_bias(monkeypatch, bias):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("I,H", [(40, 72), (7, 30)], ids=["K112", "K37"])
 def test_cell_step_half_precision_within_twice_the_reference(dtype, I, H):
-    B = 3
+    _check_cell_step_within_twice_the_reference(dtype, B=3, I=I, H=H)
+
+
+def _check_cell_step_within_twice_the_reference(dtype, B, I, H):
     oracle = nn.LSTMCell(I, H, dtype=torch.float64)
     x, h0, c0 = (torch.randn(B, n, dtype=torch.float64) for n in (I, H, H))
     with torch.no_grad():
