@@ -220,29 +220,19 @@ at::Tensor recurrent_weight_grad(const at::Tensor& dxproj_in, const at::Tensor& 
   const auto rows = [&](const at::Tensor& t, int64_t from, int64_t n, int64_t width) {
     return t.narrow(0, from, n).reshape({n * B, width});
   };
-  // Our own tiles for float32 where they are the chosen float32 product (weight_grads.cpp).
-  const bool own = dtype == at::kFloat && own_gemm(GemmDtype::kFloat32);
   if (reverse && lengths.has_value()) {
     at::Tensor h_prev = at::cat({y.narrow(0, 1, T - 1), h0.unsqueeze(0)}, 0);
     at::Tensor t_next = at::arange(1, T + 1, lengths->options()).view({T, 1, 1});
     at::Tensor starts_here = at::ge(t_next, lengths->view({1, -1, 1}));
     h_prev = at::where(starts_here, h0.unsqueeze(0), h_prev).reshape({T * B, P});
-    const at::Tensor dz = dxproj.view({T * B, H4});
-    return own ? weight_grad(dz, h_prev) : at::mm(dz.t(), h_prev);
+    return weight_grad(dxproj.view({T * B, H4}), h_prev);
   }
   const int64_t first = reverse ? T - 1 : 0;  // the step that starts from h0
-  if (own) {
-    at::Tensor dw = at::empty({H4, P}, dxproj.options());
-    weight_grad_into(dxproj[first], h0, dw, /*accumulate=*/false);
-    if (T > 1) weight_grad_into(rows(dxproj, reverse ? 0 : 1, T - 1, H4), rows(y, reverse ? 1 : 0, T - 1, P), dw,
-                                /*accumulate=*/true);
-    return dw;
-  }
-  at::Tensor dw = at::mm(dxproj[first].t(), h0);
+  at::Tensor dw = at::empty({H4, P}, dxproj.options());
+  weight_grad_into(dxproj[first], h0, dw, /*accumulate=*/false);
   if (T > 1) {
-    const at::Tensor dz_rest = rows(dxproj, reverse ? 0 : 1, T - 1, H4);
-    const at::Tensor h_rest = rows(y, reverse ? 1 : 0, T - 1, P);
-    dw.addmm_(dz_rest.t(), h_rest);
+    weight_grad_into(rows(dxproj, reverse ? 0 : 1, T - 1, H4), rows(y, reverse ? 1 : 0, T - 1, P), dw,
+                     /*accumulate=*/true);
   }
   return dw;
 }

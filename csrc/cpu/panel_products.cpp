@@ -169,8 +169,7 @@ std::tuple<at::Tensor, at::Tensor> input_projection_backward(const at::Tensor& g
   if (weight_grad_wanted) {
     const at::Tensor g_rows = grad.reshape({-1, w_ih.size(0)});
     const at::Tensor x_rows = contiguous_float(x_in).reshape({-1, w_ih.size(1)});
-    dw = (own_gemm(GemmDtype::kFloat32) ? weight_grad(g_rows, x_rows) : at::mm(g_rows.t(), x_rows))
-             .to(w_ih.scalar_type());
+    dw = weight_grad(g_rows, x_rows).to(w_ih.scalar_type());
   }
   return {dx, dw};
 }

@@ -40,8 +40,9 @@ RecurrencePlan plan_recurrence(bool backward, int64_t T, int64_t B, int64_t H, i
 // One core's L2 in bytes (sysconf; 512 KB where it does not say), read once.
 int64_t core_l2_bytes();
 
-// dW = G^T X on the step kernels (weight_grads.cpp): g (M, N), x (M, I), out (N, I), 2-D float32
-// CPU tensors with contiguous rows; accumulate: out += G^T X.
+// dW = G^T X for a layer's weight gradients (weight_grads.cpp): g (M, N), x (M, I), out (N, I)
+// with contiguous rows; accumulate: out += G^T X. Our step kernels' tiles where the operands are
+// float32 and our own float32 product is chosen (own_gemm, isa.h), ATen's GEMM otherwise.
 void weight_grad_into(const at::Tensor& g, const at::Tensor& x, at::Tensor& out, bool accumulate);
 at::Tensor weight_grad(const at::Tensor& g, const at::Tensor& x);
 

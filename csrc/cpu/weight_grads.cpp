@@ -1,7 +1,8 @@
 // The weight gradients of the CPU layers, dW = G^T X over all T*B rows (dW_ih: G = dxproj, X the
 // layer's input; dW_hh: X = h_{t-1}), on the step kernels' register tiles (weight_grad_rows,
 // step_kernels_impl.h) instead of ATen's GEMM where our own float32 products are chosen
-// (own_gemm in isa.h: x86 CPUs not made by Intel, where ATen's float32 GEMM is MKL's). On a
+// (own_gemm in isa.h: x86 CPUs not made by Intel, where ATen's float32 GEMM is MKL's);
+// weight_grad_into makes that choice for every caller. On a
 // 2-core Zen 5 EPYC MKL ran these transposed products at 157-191 GFLOP/s (M = 200..6400 rows,
 // N = 512..2048, I = 128..512), 40% of the FMA peak our loops measure there (473 GFLOP/s).
 //
@@ -12,6 +13,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 
 #include <unistd.h>
 
@@ -52,9 +54,8 @@ void check_operand(const at::Tensor& t, const char* name) {
               " is ", t.scalar_type(), " ", t.sizes(), " with strides ", t.strides(), " on ", t.device());
 }
 
-}  // namespace
-
-void weight_grad_into(const at::Tensor& g, const at::Tensor& x, at::Tensor& out, bool accumulate) {
+// out (+)= g^T x on our tiles, whatever own_gemm says (the op below tests them on every variant).
+void own_weight_grad_into(const at::Tensor& g, const at::Tensor& x, at::Tensor& out, bool accumulate) {
   check_operand(g, "g");
   check_operand(x, "x");
   check_operand(out, "out");
@@ -99,9 +100,27 @@ void weight_grad_into(const at::Tensor& g, const at::Tensor& x, at::Tensor& out,
   });
 }
 
-at::Tensor weight_grad(const at::Tensor& g, const at::Tensor& x) {
+at::Tensor own_weight_grad(const at::Tensor& g, const at::Tensor& x) {
   check_operand(g, "g");
   check_operand(x, "x");
+  at::Tensor out = at::empty({g.size(1), x.size(1)}, g.options());
+  own_weight_grad_into(g, x, out, /*accumulate=*/false);
+  return out;
+}
+
+}  // namespace
+
+void weight_grad_into(const at::Tensor& g, const at::Tensor& x, at::Tensor& out, bool accumulate) {
+  if (g.scalar_type() == at::kFloat && own_gemm(GemmDtype::kFloat32)) {
+    own_weight_grad_into(g, x, out, accumulate);
+  } else if (accumulate) {
+    out.addmm_(g.t(), x);
+  } else {
+    at::mm_out(out, g.t(), x);
+  }
+}
+
+at::Tensor weight_grad(const at::Tensor& g, const at::Tensor& x) {
   at::Tensor out = at::empty({g.size(1), x.size(1)}, g.options());
   weight_grad_into(g, x, out, /*accumulate=*/false);
   return out;
@@ -111,6 +130,6 @@ at::Tensor weight_grad(const at::Tensor& g, const at::Tensor& x) {
 
 TORCH_LIBRARY_IMPL(lstm_fused, CPU, m) {
   m.impl("weight_grad", [](const at::Tensor& g, const at::Tensor& x) {
-    return lstm_fused::cpu::weight_grad(g, x);
+    return lstm_fused::cpu::own_weight_grad(g, x);
   });
 }
