@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 
 namespace lstm_fused::cpu {
 
@@ -86,22 +87,36 @@ bool has_16bit_dot(GemmDtype dtype) {
   return false;
 }
 
-bool own_gemm_by_default(GemmDtype dtype) {
-  const char* forced = std::getenv("LSTM_FUSED_CPU_GEMM");
-  if (forced != nullptr && *forced != '\0' && std::strcmp(forced, "auto") != 0) {
-    TORCH_CHECK(std::strcmp(forced, "own") == 0 || std::strcmp(forced, "aten") == 0,
-                "lstm_fused: LSTM_FUSED_CPU_GEMM=", forced, " is not one of auto, own, aten");
-    return std::strcmp(forced, "own") == 0;
-  }
+namespace {
+
+// A two-way switch forced by the environment variable `var`: true for `yes`, false for `no`;
+// nullopt where it is unset, empty or "auto" (any other value is an error naming the three).
+std::optional<bool> forced_switch(const char* var, const char* yes, const char* no) {
+  const char* forced = std::getenv(var);
+  if (forced == nullptr || *forced == '\0' || std::strcmp(forced, "auto") == 0) return std::nullopt;
+  TORCH_CHECK(std::strcmp(forced, yes) == 0 || std::strcmp(forced, no) == 0, "lstm_fused: ", var, "=",
+              forced, " is not one of auto, ", yes, ", ", no);
+  return std::strcmp(forced, yes) == 0;
+}
+
+// An x86 CPU not made by Intel (CPUID's vendor).
+bool x86_not_intel() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  // The machine's capability, not selected_isa(): a bad LSTM_FUSED_CPU_ISA must fail the call
-  // that uses it, not the import that reads this default.
   __builtin_cpu_init();
-  if (!isa_supported(Isa::kAvx2)) return false;
-  return dtype == GemmDtype::kFloat32 ? !__builtin_cpu_is("intel") : !has_16bit_dot(dtype);
+  return !__builtin_cpu_is("intel");
 #else
   return false;
 #endif
+}
+
+}  // namespace
+
+bool own_gemm_by_default(GemmDtype dtype) {
+  if (const auto forced = forced_switch("LSTM_FUSED_CPU_GEMM", "own", "aten")) return *forced;
+  // The machine's capability, not selected_isa(): a bad LSTM_FUSED_CPU_ISA must fail the call
+  // that uses it, not the import that reads this default.
+  if (!isa_supported(Isa::kAvx2)) return false;
+  return dtype == GemmDtype::kFloat32 ? x86_not_intel() : !has_16bit_dot(dtype);
 }
 
 namespace {
@@ -123,18 +138,8 @@ void set_own_gemm(GemmDtype dtype, bool own) {
 namespace lstm_fused::cpu {
 
 bool bf16_dot_all_rows() {
-  const char* forced = std::getenv("LSTM_FUSED_CPU_BF16_DOT");
-  if (forced != nullptr && *forced != '\0' && std::strcmp(forced, "auto") != 0) {
-    TORCH_CHECK(std::strcmp(forced, "rows") == 0 || std::strcmp(forced, "one") == 0,
-                "lstm_fused: LSTM_FUSED_CPU_BF16_DOT=", forced, " is not one of auto, rows, one");
-    return std::strcmp(forced, "rows") == 0;
-  }
-#if defined(__x86_64__) && defined(__GNUC__)
-  __builtin_cpu_init();
-  return !__builtin_cpu_is("intel");
-#else
-  return false;
-#endif
+  if (const auto forced = forced_switch("LSTM_FUSED_CPU_BF16_DOT", "rows", "one")) return *forced;
+  return x86_not_intel();
 }
 
 const StepKernels& step_kernels(Isa isa) {
