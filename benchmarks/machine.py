@@ -16,17 +16,6 @@ import torch
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown cpu"
-
-
 def _cpuinfo_fields() -> dict:
     """The first processor's "key: value" lines of /proc/cpuinfo ({} where there is none)."""
     fields = {}
@@ -40,6 +29,10 @@ def _cpuinfo_fields() -> dict:
     except OSError:
         pass
     return fields
+
+
+def cpu_model() -> str:
+    return _cpuinfo_fields().get("model name") or platform.processor() or platform.machine() or "unknown cpu"
 
 
 # AMD's x86 family and model numbers of each Zen generation (family 25 holds Zen 3 and Zen 4).
@@ -72,15 +65,11 @@ ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "a
 
 def cpu_flags() -> dict:
     """Which of ``ISA_FLAGS`` /proc/cpuinfo lists for this CPU ({} where there is no such file)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return {flag: flag in have for flag in ISA_FLAGS}
-    except OSError:
-        pass
-    return {}
+    flags = _cpuinfo_fields().get("flags")
+    if flags is None:
+        return {}
+    have = set(flags.split())
+    return {flag: flag in have for flag in ISA_FLAGS}
 
 
 def cpu_isa_selected() -> Optional[str]:

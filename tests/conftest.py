@@ -22,3 +22,15 @@ sys.path.insert(0, os.path.dirname(__file__))
 def _seed(request):
     # A different but reproducible stream per test: fresh inputs, no accidental sharing.
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def set_own_gemm():
+    """lstm_fused.ops.set_own_gemm, with the process's choice (Python and C++ sides) restored
+    afterwards."""
+    from lstm_fused import ops
+
+    saved = dict(ops.OWN_GEMM)
+    yield ops.set_own_gemm
+    for dtype, own in saved.items():
+        ops.set_own_gemm(own, dtype)

@@ -491,7 +491,7 @@ def test_bf16_row_is_relative_to_our_float32(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_gemm_options_run_the_gemm_they_name(monkeypatch, dtype):
+def test_gemm_options_run_the_gemm_they_name(monkeypatch, set_own_gemm, dtype):
     # Each option's forward must run our input projection op with our own product (own-gemm) or
     # ATen's (aten-gemm), whatever the package's default, and the plain provider that default.
     _fused_cpu_or_skip()
@@ -502,20 +502,16 @@ def test_gemm_options_run_the_gemm_they_name(monkeypatch, dtype):
     calls = []
     real_op = torch.ops.lstm_fused.input_projection
     monkeypatch.setattr(torch.ops.lstm_fused, "input_projection", lambda *a: calls.append(a[4]) or real_op(*a))
-    saved = dict(ops.OWN_GEMM)
-    try:
-        x = torch.randn(3, 2, 64, dtype=dtype)
-        for name, uses_op in (("lstm_fused:cpu/own-gemm", True), ("lstm_fused:cpu/aten-gemm", False),
-                              ("lstm_fused:cpu", ops.OWN_GEMM_DEFAULT[dtype])):
-            built = providers.build(name, native, shape)
-            assert built.name == name
-            calls.clear()
-            with torch.no_grad():
-                built.forward(x)
-            assert calls == [uses_op], name  # the op projects on the cpu backend; own_product as named
-    finally:
-        for d, own in saved.items():
-            ops.set_own_gemm(own, d)
+    # The providers set the choice for their calls; the fixture restores the process's afterwards.
+    x = torch.randn(3, 2, 64, dtype=dtype)
+    for name, uses_op in (("lstm_fused:cpu/own-gemm", True), ("lstm_fused:cpu/aten-gemm", False),
+                          ("lstm_fused:cpu", ops.OWN_GEMM_DEFAULT[dtype])):
+        built = providers.build(name, native, shape)
+        assert built.name == name
+        calls.clear()
+        with torch.no_grad():
+            built.forward(x)
+        assert calls == [uses_op], name  # the op projects on the cpu backend; own_product as named
 
 
 def test_bf16_baseline_gets_float32_weights_and_inputs():

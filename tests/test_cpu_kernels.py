@@ -21,7 +21,6 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import lstm_fused
-from lstm_fused import ops
 from helpers import CPU_ISA_VARIANTS, make_pair, rel_error, supported_cpu_variants
 
 pytestmark = pytest.mark.skipif("cpu" not in lstm_fused.available_backends(),
@@ -379,18 +378,13 @@ BF16_DOT_SHAPES = [s for s in SHAPES if s[0] in ("partial_row_tile", "threads_bi
 @pytest.mark.parametrize("dot", ["one", "rows"])
 @pytest.mark.parametrize("chunk_bytes", ["0", "3072"], ids=["whole_panel", "chunks_3KB"])
 @pytest.mark.parametrize("shape", BF16_DOT_SHAPES, ids=lambda s: s[0])
-def test_bf16_dot_in_one_row_or_every_row_tile(monkeypatch, dot, chunk_bytes, shape):
+def test_bf16_dot_in_one_row_or_every_row_tile(monkeypatch, set_own_gemm, dot, chunk_bytes, shape):
     monkeypatch.setenv("LSTM_FUSED_CPU_ISA", "avx512bf16")
     monkeypatch.setenv("LSTM_FUSED_CPU_BF16_DOT", dot)
     monkeypatch.setenv("LSTM_FUSED_CPU_CHUNK_BYTES", chunk_bytes)
     assert torch.ops.lstm_fused.cpu_bf16_dot_all_rows() == (dot == "rows")
-    saved = dict(ops.OWN_GEMM)
-    ops.set_own_gemm(True, torch.bfloat16)  # the input projection on the same tiles
-    try:
-        ours, base = _errors(shape, torch.bfloat16)
-    finally:
-        for dtype, own in saved.items():
-            ops.set_own_gemm(own, dtype)
+    set_own_gemm(True, torch.bfloat16)  # the input projection on the same tiles
+    ours, base = _errors(shape, torch.bfloat16)
     bad = {i: (o, b) for i, (o, b) in enumerate(zip(ours, base)) if not o <= 2 * b + HALF_FLOOR}
     assert not bad, f"(ours, reference backend in bf16) relative errors: {bad}"
 

@@ -53,15 +53,6 @@ def _f32(t):
 HALF_DTYPES = [torch.bfloat16, torch.float16]
 
 
-@pytest.fixture
-def set_own_gemm():
-    """ops.set_own_gemm, with the process's choice restored afterwards."""
-    saved = dict(ops.OWN_GEMM)
-    yield ops.set_own_gemm
-    for dtype, own in saved.items():
-        ops.set_own_gemm(own, dtype)
-
-
 @pytest.mark.parametrize("variant", supported_cpu_variants())
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_values_and_gradients_match_float64(monkeypatch, variant, case):

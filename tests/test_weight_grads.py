@@ -74,14 +74,9 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.lstm_fused.weight_grad.default, (torch.randn(9, 12), torch.randn(9, 5)))
 
 
-def test_the_ops_follow_set_own_gemm():
-    saved = dict(ops.OWN_GEMM)
-    try:
-        for own in (True, False):
-            ops.set_own_gemm(own)
-            assert [torch.ops.lstm_fused.cpu_own_gemm(d) for d in ops.OWN_GEMM_DTYPES] == [own] * 3
-        ops.set_own_gemm(True, torch.float16)
-        assert [torch.ops.lstm_fused.cpu_own_gemm(d) for d in ops.OWN_GEMM_DTYPES] == [False, False, True]
-    finally:
-        for dtype, own in saved.items():
-            ops.set_own_gemm(own, dtype)
+def test_the_ops_follow_set_own_gemm(set_own_gemm):
+    for own in (True, False):
+        set_own_gemm(own)
+        assert [torch.ops.lstm_fused.cpu_own_gemm(d) for d in ops.OWN_GEMM_DTYPES] == [own] * 3
+    set_own_gemm(True, torch.float16)
+    assert [torch.ops.lstm_fused.cpu_own_gemm(d) for d in ops.OWN_GEMM_DTYPES] == [False, False, True]
