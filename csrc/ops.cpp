@@ -29,6 +29,17 @@ TORCH_LIBRARY(lstm_fused, m) {
       "Tensor h0, Tensor c0, Tensor? lengths, bool reverse, Tensor y, Tensor gates, "
       "Tensor c_all, bool weight_grads) "
       "-> (Tensor dxproj, Tensor dw_hh, Tensor dw_hr, Tensor dh0, Tensor dc0)");
+  // Both directions of a bidirectional layer without projection (CPU): h0/c0 (2, B, H), direction
+  // 1 the reverse one; y (T, B, 2H) as the layer outputs it, h_n/c_n (2, B, H), and when saving
+  // gates (2, T, B, 4H) and c_all (2, T, B, H) (csrc/cpu/bidirectional.cpp).
+  m.def(
+      "bidirectional_forward(Tensor xproj_f, Tensor xproj_r, Tensor w_hh_f, Tensor w_hh_r, "
+      "Tensor h0, Tensor c0, Tensor? lengths, bool save) "
+      "-> (Tensor y, Tensor h_n, Tensor c_n, Tensor gates, Tensor c_all)");
+  m.def(
+      "bidirectional_backward(Tensor dy, Tensor dh_n, Tensor dc_n, Tensor w_hh_f, Tensor w_hh_r, "
+      "Tensor h0, Tensor c0, Tensor? lengths, Tensor y, Tensor gates, Tensor c_all, bool weight_grads) "
+      "-> (Tensor dxproj_f, Tensor dxproj_r, Tensor dw_hh_f, Tensor dw_hh_r, Tensor dh0, Tensor dc0)");
   // One LSTM cell step for inference (CPU): no autograd, callers route differentiable calls to
   // recurrence_forward.
   m.def(

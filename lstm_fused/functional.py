@@ -99,6 +99,27 @@ def cell_step(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
     return torch.ops.lstm_fused.cell_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
 
 
+def bidirectional_op_applies(x: Tensor, proj_size: int, backend: str) -> bool:
+    """Whether a bidirectional layer's two recurrences run as one
+    ``lstm_fused::bidirectional_forward`` (the CPU backend, no projection): the op runs them side
+    by side where that pays (csrc/cpu/panel_recurrence.cpp) and writes the layer's output in place."""
+    if proj_size > 0 or x.device.type != "cpu" or x.dtype not in _CELL_OP_DTYPES:
+        return False
+    if not hasattr(torch.ops.lstm_fused, "bidirectional_forward"):
+        return False
+    return dispatch.resolve(backend, x.device, x.dtype) == "cpu"
+
+
+def bidirectional_recurrence(xproj_f, xproj_r, w_hh_f, w_hh_r, h0, c0, lengths=None):
+    """Both directions of a layer: y (T, B, 2H), h_n and c_n (2, B, H); h0/c0 (2, B, H)."""
+    save = _autograd_records((xproj_f, xproj_r, w_hh_f, w_hh_r, h0, c0))
+    y, h_n, c_n, _gates, _c_all = torch.ops.lstm_fused.bidirectional_forward(
+        xproj_f.contiguous(), xproj_r.contiguous(), w_hh_f, w_hh_r, h0.contiguous(), c0.contiguous(),
+        lengths, save,
+    )
+    return y, h_n, c_n
+
+
 def stacked_cell_step(x, h0, c0, weights, num_layers, bidirectional, has_biases):
     """(y (B, D*H), h_n, c_n) of one time step of a stack, x (B, I), h0/c0 (L*D, B, H), through
     ``lstm_fused::stacked_cell_forward``."""
@@ -194,7 +215,25 @@ def lstm(
     h0_k, c0_k = h0.unbind(0), c0.unbind(0)  # one call each instead of an index per direction
     h_n, c_n = [], []
     layer_input = x
+    both_directions = (
+        num_dirs == 2 and not onnx_exporting and bidirectional_op_applies(x, proj_size, backend)
+    )
     for layer in range(num_layers):
+        if both_directions:
+            k = 2 * layer
+            xproj, w_hh = [], []
+            for w in (weights[k * per_dir : (k + 1) * per_dir], weights[(k + 1) * per_dir : (k + 2) * per_dir]):
+                b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
+                xproj.append(input_projection(layer_input, w[0], b_ih, b_hh, backend))
+                w_hh.append(w[1])
+            layer_input, h, c = bidirectional_recurrence(
+                *xproj, *w_hh, h0.narrow(0, k, 2), c0.narrow(0, k, 2), lengths
+            )
+            h_n.extend(h.unbind(0))
+            c_n.extend(c.unbind(0))
+            if dropout_between_layers and layer < num_layers - 1:
+                layer_input = F.dropout(layer_input, p=dropout, training=True)
+            continue
         outputs = []
         for direction in range(num_dirs):
             k = layer * num_dirs + direction

@@ -245,6 +245,98 @@ if extension_loaded():
 
 
 # --------------------------------------------------------------------------------------------
+# Both directions of a bidirectional CPU layer in one op pair (csrc/cpu/bidirectional.cpp), so
+# that the two recurrences can run side by side; y is the layer's (T, B, 2H) output itself. The
+# autograd mirrors the one-direction ops above: the fused backward op at first order, autograd
+# of the reference (each direction, as the layer combines them) under create_graph=True.
+
+
+def _bidirectional_forward_fake(xproj_f, xproj_r, w_hh_f, w_hh_r, h0, c0, lengths, save):
+    T, B, H4 = xproj_f.shape
+    H = H4 // 4
+    acc = reference.acc_dtype(xproj_f.dtype)
+    y = xproj_f.new_empty(T, B, 2 * H)
+    h_n, c_n = xproj_f.new_empty(2, B, H), xproj_f.new_empty(2, B, H)
+    if save:
+        gates, c_all = xproj_f.new_empty(2, T, B, H4), xproj_f.new_empty(2, T, B, H, dtype=acc)
+    else:
+        gates, c_all = xproj_f.new_empty(0), xproj_f.new_empty(0, dtype=acc)
+    return y, h_n, c_n, gates, c_all
+
+
+def _bidirectional_backward_fake(dy, dh_n, dc_n, w_hh_f, w_hh_r, h0, c0, lengths, y, gates, c_all, weight_grads):
+    dxproj_f, dxproj_r = gates.new_empty(gates.shape[1:]), gates.new_empty(gates.shape[1:])
+    if weight_grads:
+        dw_f, dw_r = torch.empty_like(w_hh_f), torch.empty_like(w_hh_r)
+    else:
+        dw_f, dw_r = w_hh_f.new_empty(0), w_hh_r.new_empty(0)
+    return dxproj_f, dxproj_r, dw_f, dw_r, h0.new_empty(h0.shape), c0.new_empty(c0.shape)
+
+
+def _bidirectional_setup_context(ctx, inputs, output):
+    xproj_f, xproj_r, w_hh_f, w_hh_r, h0, c0, lengths, save = inputs
+    y, _h_n, _c_n, gates, c_all = output
+    ctx.saved = save
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(xproj_f, xproj_r, w_hh_f, w_hh_r, h0, c0, lengths, y, gates, c_all)
+
+
+def _bidirectional_differentiable_backward(ctx, dy, dh_n, dc_n, inputs, lengths):
+    """First-order gradients as a graph (for create_graph=True): autograd of the reference."""
+    xproj_f, xproj_r, w_hh_f, w_hh_r, h0, c0 = inputs
+    wanted = [i for i in range(len(inputs)) if ctx.needs_input_grad[i]]
+    grads = [None] * len(ctx.needs_input_grad)
+    if not wanted:
+        return grads
+    with torch.enable_grad():
+        outs = [
+            reference.recurrence_forward_ref(xproj, w_hh, None, h0[d], c0[d], lengths, d == 1, False)
+            for d, (xproj, w_hh) in enumerate(((xproj_f, w_hh_f), (xproj_r, w_hh_r)))
+        ]
+        y = torch.cat([outs[0][0], outs[1][0]], dim=2)
+        h_n = torch.stack([outs[0][1], outs[1][1]])
+        c_n = torch.stack([outs[0][2], outs[1][2]])
+        found = torch.autograd.grad(
+            (y, h_n, c_n), [inputs[i] for i in wanted], (dy, dh_n, dc_n), create_graph=True, allow_unused=True
+        )
+    for i, g in zip(wanted, found):
+        grads[i] = torch.zeros_like(inputs[i]) if g is None else g
+    return grads
+
+
+def _bidirectional_backward(ctx, dy, dh_n, dc_n, _dgates, _dc_all):
+    if not ctx.saved:
+        raise RuntimeError(
+            "lstm_fused: backward through a recurrence that was run with save=False "
+            "(the forward saw no tensor requiring grad, or grad mode was off)"
+        )
+    xproj_f, xproj_r, w_hh_f, w_hh_r, h0, c0, lengths, y, gates, c_all = ctx.saved_tensors
+    dy = torch.zeros_like(y) if dy is None else dy.contiguous()
+    dh_n = torch.zeros_like(h0) if dh_n is None else dh_n.contiguous()
+    dc_n = torch.zeros_like(c0) if dc_n is None else dc_n.contiguous()
+    inputs = (xproj_f, xproj_r, w_hh_f, w_hh_r, h0, c0)
+    # As _make_backward: under create_graph=True the fused op's results would carry no graph.
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (*inputs, dy, dh_n, dc_n)):
+        return tuple(_bidirectional_differentiable_backward(ctx, dy, dh_n, dc_n, inputs, lengths))
+    need = ctx.needs_input_grad
+    grads = torch.ops.lstm_fused.bidirectional_backward(
+        dy, dh_n, dc_n, w_hh_f, w_hh_r, h0, c0, lengths, y, gates, c_all, bool(need[2] or need[3])
+    )
+    return (*(g if wanted else None for g, wanted in zip(grads, need)), None, None)
+
+
+if extension_loaded():
+    torch.library.register_fake(f"{LIB}::bidirectional_forward")(_bidirectional_forward_fake)
+    torch.library.register_fake(f"{LIB}::bidirectional_backward")(_bidirectional_backward_fake)
+    torch.library.register_autograd(
+        f"{LIB}::bidirectional_forward", _bidirectional_backward, setup_context=_bidirectional_setup_context
+    )
+    torch.library.register_autograd(
+        f"{LIB}::bidirectional_backward", _backward_op_is_not_differentiable(f"{LIB}::bidirectional_backward")
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # The CPU input projection (csrc/cpu/panel_products.cpp): x @ w_ih^T + b_ih + b_hh on the step
 # kernels' tile product, or on ATen's GEMM into a pooled output (own_product=False). First-order
 # gradients of the tile product through the paired op (dx on the same tile product), of ATen's

@@ -197,6 +197,8 @@ void run_backward(const BackwardArgs<scalar_t>& a) {
   }
 }
 
+}  // namespace
+
 // dW_hh = sum over steps of dz_t^T h_{t-1}, as GEMMs over all T*B rows.
 // h_{t-1} is y at the previous step (see reference.previous_hidden): forward direction y[t-1]
 // (h0 at t = 0), reverse y[t+1] (h0 at t = T-1), so the sum is one GEMM over the shifted outputs
@@ -215,7 +217,10 @@ at::Tensor recurrent_weight_grad(const at::Tensor& dxproj_in, const at::Tensor& 
                                  lengths, reverse)
         .to(dtype);
   }
-  const at::Tensor dxproj = dxproj_in.contiguous(), y = y_in.contiguous(), h0 = h0_in.contiguous();
+  // y may be one direction's half of a bidirectional layer's output: its rows need only be
+  // contiguous each, the products take them strided.
+  const at::Tensor dxproj = dxproj_in.contiguous(), h0 = h0_in.contiguous();
+  const at::Tensor y = y_in.stride(2) == 1 ? y_in : y_in.contiguous();
   const int64_t T = y.size(0), B = y.size(1), P = y.size(2), H4 = dxproj.size(2);
   const auto rows = [&](const at::Tensor& t, int64_t from, int64_t n, int64_t width) {
     return t.narrow(0, from, n).reshape({n * B, width});
@@ -237,7 +242,6 @@ at::Tensor recurrent_weight_grad(const at::Tensor& dxproj_in, const at::Tensor& 
   return dw;
 }
 
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrence_backward(
     const at::Tensor& dy_in, const at::Tensor& dh_n, const at::Tensor& dc_n,

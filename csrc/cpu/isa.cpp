@@ -87,10 +87,6 @@ bool has_16bit_dot(GemmDtype dtype) {
   return false;
 }
 
-namespace {
-
-// A two-way switch forced by the environment variable `var`: true for `yes`, false for `no`;
-// nullopt where it is unset, empty or "auto" (any other value is an error naming the three).
 std::optional<bool> forced_switch(const char* var, const char* yes, const char* no) {
   const char* forced = std::getenv(var);
   if (forced == nullptr || *forced == '\0' || std::strcmp(forced, "auto") == 0) return std::nullopt;
@@ -98,6 +94,8 @@ std::optional<bool> forced_switch(const char* var, const char* yes, const char* 
               forced, " is not one of auto, ", yes, ", ", no);
   return std::strcmp(forced, yes) == 0;
 }
+
+namespace {
 
 // An x86 CPU not made by Intel (CPUID's vendor).
 bool x86_not_intel() {

@@ -5,6 +5,7 @@
 // variant this CPU supports is ever called, so one build runs on every x86-64 machine.
 #pragma once
 
+#include <optional>
 #include <string>
 
 namespace lstm_fused::cpu {
@@ -29,6 +30,11 @@ Isa selected_isa();
 // Zen 5 EPYC the dots were 1.4-1.7x faster there. So: on x86 CPUs not made by Intel.
 // LSTM_FUSED_CPU_BF16_DOT=rows|one|auto forces it (read on every call, as LSTM_FUSED_CPU_ISA).
 bool bf16_dot_all_rows();
+
+// A two-way switch forced by the environment variable `var` (read on every call): true for
+// `yes`, false for `no`; nullopt where it is unset, empty or "auto" (any other value is an error
+// naming the three).
+std::optional<bool> forced_switch(const char* var, const char* yes, const char* no);
 
 // The dtypes of a layer's T*B-row products (the input projection and its input gradient).
 enum class GemmDtype { kFloat32, kBFloat16, kFloat16 };

@@ -57,6 +57,13 @@ std::tuple<int64_t, int64_t> cpu_recurrence_plan(bool backward, int64_t T, int64
   return {plan.batch_slices, plan.threads};
 }
 
+// Batch slices per direction of a bidirectional layer of this size run side by side, or 0: one
+// direction after the other (lstm_fused::cpu::paired_direction_slices).
+int64_t cpu_paired_direction_slices(int64_t T, int64_t B, int64_t H, at::ScalarType dtype) {
+  TORCH_CHECK(T >= 1 && B >= 1 && H >= 1, "lstm_fused: cpu_paired_direction_slices takes sizes of at least 1");
+  return lstm_fused::cpu::paired_direction_slices(T, B, H, dtype);
+}
+
 // The L2 bytes per core that plan uses (sysconf, or 512 KB where it does not say).
 int64_t cpu_core_l2_bytes() { return lstm_fused::cpu::core_l2_bytes(); }
 
@@ -91,6 +98,8 @@ TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
   m.def("cpu_packed_cache_clear() -> ()", &cpu_packed_cache_clear);
   m.def("cpu_recurrence_plan(bool backward, int T, int B, int H, ScalarType dtype) -> (int, int)",
         &cpu_recurrence_plan);
+  m.def("cpu_paired_direction_slices(int T, int B, int H, ScalarType dtype) -> int",
+        &cpu_paired_direction_slices);
   m.def("cpu_core_l2_bytes() -> int", &cpu_core_l2_bytes);
   m.def("cpu_output_pool_stats() -> (int, int, int, int)", &cpu_output_pool_stats);
   m.def("cpu_output_pool_clear() -> ()", &cpu_output_pool_clear);

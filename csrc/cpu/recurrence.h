@@ -70,6 +70,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> panel_backward(
     const at::Tensor& c0, const std::optional<at::Tensor>& lengths, bool reverse,
     const at::Tensor& gates, const at::Tensor& c_all);
 
+// Batch slices per direction when the two directions of a bidirectional layer run side by side
+// (each on its own threads, no synchronization between steps), or 0: one after the other, each
+// by its own plan. LSTM_FUSED_CPU_DIRECTIONS=paired|in-turn|auto forces it (read on every call).
+int64_t paired_direction_slices(int64_t T, int64_t B, int64_t H, at::ScalarType dtype);
+// Both directions of a bidirectional layer (no projection), direction 1 the reverse one: their
+// recurrences side by side or one after the other (panel_recurrence.cpp). h0/c0 (2, B, H);
+// returns y (T, B, 2H) (direction d in columns [d*H, d*H + H)), h_n and c_n (2, B, H), and when
+// saving, gates (2, T, B, 4H) and c_all (2, T, B, H), else empty tensors.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> panel_forward_pair(
+    const at::Tensor& xproj_f, const at::Tensor& xproj_r, const at::Tensor& w_hh_f, const at::Tensor& w_hh_r,
+    const at::Tensor& h0, const at::Tensor& c0, const std::optional<at::Tensor>& lengths, bool save);
+// Its backward: dy (T, B, 2H), dh_n/dc_n/c0 (2, B, H), gates/c_all as saved; returns d(xproj) of
+// each direction and dh0, dc0 (2, B, H). The weight gradients are the caller's.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> panel_backward_pair(
+    const at::Tensor& dy, const at::Tensor& dh_n, const at::Tensor& dc_n, const at::Tensor& w_hh_f,
+    const at::Tensor& w_hh_r, const at::Tensor& c0, const std::optional<at::Tensor>& lengths,
+    const at::Tensor& gates, const at::Tensor& c_all);
+// dW_hh of one direction from its d(xproj), outputs y (rows may be strided) and h0 (backward.cpp).
+at::Tensor recurrent_weight_grad(const at::Tensor& dxproj, const at::Tensor& y, const at::Tensor& h0,
+                                 const std::optional<at::Tensor>& lengths, bool reverse);
+
 // How the hidden units (or projected units) are divided among the threads of a recurrence.
 // Blocks are multiples of 8 units so each thread's pointwise loop runs whole vectors.
 struct WorkSplit {

@@ -43,7 +43,9 @@ struct ForwardStepArgs {
   float* h[2];            // (B, K) each: h of even / odd steps (double-buffered across threads);
                           // a fused cell keeps x in columns [H, H + I) of h[0]
   float* c;               // (B, H)
-  void* y;                // (T, B, H) storage dtype
+  void* y;                // (T, B, H) storage dtype, rows y_stride apart
+  int64_t y_stride;       // between the rows of y: H, or 2H for one direction of a
+                          // bidirectional layer writing its half of the layer's output
   void* gates_out;        // (T, B, 4H) storage dtype, activated gates, or null (inference)
   float* c_all;           // (T, B, H) cell state after each step, or null (inference)
   float* partial;         // (blocks, B, 4V): each block's sums between chunks of the reduction
@@ -59,7 +61,8 @@ struct BackwardStepArgs {
   int64_t T, B, H, batch;  // B and batch as in ForwardStepArgs
   Storage storage;
   bool reverse;
-  const void* dy;          // (T, B, H) storage dtype
+  const void* dy;          // (T, B, H) storage dtype, rows dy_stride apart (H or 2H, as y)
+  int64_t dy_stride;
   const void* gates;       // (T, B, 4H) storage dtype, saved by the forward
   const float* c_all;      // (T, B, H)
   const float* c0;         // (B, H)

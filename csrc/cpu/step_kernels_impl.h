@@ -288,7 +288,7 @@ struct ForwardTile {
       const int64_t b = b0 + r, row = t * a.batch + b;
       float* c = a.c + b * H + j0;
       float* hn = h_next + b * K + j0;
-      scalar_t* y = static_cast<scalar_t*>(a.y) + row * H + j0;
+      scalar_t* y = static_cast<scalar_t*>(a.y) + row * a.y_stride + j0;
       scalar_t* gates_out = kSave ? static_cast<scalar_t*>(a.gates_out) + row * 4 * H + j0 : nullptr;
       float* c_all = kSave ? a.c_all + row * H + j0 : nullptr;
       if (!row_active(a.lengths, b, t)) {  // padding: state carried, output zero
@@ -431,7 +431,7 @@ struct BackwardTile {
       }
       const float* c = a.c_all + row * H + j0;
       const float* c_prev = (t_before >= 0 ? a.c_all + (t_before * a.batch + b) * H : a.c0 + b * H) + j0;
-      const scalar_t* dy = static_cast<const scalar_t*>(a.dy) + row * H + j0;
+      const scalar_t* dy = static_cast<const scalar_t*>(a.dy) + row * a.dy_stride + j0;
       const scalar_t* gt = static_cast<const scalar_t*>(a.gates) + row * 4 * H + j0;
       float* dh = a.dh + b * H + j0;
       float* dc = a.dc + b * H + j0;

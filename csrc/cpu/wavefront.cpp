@@ -89,6 +89,7 @@ struct Stack {
     a.h[1] = a.h[0] + B * H;
     a.c = layer.c.data_ptr<float>();
     a.y = layer.y.data_ptr<float>() + t0 * B * H;
+    a.y_stride = H;
     a.gates_out = nullptr;
     a.c_all = nullptr;
     a.partial = layer.partial.data_ptr<float>();
