@@ -115,36 +115,49 @@ def test_the_layer_runs_one_op_for_both_directions():
         assert _calls_of("recurrence_forward", lambda: model(x_)) == 2
 
 
+def _expected_slices(T, B, H, itemsize, threads, l2):
+    """paired_direction_slices (panel_recurrence.cpp), restated."""
+    slices = max(1, min(threads // 2, B))
+    if threads < 2 or 2 * slices < threads or T * B * 4 * H * H < 1 << 16:
+        return 0
+    fits = 4 * H * H * itemsize <= l2 // 2  # W_hh within half an L2
+    return slices if fits or B // slices >= 4 else 0  # or 4 rows a slice
+
+
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="one thread: the directions take turns")
 def test_side_by_side_where_the_weights_fit_one_core_or_the_slices_have_rows(monkeypatch):
     monkeypatch.delenv("LSTM_FUSED_CPU_DIRECTIONS", raising=False)
     slices = lambda T, B, H, dtype=torch.float32: OPS.cpu_paired_direction_slices(T, B, H, dtype)
-    l2 = OPS.cpu_core_l2_bytes()
-    per_direction = max(1, min(torch.get_num_threads() // 2, 16))
-    small = max(8, int((l2 // 2 // 16) ** 0.5) // 8 * 8)  # 16 H^2 bytes within half an L2
-    large = int((l2 // 16) ** 0.5) + 64  # W_hh beyond one L2
-    assert 16 * small * small <= l2 // 2 < 16 * large * large
-    assert slices(100, 16, small) == per_direction
-    assert slices(200, 1, small) == 1
-    assert slices(100, 4 * per_direction, large) == per_direction  # 4 rows a slice
-    assert slices(200, 1, large) == 0  # one row streaming W_hh from L3 on each core
-    assert slices(1, 1, 8) == 0  # too little work for a team
-    # 16-bit weights take half the bytes.
-    bf16_fits = int((l2 // 2 // 8) ** 0.5) // 8 * 8
-    assert 16 * bf16_fits * bf16_fits > l2 // 2
-    assert slices(200, 1, bf16_fits, torch.bfloat16) == 1
+    l2, threads = OPS.cpu_core_l2_bytes(), torch.get_num_threads()
+    for dtype in (torch.float32, torch.bfloat16):
+        for H in (8, 64, 128, 192, 256, 384, 512):
+            for B in (1, 2, 3, 4, 8, 16, 64):
+                for T in (1, 5, 200):
+                    want = _expected_slices(T, B, H, dtype.itemsize, threads, l2)
+                    assert slices(T, B, H, dtype) == want, (T, B, H, dtype)
+    # Both sides of each rule are in the grid: W_hh within half an L2 and beyond it; one row a
+    # slice and 4; too little work.
+    small = max(8, int((l2 // 2 // 16) ** 0.5) // 8 * 8)
+    large = int((l2 // 16) ** 0.5) + 64
+    many = 4 * max(1, threads // 2)
+    assert slices(100, many, small) > 0 and slices(100, many, large) > 0
+    assert slices(200, 1, large) == 0
+    assert slices(1, 1, 8) == 0
     monkeypatch.setenv("LSTM_FUSED_CPU_DIRECTIONS", "paired")
     assert slices(1, 1, 8) == 1
     monkeypatch.setenv("LSTM_FUSED_CPU_DIRECTIONS", "in-turn")
-    assert slices(100, 16, small) == 0
+    assert slices(100, many, small) == 0
 
 
-def test_one_thread_takes_turns(monkeypatch):
+def test_side_by_side_only_where_every_thread_gets_a_slice(monkeypatch):
     monkeypatch.delenv("LSTM_FUSED_CPU_DIRECTIONS", raising=False)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    slices = lambda B: OPS.cpu_paired_direction_slices(100, B, 32, torch.float32)
     try:
-        assert OPS.cpu_paired_direction_slices(100, 16, 32, torch.float32) == 0
+        torch.set_num_threads(1)
+        assert slices(16) == 0
+        torch.set_num_threads(8)  # 4 slices a direction: 4 rows at least
+        assert [slices(B) for B in (1, 3, 4, 16)] == [0, 0, 4, 4]
     finally:
         torch.set_num_threads(threads)
 

@@ -524,7 +524,9 @@ int64_t paired_direction_slices(int64_t T, int64_t B, int64_t H, at::ScalarType 
   const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(threads / 2, B));
   if (const auto forced = forced_switch("LSTM_FUSED_CPU_DIRECTIONS", "paired", "in-turn"))
     return *forced ? slices : 0;
-  if (threads < 2 || T * B * 4 * H * H < kPairedMinCallMacs) return 0;
+  // Fewer rows than threads would leave threads idle that the directions' own plans would use
+  // (measured on 2 cores only, where every row count fills them).
+  if (threads < 2 || 2 * slices < threads || T * B * 4 * H * H < kPairedMinCallMacs) return 0;
   const int64_t weight_bytes = 4 * H * H * at::elementSize(dtype);
   const bool pays = weight_bytes <= core_l2_bytes() / 2 || B / slices >= kPairedMinRowsPerSlice;
   return pays ? slices : 0;
