@@ -9,8 +9,12 @@ flop_time = FLOPs / peak rate of the dtype. Per layer and direction an LSTM does
     8 * T * B * H * (I + H) * dirs. fwdbwd counts 3x the forward (backward is two GEMMs per
     forward GEMM: one for the data gradient, one for the weight gradient).
     fp32 uses the TF32 rate when TF32 is enabled (cuDNN's default), since nn.LSTM then uses it.
-byte_time = bytes / memory bandwidth, with bytes = every weight read once + the input read once +
-    the output written once (summed over layers and directions); fwdbwd counts 3x that (the
+byte_time = every weight read once + the input read once + the output written once (summed over
+    layers and directions), the activations at memory bandwidth and the weights at the rate of
+    the nearest level that holds them all: memory on a GPU; on a CPU the cache they fit, split
+    over the threads as for stream_time (a benchmark calls the same weights over and over, and a
+    cell step of H = 256 reads its 2 MB from the L2s and L3, several times faster than from DRAM:
+    priced at DRAM, such rows measured above 100% of their floor). fwdbwd counts 3x that (the
     weights are read again and their gradients written; activations and their gradients go
     through memory again). Pointwise gate traffic is not counted: a fused kernel keeps it on chip.
 stream_time (CPUs) = what re-reading the recurrent weights at every step costs: each step of a
@@ -129,13 +133,31 @@ def flops(shape: Shape, mode: str) -> float:
     return fwd if mode == "fwd" else 3 * fwd
 
 
-def min_bytes(shape: Shape, mode: str, elsize: int) -> float:
+def weight_bytes(shape: Shape, elsize: int) -> float:
+    """Every layer's and direction's weights and biases, once."""
     total = 0
     for in_w, rec_w in _layers(shape):
-        weights = 4 * shape.H * (in_w + rec_w + 2) + shape.H * shape.proj_size
-        activations = shape.T * shape.B * (in_w + shape.dirs * rec_w)  # read x, write y
-        total += shape.dirs * weights + activations
-    fwd = total * elsize
+        total += shape.dirs * (4 * shape.H * (in_w + rec_w + 2) + shape.H * shape.proj_size)
+    return total * elsize
+
+
+def activation_bytes(shape: Shape, elsize: int) -> float:
+    """Every layer's input read once and output written once."""
+    total = 0
+    for in_w, rec_w in _layers(shape):
+        total += shape.T * shape.B * (in_w + shape.dirs * rec_w)
+    return total * elsize
+
+
+def min_bytes(shape: Shape, mode: str, elsize: int) -> float:
+    fwd = weight_bytes(shape, elsize) + activation_bytes(shape, elsize)
+    return fwd if mode == "fwd" else 3 * fwd
+
+
+def byte_seconds(shape: Shape, mode: str, elsize: int, peaks: Peaks) -> float:
+    """byte_time: the weights from the nearest level that holds them, the activations from memory."""
+    weights = weight_bytes(shape, elsize)
+    fwd = weights / peaks.weight_read_rate(weights) + activation_bytes(shape, elsize) / peaks.bandwidth
     return fwd if mode == "fwd" else 3 * fwd
 
 
@@ -159,7 +181,7 @@ def floor_ms(shape: Shape, mode: str, dtype: str, peaks: Peaks, tf32: bool) -> T
     elsize = torch.finfo(getattr(torch, dtype)).bits // 8
     times = {
         "flops": flops(shape, mode) / peaks.rate(dtype, tf32),
-        "bytes": min_bytes(shape, mode, elsize) / peaks.bandwidth,
+        "bytes": byte_seconds(shape, mode, elsize, peaks),
         "stream": stream_seconds(shape, mode, elsize, peaks),
         "latency": steps(shape, mode) * peaks.step_s,
     }

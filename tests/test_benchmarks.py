@@ -310,6 +310,27 @@ def test_roofline_stream_term_reads_the_recurrent_weights_every_step():
     assert roofline.floor_ms(s, "fwd", "float32", gpu, tf32=False)[1] != "stream"
 
 
+def test_roofline_bytes_read_the_weights_from_the_cache_that_holds_them():
+    # One step of a cell: bound by its bytes, the weights from an L2 on a CPU, DRAM on a GPU.
+    s = Shape(T=1, B=1, I=256, H=256, cell=True, state=True)
+    weights = 4 * 256 * (256 + 256 + 2) * 4
+    acts = (256 + 256) * 4
+    l2, dram = 400e9, 40e9
+    cpu = roofline.Peaks("cpu", "fake", {"float32": 1e15}, bandwidth=dram, step_s=1e-12,
+                         weight_caches=[(weights / 2, l2)], threads=2)
+    ms, bound = roofline.floor_ms(s, "fwd", "float32", cpu, tf32=False)
+    assert bound == "bytes" and ms == pytest.approx((weights / l2 + acts / dram) * 1e3)
+    assert roofline.floor_ms(s, "fwdbwd", "float32", cpu, tf32=False)[0] == pytest.approx(3 * ms)
+    # Beyond every cache, and on a GPU: all from memory.
+    one = roofline.Peaks("cpu", "fake", {"float32": 1e15}, bandwidth=dram, step_s=1e-12,
+                         weight_caches=[(weights / 2, l2)], threads=1)
+    gpu = roofline.Peaks("gpu", "fake", {"float32": 1e15}, bandwidth=dram, step_s=1e-12)
+    for peaks in (one, gpu):
+        ms, bound = roofline.floor_ms(s, "fwd", "float32", peaks, tf32=False)
+        assert bound == "bytes" and ms == pytest.approx((weights + acts) / dram * 1e3)
+    assert roofline.min_bytes(s, "fwd", 4) == weights + acts
+
+
 def test_roofline_gpu_table_and_tf32():
     p = roofline.device_peaks("cuda", "NVIDIA H100 80GB HBM3")
     assert p.bandwidth == pytest.approx(3.35e12)
