@@ -38,8 +38,9 @@ TORCH_LIBRARY(lstm_fused, m) {
       "-> (Tensor y, Tensor h_n, Tensor c_n, Tensor gates, Tensor c_all)");
   m.def(
       "bidirectional_backward(Tensor dy, Tensor dh_n, Tensor dc_n, Tensor w_hh_f, Tensor w_hh_r, "
-      "Tensor h0, Tensor c0, Tensor? lengths, Tensor y, Tensor gates, Tensor c_all, bool weight_grads) "
-      "-> (Tensor dxproj_f, Tensor dxproj_r, Tensor dw_hh_f, Tensor dw_hh_r, Tensor dh0, Tensor dc0)");
+      "Tensor h0, Tensor c0, Tensor? lengths, Tensor y, Tensor gates, Tensor c_all, "
+      "bool weight_grads) -> (Tensor dxproj_f, Tensor dxproj_r, Tensor dw_hh_f, Tensor dw_hh_r, "
+      "Tensor dh0, Tensor dc0)");
   // One LSTM cell step for inference (CPU): no autograd, callers route differentiable calls to
   // recurrence_forward.
   m.def(

@@ -120,6 +120,16 @@ def bidirectional_recurrence(xproj_f, xproj_r, w_hh_f, w_hh_r, h0, c0, lengths=N
     return y, h_n, c_n
 
 
+def _bidirectional_layer(layer_input, w_f, w_r, has_biases, h0, c0, lengths, backend):
+    """A bidirectional layer without projection: each direction's input projection, then both
+    recurrences in one op. w_f / w_r: a direction's w_ih, w_hh[, b_ih, b_hh]."""
+    xproj = []
+    for w in (w_f, w_r):
+        b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
+        xproj.append(input_projection(layer_input, w[0], b_ih, b_hh, backend))
+    return bidirectional_recurrence(xproj[0], xproj[1], w_f[1], w_r[1], h0, c0, lengths)
+
+
 def stacked_cell_step(x, h0, c0, weights, num_layers, bidirectional, has_biases):
     """(y (B, D*H), h_n, c_n) of one time step of a stack, x (B, I), h0/c0 (L*D, B, H), through
     ``lstm_fused::stacked_cell_forward``."""
@@ -221,39 +231,33 @@ def lstm(
     for layer in range(num_layers):
         if both_directions:
             k = 2 * layer
-            xproj, w_hh = [], []
-            for w in (weights[k * per_dir : (k + 1) * per_dir], weights[(k + 1) * per_dir : (k + 2) * per_dir]):
-                b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
-                xproj.append(input_projection(layer_input, w[0], b_ih, b_hh, backend))
-                w_hh.append(w[1])
-            layer_input, h, c = bidirectional_recurrence(
-                *xproj, *w_hh, h0.narrow(0, k, 2), c0.narrow(0, k, 2), lengths
+            w_f, w_r = weights[k * per_dir : (k + 1) * per_dir], weights[(k + 1) * per_dir : (k + 2) * per_dir]
+            layer_input, h, c = _bidirectional_layer(
+                layer_input, w_f, w_r, has_biases, h0.narrow(0, k, 2), c0.narrow(0, k, 2), lengths, backend
             )
             h_n.extend(h.unbind(0))
             c_n.extend(c.unbind(0))
-            if dropout_between_layers and layer < num_layers - 1:
-                layer_input = F.dropout(layer_input, p=dropout, training=True)
-            continue
-        outputs = []
-        for direction in range(num_dirs):
-            k = layer * num_dirs + direction
-            w = weights[k * per_dir : (k + 1) * per_dir]
-            w_ih, w_hh = w[0], w[1]
-            b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
-            w_hr = w[-1] if proj_size > 0 else None
-            if onnx_exporting:
-                y, h, c = onnx_export.lstm_direction(
-                    layer_input, w_ih, w_hh, b_ih, b_hh, w_hr, h0_k[k], c0_k[k], lengths, direction == 1
-                )
-            else:
-                xproj = input_projection(layer_input, w_ih, b_ih, b_hh, backend)
-                y, h, c = recurrence(
-                    xproj, w_hh, w_hr, h0_k[k], c0_k[k], lengths, reverse=direction == 1, backend=backend
-                )
-            outputs.append(y)
-            h_n.append(h)
-            c_n.append(c)
-        layer_input = outputs[0] if num_dirs == 1 else torch.cat(outputs, dim=2)
+        else:
+            outputs = []
+            for direction in range(num_dirs):
+                k = layer * num_dirs + direction
+                w = weights[k * per_dir : (k + 1) * per_dir]
+                w_ih, w_hh = w[0], w[1]
+                b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
+                w_hr = w[-1] if proj_size > 0 else None
+                if onnx_exporting:
+                    y, h, c = onnx_export.lstm_direction(
+                        layer_input, w_ih, w_hh, b_ih, b_hh, w_hr, h0_k[k], c0_k[k], lengths, direction == 1
+                    )
+                else:
+                    xproj = input_projection(layer_input, w_ih, b_ih, b_hh, backend)
+                    y, h, c = recurrence(
+                        xproj, w_hh, w_hr, h0_k[k], c0_k[k], lengths, reverse=direction == 1, backend=backend
+                    )
+                outputs.append(y)
+                h_n.append(h)
+                c_n.append(c)
+            layer_input = outputs[0] if num_dirs == 1 else torch.cat(outputs, dim=2)
         if dropout_between_layers and layer < num_layers - 1:
             layer_input = F.dropout(layer_input, p=dropout, training=True)
     return layer_input, torch.stack(h_n), torch.stack(c_n)

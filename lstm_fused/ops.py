@@ -264,7 +264,9 @@ def _bidirectional_forward_fake(xproj_f, xproj_r, w_hh_f, w_hh_r, h0, c0, length
     return y, h_n, c_n, gates, c_all
 
 
-def _bidirectional_backward_fake(dy, dh_n, dc_n, w_hh_f, w_hh_r, h0, c0, lengths, y, gates, c_all, weight_grads):
+def _bidirectional_backward_fake(
+    dy, dh_n, dc_n, w_hh_f, w_hh_r, h0, c0, lengths, y, gates, c_all, weight_grads
+):
     dxproj_f, dxproj_r = gates.new_empty(gates.shape[1:]), gates.new_empty(gates.shape[1:])
     if weight_grads:
         dw_f, dw_r = torch.empty_like(w_hh_f), torch.empty_like(w_hh_r)

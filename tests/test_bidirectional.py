@@ -165,7 +165,8 @@ def test_side_by_side_only_where_every_thread_gets_a_slice(monkeypatch):
 def test_a_bad_arrangement_is_an_error(monkeypatch):
     m = lstm_fused.LSTM(4, 8, bidirectional=True, backend="cpu")
     monkeypatch.setenv("LSTM_FUSED_CPU_DIRECTIONS", "both")
-    with pytest.raises(RuntimeError, match="LSTM_FUSED_CPU_DIRECTIONS=both is not one of auto, paired, in-turn"):
+    message = "LSTM_FUSED_CPU_DIRECTIONS=both is not one of auto, paired, in-turn"
+    with pytest.raises(RuntimeError, match=message):
         m(torch.randn(3, 2, 4))
 
 

@@ -242,7 +242,6 @@ at::Tensor recurrent_weight_grad(const at::Tensor& dxproj_in, const at::Tensor& 
   return dw;
 }
 
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrence_backward(
     const at::Tensor& dy_in, const at::Tensor& dh_n, const at::Tensor& dc_n,
     const at::Tensor& w_hh_in, const std::optional<at::Tensor>& w_hr_in, const at::Tensor& h0,

@@ -60,7 +60,8 @@ std::tuple<int64_t, int64_t> cpu_recurrence_plan(bool backward, int64_t T, int64
 // Batch slices per direction of a bidirectional layer of this size run side by side, or 0: one
 // direction after the other (lstm_fused::cpu::paired_direction_slices).
 int64_t cpu_paired_direction_slices(int64_t T, int64_t B, int64_t H, at::ScalarType dtype) {
-  TORCH_CHECK(T >= 1 && B >= 1 && H >= 1, "lstm_fused: cpu_paired_direction_slices takes sizes of at least 1");
+  TORCH_CHECK(T >= 1 && B >= 1 && H >= 1,
+              "lstm_fused: cpu_paired_direction_slices takes sizes of at least 1");
   return lstm_fused::cpu::paired_direction_slices(T, B, H, dtype);
 }
 

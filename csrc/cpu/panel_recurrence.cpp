@@ -242,8 +242,9 @@ struct ForwardCall {
   ForwardDestination out;
 };
 
-ForwardCall prepare_forward(int V, const at::Tensor& xproj_in, const at::Tensor& w_hh, const at::Tensor& h0,
-                            const at::Tensor& c0, const std::optional<at::Tensor>& lengths_in, bool reverse,
+ForwardCall prepare_forward(int V, const at::Tensor& xproj_in, const at::Tensor& w_hh,
+                            const at::Tensor& h0, const at::Tensor& c0,
+                            const std::optional<at::Tensor>& lengths_in, bool reverse,
                             ForwardDestination out) {
   const int64_t T = xproj_in.size(0), B = xproj_in.size(1), H = xproj_in.size(2) / 4;
   const auto f32 = xproj_in.options().dtype(at::kFloat);
@@ -284,7 +285,8 @@ ForwardCall prepare_forward(int V, const at::Tensor& xproj_in, const at::Tensor&
 }
 
 // Batch slice k of `slices` through every step, on the calling thread.
-void run_forward_slice(const StepKernels& kernels, const ForwardCall& call, int64_t k, int64_t slices) {
+void run_forward_slice(const StepKernels& kernels, const ForwardCall& call, int64_t k,
+                       int64_t slices) {
   const ForwardStepArgs& a = call.args;
   const int64_t b0 = a.B * k / slices, b1 = a.B * (k + 1) / slices;
   const ForwardStepArgs part =
@@ -302,7 +304,8 @@ void run_forward(const StepKernels& kernels, const ForwardCall& call) {
     run_batch_slices(plan.batch_slices,
                      [&](int64_t k) { run_forward_slice(kernels, call, k, plan.batch_slices); });
   } else {
-    run_steps(plan.threads, a.T, call.blocks, [&](int64_t s, int64_t u) { kernels.forward_block(a, s, u); });
+    run_steps(plan.threads, a.T, call.blocks,
+              [&](int64_t s, int64_t u) { kernels.forward_block(a, s, u); });
   }
 }
 
@@ -326,7 +329,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> panel_for
   out.y_stride = H;
   out.save = save;
   out.gates = save ? pooled_empty({T, B, 4 * H}, dtype) : at::empty({0}, xproj.options());
-  out.c_all = save ? pooled_empty({T, B, H}, at::kFloat) : at::empty({0}, xproj.options().dtype(at::kFloat));
+  out.c_all = save ? pooled_empty({T, B, H}, at::kFloat)
+                   : at::empty({0}, xproj.options().dtype(at::kFloat));
   const ForwardCall call =
       prepare_forward(kernels.vector_width, xproj, w_hh, h0, c0, lengths, reverse, std::move(out));
   run_forward(kernels, call);
@@ -408,8 +412,9 @@ struct BackwardCall {
 
 // dy (T, B, H) with rows dy_stride apart: a contiguous tensor, or one direction's half of a
 // bidirectional layer's (T, B, 2H) output gradient.
-BackwardCall prepare_backward(int V, const at::Tensor& dy, int64_t dy_stride, const at::Tensor& dh_n,
-                              const at::Tensor& dc_n, const at::Tensor& w_hh, const at::Tensor& c0,
+BackwardCall prepare_backward(int V, const at::Tensor& dy, int64_t dy_stride,
+                              const at::Tensor& dh_n, const at::Tensor& dc_n,
+                              const at::Tensor& w_hh, const at::Tensor& c0,
                               const std::optional<at::Tensor>& lengths_in, bool reverse,
                               const at::Tensor& gates_in, const at::Tensor& c_all_in) {
   const int64_t T = gates_in.size(0), B = gates_in.size(1), H = gates_in.size(2) / 4;
@@ -453,11 +458,14 @@ BackwardCall prepare_backward(int V, const at::Tensor& dy, int64_t dy_stride, co
 // the final product (dh0).
 void backward_step(const StepKernels& kernels, const BackwardStepArgs& a, int64_t i, int64_t q) {
   const int64_t s = a.T - 1 - i;
-  const BackwardPhase phase = i == 0 ? BackwardPhase::kFirst : i == a.T ? BackwardPhase::kFinal : BackwardPhase::kStep;
+  const BackwardPhase phase = i == 0     ? BackwardPhase::kFirst
+                              : i == a.T ? BackwardPhase::kFinal
+                                         : BackwardPhase::kStep;
   kernels.backward_block(a, s < 0 ? 0 : s, q, phase);
 }
 
-void run_backward_slice(const StepKernels& kernels, const BackwardCall& call, int64_t k, int64_t slices) {
+void run_backward_slice(const StepKernels& kernels, const BackwardCall& call, int64_t k,
+                        int64_t slices) {
   const BackwardStepArgs& a = call.args;
   const int64_t b0 = a.B * k / slices, b1 = a.B * (k + 1) / slices;
   const BackwardStepArgs part =
@@ -474,7 +482,8 @@ void run_backward(const StepKernels& kernels, const BackwardCall& call) {
     run_batch_slices(plan.batch_slices,
                      [&](int64_t k) { run_backward_slice(kernels, call, k, plan.batch_slices); });
   } else {
-    run_steps(plan.threads, a.T + 1, call.blocks, [&](int64_t i, int64_t q) { backward_step(kernels, a, i, q); });
+    run_steps(plan.threads, a.T + 1, call.blocks,
+              [&](int64_t i, int64_t q) { backward_step(kernels, a, i, q); });
   }
 }
 
@@ -486,8 +495,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> panel_backward(
     const at::Tensor& gates, const at::Tensor& c_all) {
   const StepKernels& kernels = step_kernels(selected_isa());
   const int64_t H = gates.size(2) / 4;
-  const BackwardCall call = prepare_backward(kernels.vector_width, dy.contiguous(), H, dh_n, dc_n, w_hh, c0,
-                                             lengths, reverse, gates, c_all);
+  const BackwardCall call = prepare_backward(kernels.vector_width, dy.contiguous(), H, dh_n, dc_n,
+                                             w_hh, c0, lengths, reverse, gates, c_all);
   run_backward(kernels, call);
   const auto dtype = gates.scalar_type();
   return {call.dxproj, call.dh.to(dtype), call.dc.to(dtype)};
@@ -533,15 +542,17 @@ int64_t paired_direction_slices(int64_t T, int64_t B, int64_t H, at::ScalarType 
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> panel_forward_pair(
-    const at::Tensor& xproj_f, const at::Tensor& xproj_r, const at::Tensor& w_hh_f, const at::Tensor& w_hh_r,
-    const at::Tensor& h0, const at::Tensor& c0, const std::optional<at::Tensor>& lengths, bool save) {
+    const at::Tensor& xproj_f, const at::Tensor& xproj_r, const at::Tensor& w_hh_f,
+    const at::Tensor& w_hh_r, const at::Tensor& h0, const at::Tensor& c0,
+    const std::optional<at::Tensor>& lengths, bool save) {
   const int64_t T = xproj_f.size(0), B = xproj_f.size(1), H = xproj_f.size(2) / 4;
   const auto dtype = xproj_f.scalar_type();
   const StepKernels& kernels = step_kernels(selected_isa());
   const at::Tensor y = pooled_empty({T, B, 2 * H}, dtype);
-  const at::Tensor gates = save ? pooled_empty({2, T, B, 4 * H}, dtype) : at::empty({0}, xproj_f.options());
-  const at::Tensor c_all =
-      save ? pooled_empty({2, T, B, H}, at::kFloat) : at::empty({0}, xproj_f.options().dtype(at::kFloat));
+  const at::Tensor gates =
+      save ? pooled_empty({2, T, B, 4 * H}, dtype) : at::empty({0}, xproj_f.options());
+  const at::Tensor c_all = save ? pooled_empty({2, T, B, H}, at::kFloat)
+                                : at::empty({0}, xproj_f.options().dtype(at::kFloat));
   const at::Tensor* xproj[2] = {&xproj_f, &xproj_r};
   const at::Tensor* w_hh[2] = {&w_hh_f, &w_hh_r};
   std::vector<ForwardCall> calls;
@@ -553,7 +564,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> panel_for
     out.save = save;
     out.gates = save ? gates[d] : gates;
     out.c_all = save ? c_all[d] : c_all;
-    calls.push_back(prepare_forward(kernels.vector_width, *xproj[d], *w_hh[d], h0[d], c0[d], lengths,
+    calls.push_back(prepare_forward(kernels.vector_width, *xproj[d], *w_hh[d], h0[d], c0[d],
+                                    lengths,
                                     /*reverse=*/d == 1, std::move(out)));
   }
   const int64_t slices = paired_direction_slices(T, B, H, dtype);
@@ -570,9 +582,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> panel_for
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> panel_backward_pair(
-    const at::Tensor& dy_in, const at::Tensor& dh_n, const at::Tensor& dc_n, const at::Tensor& w_hh_f,
-    const at::Tensor& w_hh_r, const at::Tensor& c0, const std::optional<at::Tensor>& lengths,
-    const at::Tensor& gates, const at::Tensor& c_all) {
+    const at::Tensor& dy_in, const at::Tensor& dh_n, const at::Tensor& dc_n,
+    const at::Tensor& w_hh_f, const at::Tensor& w_hh_r, const at::Tensor& c0,
+    const std::optional<at::Tensor>& lengths, const at::Tensor& gates, const at::Tensor& c_all) {
   const int64_t T = gates.size(1), B = gates.size(2), H = gates.size(3) / 4;
   const auto dtype = gates.scalar_type();
   const StepKernels& kernels = step_kernels(selected_isa());
@@ -581,8 +593,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> panel_backward_pair(
   std::vector<BackwardCall> calls;
   calls.reserve(2);
   for (int d = 0; d < 2; ++d) {
-    calls.push_back(prepare_backward(kernels.vector_width, dy.narrow(2, d * H, H), 2 * H, dh_n[d], dc_n[d],
-                                     *w_hh[d], c0[d], lengths, /*reverse=*/d == 1, gates[d], c_all[d]));
+    calls.push_back(prepare_backward(kernels.vector_width, dy.narrow(2, d * H, H), 2 * H, dh_n[d],
+                                     dc_n[d], *w_hh[d], c0[d], lengths, /*reverse=*/d == 1,
+                                     gates[d], c_all[d]));
   }
   const int64_t slices = paired_direction_slices(T, B, H, dtype);
   if (slices > 0) {

@@ -79,8 +79,9 @@ int64_t paired_direction_slices(int64_t T, int64_t B, int64_t H, at::ScalarType 
 // returns y (T, B, 2H) (direction d in columns [d*H, d*H + H)), h_n and c_n (2, B, H), and when
 // saving, gates (2, T, B, 4H) and c_all (2, T, B, H), else empty tensors.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> panel_forward_pair(
-    const at::Tensor& xproj_f, const at::Tensor& xproj_r, const at::Tensor& w_hh_f, const at::Tensor& w_hh_r,
-    const at::Tensor& h0, const at::Tensor& c0, const std::optional<at::Tensor>& lengths, bool save);
+    const at::Tensor& xproj_f, const at::Tensor& xproj_r, const at::Tensor& w_hh_f,
+    const at::Tensor& w_hh_r, const at::Tensor& h0, const at::Tensor& c0,
+    const std::optional<at::Tensor>& lengths, bool save);
 // Its backward: dy (T, B, 2H), dh_n/dc_n/c0 (2, B, H), gates/c_all as saved; returns d(xproj) of
 // each direction and dh0, dc0 (2, B, H). The weight gradients are the caller's.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> panel_backward_pair(
@@ -88,8 +89,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> panel_backward_pair(
     const at::Tensor& w_hh_r, const at::Tensor& c0, const std::optional<at::Tensor>& lengths,
     const at::Tensor& gates, const at::Tensor& c_all);
 // dW_hh of one direction from its d(xproj), outputs y (rows may be strided) and h0 (backward.cpp).
-at::Tensor recurrent_weight_grad(const at::Tensor& dxproj, const at::Tensor& y, const at::Tensor& h0,
-                                 const std::optional<at::Tensor>& lengths, bool reverse);
+at::Tensor recurrent_weight_grad(const at::Tensor& dxproj, const at::Tensor& y,
+                                 const at::Tensor& h0, const std::optional<at::Tensor>& lengths,
+                                 bool reverse);
 
 // How the hidden units (or projected units) are divided among the threads of a recurrence.
 // Blocks are multiples of 8 units so each thread's pointwise loop runs whole vectors.
