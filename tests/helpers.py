@@ -6,6 +6,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import lstm_fused
 
@@ -57,6 +58,25 @@ def make_pair(dtype, backend, **config):
     fused = lstm_fused.LSTM(**config, backend=backend, dtype=torch.float64)
     fused.load_state_dict(oracle.state_dict())  # exact, then rounded once by .to(dtype)
     return oracle, fused.to(dtype)
+
+
+def forward_backward(module, dtype, x, hx, cot, lengths=None):
+    """Forward (packed when ``lengths`` is given) and backward of <(y, h_n, c_n), cot>, the inputs,
+    state and cotangents cast to ``dtype``: returns [y, h_n, c_n, dx, dh0, dc0] + every
+    parameter's gradient, in ``dtype``."""
+    xi = x.detach().to(dtype).clone().requires_grad_()
+    hi = tuple(t.detach().to(dtype).clone().requires_grad_() for t in hx)
+    module.zero_grad(set_to_none=True)
+    if lengths is not None:
+        out, (h_n, c_n) = module(pack_padded_sequence(xi, lengths, enforce_sorted=False), hi)
+        y = pad_packed_sequence(out, total_length=x.shape[0])[0]
+    else:
+        y, (h_n, c_n) = module(xi, hi)
+    gy, gh, gc = cot
+    loss = (y * gy.to(dtype)).sum() + (h_n * gh.to(dtype)).sum() + (c_n * gc.to(dtype)).sum()
+    loss.backward()
+    grads = [xi.grad, hi[0].grad, hi[1].grad] + [p.grad for p in module.parameters()]
+    return [y, h_n, c_n] + grads
 
 
 def run_and_grad(module, x, hx, cotangents):

@@ -5,11 +5,9 @@ either (read on every call), so both arrangements run here on every machine."""
 
 import pytest
 import torch
-from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import lstm_fused
-from helpers import make_pair, rel_error, supported_cpu_variants
+from helpers import forward_backward, make_pair, rel_error, supported_cpu_variants
 
 pytestmark = pytest.mark.skipif("cpu" not in lstm_fused.available_backends(),
                                 reason="the C++ extension is not built")
@@ -31,18 +29,7 @@ SHAPES = [
 
 def _forward_backward(module, dtype, x, hx, cot, lengths):
     """y, h_n, c_n and every gradient of <outputs, cot>, in float64."""
-    xi = x.detach().to(dtype).clone().requires_grad_()
-    hi = tuple(t.detach().to(dtype).clone().requires_grad_() for t in hx)
-    module.zero_grad(set_to_none=True)
-    if lengths is not None:
-        out, (h_n, c_n) = module(pack_padded_sequence(xi, lengths, enforce_sorted=False), hi)
-        y = pad_packed_sequence(out, total_length=x.shape[0])[0]
-    else:
-        y, (h_n, c_n) = module(xi, hi)
-    gy, gh, gc = (t.to(dtype) for t in cot)
-    ((y * gy).sum() + (h_n * gh).sum() + (c_n * gc).sum()).backward()
-    found = [y, h_n, c_n, xi.grad, hi[0].grad, hi[1].grad] + [p.grad for p in module.parameters()]
-    return [t.detach().double() for t in found]
+    return [t.detach().double() for t in forward_backward(module, dtype, x, hx, cot, lengths)]
 
 
 def _inputs(shape):

@@ -18,10 +18,9 @@ import textwrap
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import lstm_fused
-from helpers import CPU_ISA_VARIANTS, make_pair, rel_error, supported_cpu_variants
+from helpers import CPU_ISA_VARIANTS, forward_backward, make_pair, rel_error, supported_cpu_variants
 
 pytestmark = pytest.mark.skipif("cpu" not in lstm_fused.available_backends(),
                                 reason="the C++ extension is not built")
@@ -46,23 +45,6 @@ SHAPES = [
 HALF_FLOOR = 2e-3
 
 
-def _run(module, dtype, x, hx, cot, lengths):
-    """Forward + backward of <out, cot>; returns outputs and every gradient, in float64."""
-    xi = x.detach().to(dtype).clone().requires_grad_()
-    hi = tuple(t.detach().to(dtype).clone().requires_grad_() for t in hx)
-    module.zero_grad(set_to_none=True)
-    if lengths is not None:
-        out, (h_n, c_n) = module(pack_padded_sequence(xi, lengths, enforce_sorted=False), hi)
-        y = pad_packed_sequence(out, total_length=x.shape[0])[0]
-    else:
-        y, (h_n, c_n) = module(xi, hi)
-    gy, gh, gc = cot
-    loss = (y * gy.to(dtype)).sum() + (h_n * gh.to(dtype)).sum() + (c_n * gc.to(dtype)).sum()
-    loss.backward()
-    grads = [xi.grad, hi[0].grad, hi[1].grad] + [p.grad for p in module.parameters()]
-    return [y, h_n, c_n] + grads
-
-
 def _errors(shape, dtype, backend="cpu"):
     _, T, B, I, H, extra, lengths = shape
     oracle, fused = make_pair(dtype, backend, input_size=I, hidden_size=H, **extra)
@@ -74,8 +56,8 @@ def _errors(shape, dtype, backend="cpu"):
     cot = (torch.randn((B, T, D * H) if batch_first else (T, B, D * H), dtype=torch.float64),
            torch.randn(L, B, H, dtype=torch.float64), torch.randn(L, B, H, dtype=torch.float64))
     lens = None if lengths is None else torch.tensor(lengths)
-    want = _run(oracle, torch.float64, x, hx, cot, lens)
-    got = _run(fused, dtype, x, hx, cot, lens)
+    want = forward_backward(oracle, torch.float64, x, hx, cot, lens)
+    got = forward_backward(fused, dtype, x, hx, cot, lens)
     native = None
     if dtype in (torch.bfloat16, torch.float16):
         # The yardstick: our reference backend in the same dtype (fp32 math, the same roundings
@@ -84,7 +66,7 @@ def _errors(shape, dtype, backend="cpu"):
         same = lstm_fused.LSTM(input_size=I, hidden_size=H, **extra, backend="reference",
                                dtype=torch.float64)
         same.load_state_dict(oracle.state_dict())
-        native = _run(same.to(dtype), dtype, x, hx, cot, lens)
+        native = forward_backward(same.to(dtype), dtype, x, hx, cot, lens)
     for a in got:
         assert a is not None and a.dtype == dtype
     ours = [rel_error(a, b) for a, b in zip(got, want)]

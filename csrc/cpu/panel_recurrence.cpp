@@ -526,6 +526,19 @@ constexpr int64_t kPairedMinRowsPerSlice = 4;
 // Below this much work a call is not worth a team even side by side.
 constexpr int64_t kPairedMinCallMacs = int64_t(1) << 16;
 
+// Both directions' calls: side by side, `slices` batch slices each (run_slice(call, k, slices)
+// for slice k), or one after the other by their own plans (run_whole(call)) where slices is 0.
+template <typename Call, typename Slice, typename Whole>
+void run_directions(const std::vector<Call>& calls, int64_t slices, const Slice& run_slice,
+                    const Whole& run_whole) {
+  if (slices == 0) {
+    for (const Call& call : calls) run_whole(call);
+    return;
+  }
+  run_batch_slices(2 * slices,
+                   [&](int64_t item) { run_slice(calls[item / slices], item % slices, slices); });
+}
+
 }  // namespace
 
 int64_t paired_direction_slices(int64_t T, int64_t B, int64_t H, at::ScalarType dtype) {
@@ -565,17 +578,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> panel_for
     out.gates = save ? gates[d] : gates;
     out.c_all = save ? c_all[d] : c_all;
     calls.push_back(prepare_forward(kernels.vector_width, *xproj[d], *w_hh[d], h0[d], c0[d],
-                                    lengths,
-                                    /*reverse=*/d == 1, std::move(out)));
+                                    lengths, /*reverse=*/d == 1, std::move(out)));
   }
-  const int64_t slices = paired_direction_slices(T, B, H, dtype);
-  if (slices > 0) {
-    run_batch_slices(2 * slices, [&](int64_t item) {
-      run_forward_slice(kernels, calls[item / slices], item % slices, slices);
-    });
-  } else {
-    for (const ForwardCall& call : calls) run_forward(kernels, call);
-  }
+  run_directions(
+      calls, paired_direction_slices(T, B, H, dtype),
+      [&](const ForwardCall& call, int64_t k, int64_t n) { run_forward_slice(kernels, call, k, n); },
+      [&](const ForwardCall& call) { run_forward(kernels, call); });
   const auto [h_f, c_f] = final_state(calls[0]);
   const auto [h_r, c_r] = final_state(calls[1]);
   return {y, at::stack({h_f, h_r}), at::stack({c_f, c_r}), gates, c_all};
@@ -597,14 +605,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> panel_backward_pair(
                                      dc_n[d], *w_hh[d], c0[d], lengths, /*reverse=*/d == 1,
                                      gates[d], c_all[d]));
   }
-  const int64_t slices = paired_direction_slices(T, B, H, dtype);
-  if (slices > 0) {
-    run_batch_slices(2 * slices, [&](int64_t item) {
-      run_backward_slice(kernels, calls[item / slices], item % slices, slices);
-    });
-  } else {
-    for (const BackwardCall& call : calls) run_backward(kernels, call);
-  }
+  run_directions(
+      calls, paired_direction_slices(T, B, H, dtype),
+      [&](const BackwardCall& call, int64_t k, int64_t n) { run_backward_slice(kernels, call, k, n); },
+      [&](const BackwardCall& call) { run_backward(kernels, call); });
   return {calls[0].dxproj, calls[1].dxproj, at::stack({calls[0].dh, calls[1].dh}).to(dtype),
           at::stack({calls[0].dc, calls[1].dc}).to(dtype)};
 }
