@@ -142,6 +142,12 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(xproj, w_hh, w_hr, h0, c0, lengths, y, gates, c_all)
 
 
+_UNSAVED_FORWARD = (
+    "lstm_fused: backward through a recurrence that was run with save=False "
+    "(the forward saw no tensor requiring grad, or grad mode was off)"
+)
+
+
 def _differentiable_backward(ctx, dy, dh_n, dc_n, xproj, w_hh, w_hr, h0, c0, lengths):
     """First-order gradients as a graph (for create_graph=True): autograd of the reference."""
     candidates = (xproj, w_hh, w_hr, h0, c0)
@@ -169,10 +175,7 @@ def _differentiable_backward(ctx, dy, dh_n, dc_n, xproj, w_hh, w_hr, h0, c0, len
 def _make_backward(backward_op):
     def backward(ctx, dy, dh_n, dc_n, _dgates, _dc_all):
         if not ctx.saved:
-            raise RuntimeError(
-                "lstm_fused: backward through a recurrence that was run with save=False "
-                "(the forward saw no tensor requiring grad, or grad mode was off)"
-            )
+            raise RuntimeError(_UNSAVED_FORWARD)
         xproj, w_hh, w_hr, h0, c0, lengths, y, gates, c_all = ctx.saved_tensors
         dy = torch.zeros_like(y) if dy is None else dy.contiguous()
         dh_n = torch.zeros_like(h0) if dh_n is None else dh_n.contiguous()
@@ -308,10 +311,7 @@ def _bidirectional_differentiable_backward(ctx, dy, dh_n, dc_n, inputs, lengths)
 
 def _bidirectional_backward(ctx, dy, dh_n, dc_n, _dgates, _dc_all):
     if not ctx.saved:
-        raise RuntimeError(
-            "lstm_fused: backward through a recurrence that was run with save=False "
-            "(the forward saw no tensor requiring grad, or grad mode was off)"
-        )
+        raise RuntimeError(_UNSAVED_FORWARD)
     xproj_f, xproj_r, w_hh_f, w_hh_r, h0, c0, lengths, y, gates, c_all = ctx.saved_tensors
     dy = torch.zeros_like(y) if dy is None else dy.contiguous()
     dh_n = torch.zeros_like(h0) if dh_n is None else dh_n.contiguous()
