@@ -17,13 +17,16 @@ ARRANGEMENTS = ["paired", "in-turn"]
 
 # (id, T, B, I, H, extra nn.LSTM kwargs, packed lengths or None). Partial row tiles and unit
 # blocks; a batch of one (one slice per direction); sequences of unequal lengths (the reverse
-# direction starts at each one's own end); two layers with dropout off and batch_first.
+# direction starts at each one's own end); two layers with dropout off and batch_first; and a
+# layer large enough that each direction taking its turn runs on a team of threads, by blocks
+# or batch slices, writing its strided half of y from every thread.
 SHAPES = [
     ("B1", 9, 1, 5, 24, {}, None),
     ("ragged_tiles", 7, 7, 6, 40, {}, None),
     ("packed", 10, 5, 8, 36, {}, [10, 3, 7, 1, 6]),
     ("two_layers_batch_first", 6, 4, 10, 20, {"num_layers": 2, "batch_first": True}, None),
     ("no_bias", 5, 3, 4, 16, {"bias": False}, None),
+    ("turns_on_teams", 6, 7, 12, 200, {}, [6, 2, 5, 6, 1, 3, 4]),
 ]
 
 
@@ -79,6 +82,14 @@ def test_both_arrangements_compute_the_same_bits(monkeypatch, dtype, shape):
         results[arrangement] = _forward_backward(fused, dtype, x, hx, cot, lengths)
     for i, (a, b) in enumerate(zip(*results.values())):
         assert torch.equal(a, b), i
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one thread: every call runs alone")
+def test_a_shape_takes_its_turns_on_a_team():
+    _, T, B, _, H, _, _ = next(s for s in SHAPES if s[0] == "turns_on_teams")
+    for backward in (False, True):
+        slices, team = OPS.cpu_recurrence_plan(backward, T, B, H, torch.float32)
+        assert slices > 1 or team > 1, backward
 
 
 def test_the_layer_runs_one_op_for_both_directions():
