@@ -149,11 +149,6 @@ def activation_bytes(shape: Shape, elsize: int) -> float:
     return total * elsize
 
 
-def min_bytes(shape: Shape, mode: str, elsize: int) -> float:
-    fwd = weight_bytes(shape, elsize) + activation_bytes(shape, elsize)
-    return fwd if mode == "fwd" else 3 * fwd
-
-
 def byte_seconds(shape: Shape, mode: str, elsize: int, peaks: Peaks) -> float:
     """byte_time: the weights from the nearest level that holds them, the activations from memory."""
     weights = weight_bytes(shape, elsize)

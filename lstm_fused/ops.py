@@ -148,28 +148,34 @@ _UNSAVED_FORWARD = (
 )
 
 
-def _differentiable_backward(ctx, dy, dh_n, dc_n, xproj, w_hh, w_hr, h0, c0, lengths):
-    """First-order gradients as a graph (for create_graph=True): autograd of the reference."""
-    candidates = (xproj, w_hh, w_hr, h0, c0)
-    wanted = [i for i, t in enumerate(candidates) if ctx.needs_input_grad[i] and t is not None]
-    grads = [None] * len(ctx.needs_input_grad)
+def _reference_grads(needs_input_grad, inputs, forward, cotangents):
+    """First-order gradients as a graph (for create_graph=True): autograd through ``forward()``,
+    the reference's outputs (y, h_n, c_n) from ``inputs``, against ``cotangents``. One entry per
+    autograd input (None where not needed; ``inputs`` are the first ones)."""
+    wanted = [i for i, t in enumerate(inputs) if needs_input_grad[i] and t is not None]
+    grads = [None] * len(needs_input_grad)
     if not wanted:
         return grads
     with torch.enable_grad():
-        y, h_n, c_n, _, _ = reference.recurrence_forward_ref(
-            xproj, w_hh, w_hr, h0, c0, lengths, ctx.reverse, False
-        )
         found = torch.autograd.grad(
-            (y, h_n, c_n),
-            [candidates[i] for i in wanted],
-            (dy, dh_n, dc_n),
-            create_graph=True,
-            allow_unused=True,
+            forward(), [inputs[i] for i in wanted], cotangents, create_graph=True, allow_unused=True
         )
     for i, g in zip(wanted, found):
         # An input the outputs do not depend on gets an explicit zero, as the fused op returns.
-        grads[i] = torch.zeros_like(candidates[i]) if g is None else g
+        grads[i] = torch.zeros_like(inputs[i]) if g is None else g
     return grads
+
+
+def _dense_cotangents(dy, dh_n, dc_n, y, h0, c0):
+    """(dy, dh_n, dc_n) contiguous, zeros for outputs that got no gradient."""
+    dense = lambda g, like: torch.zeros_like(like) if g is None else g.contiguous()
+    return dense(dy, y), dense(dh_n, h0), dense(dc_n, c0)
+
+
+def _needs_graph(tensors) -> bool:
+    """Grad mode is on in a backward only under create_graph=True; the fused ops' results would
+    carry no graph, so a second backward through them would silently be zero."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _make_backward(backward_op):
@@ -177,16 +183,12 @@ def _make_backward(backward_op):
         if not ctx.saved:
             raise RuntimeError(_UNSAVED_FORWARD)
         xproj, w_hh, w_hr, h0, c0, lengths, y, gates, c_all = ctx.saved_tensors
-        dy = torch.zeros_like(y) if dy is None else dy.contiguous()
-        dh_n = torch.zeros_like(h0) if dh_n is None else dh_n.contiguous()
-        dc_n = torch.zeros_like(c0) if dc_n is None else dc_n.contiguous()
+        dy, dh_n, dc_n = _dense_cotangents(dy, dh_n, dc_n, y, h0, c0)
         need = ctx.needs_input_grad
-        # Grad mode is on in a backward only under create_graph=True; the fused op's results
-        # would carry no graph, so a second backward through them would silently be zero.
-        if torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (xproj, w_hh, w_hr, h0, c0, dy, dh_n, dc_n)
-        ):
-            return tuple(_differentiable_backward(ctx, dy, dh_n, dc_n, xproj, w_hh, w_hr, h0, c0, lengths))
+        inputs = (xproj, w_hh, w_hr, h0, c0)
+        if _needs_graph((*inputs, dy, dh_n, dc_n)):
+            forward = lambda: reference.recurrence_forward_ref(*inputs, lengths, ctx.reverse, False)[:3]
+            return tuple(_reference_grads(need, inputs, forward, (dy, dh_n, dc_n)))
         weight_grads = bool(need[1] or need[2])
         dxproj, dw_hh, dw_hr, dh0, dc0 = backward_op(
             dy, dh_n, dc_n, w_hh, w_hr, h0, c0, lengths, ctx.reverse, y, gates, c_all, weight_grads
@@ -286,41 +288,26 @@ def _bidirectional_setup_context(ctx, inputs, output):
     ctx.save_for_backward(xproj_f, xproj_r, w_hh_f, w_hh_r, h0, c0, lengths, y, gates, c_all)
 
 
-def _bidirectional_differentiable_backward(ctx, dy, dh_n, dc_n, inputs, lengths):
-    """First-order gradients as a graph (for create_graph=True): autograd of the reference."""
-    xproj_f, xproj_r, w_hh_f, w_hh_r, h0, c0 = inputs
-    wanted = [i for i in range(len(inputs)) if ctx.needs_input_grad[i]]
-    grads = [None] * len(ctx.needs_input_grad)
-    if not wanted:
-        return grads
-    with torch.enable_grad():
-        outs = [
-            reference.recurrence_forward_ref(xproj, w_hh, None, h0[d], c0[d], lengths, d == 1, False)
-            for d, (xproj, w_hh) in enumerate(((xproj_f, w_hh_f), (xproj_r, w_hh_r)))
-        ]
-        y = torch.cat([outs[0][0], outs[1][0]], dim=2)
-        h_n = torch.stack([outs[0][1], outs[1][1]])
-        c_n = torch.stack([outs[0][2], outs[1][2]])
-        found = torch.autograd.grad(
-            (y, h_n, c_n), [inputs[i] for i in wanted], (dy, dh_n, dc_n), create_graph=True, allow_unused=True
-        )
-    for i, g in zip(wanted, found):
-        grads[i] = torch.zeros_like(inputs[i]) if g is None else g
-    return grads
+def _bidirectional_reference(xproj_f, xproj_r, w_hh_f, w_hh_r, h0, c0, lengths):
+    """The pair's (y, h_n, c_n) by the reference, each direction as the layer combines them."""
+    outs = [
+        reference.recurrence_forward_ref(xproj, w_hh, None, h0[d], c0[d], lengths, d == 1, False)
+        for d, (xproj, w_hh) in enumerate(((xproj_f, w_hh_f), (xproj_r, w_hh_r)))
+    ]
+    y = torch.cat([outs[0][0], outs[1][0]], dim=2)
+    return y, torch.stack([outs[0][1], outs[1][1]]), torch.stack([outs[0][2], outs[1][2]])
 
 
 def _bidirectional_backward(ctx, dy, dh_n, dc_n, _dgates, _dc_all):
     if not ctx.saved:
         raise RuntimeError(_UNSAVED_FORWARD)
     xproj_f, xproj_r, w_hh_f, w_hh_r, h0, c0, lengths, y, gates, c_all = ctx.saved_tensors
-    dy = torch.zeros_like(y) if dy is None else dy.contiguous()
-    dh_n = torch.zeros_like(h0) if dh_n is None else dh_n.contiguous()
-    dc_n = torch.zeros_like(c0) if dc_n is None else dc_n.contiguous()
-    inputs = (xproj_f, xproj_r, w_hh_f, w_hh_r, h0, c0)
-    # As _make_backward: under create_graph=True the fused op's results would carry no graph.
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (*inputs, dy, dh_n, dc_n)):
-        return tuple(_bidirectional_differentiable_backward(ctx, dy, dh_n, dc_n, inputs, lengths))
+    dy, dh_n, dc_n = _dense_cotangents(dy, dh_n, dc_n, y, h0, c0)
     need = ctx.needs_input_grad
+    inputs = (xproj_f, xproj_r, w_hh_f, w_hh_r, h0, c0)
+    if _needs_graph((*inputs, dy, dh_n, dc_n)):
+        forward = lambda: _bidirectional_reference(*inputs, lengths)
+        return tuple(_reference_grads(need, inputs, forward, (dy, dh_n, dc_n)))
     grads = torch.ops.lstm_fused.bidirectional_backward(
         dy, dh_n, dc_n, w_hh_f, w_hh_r, h0, c0, lengths, y, gates, c_all, bool(need[2] or need[3])
     )

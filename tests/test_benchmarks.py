@@ -328,7 +328,7 @@ def test_roofline_bytes_read_the_weights_from_the_cache_that_holds_them():
     for peaks in (one, gpu):
         ms, bound = roofline.floor_ms(s, "fwd", "float32", peaks, tf32=False)
         assert bound == "bytes" and ms == pytest.approx((weights + acts) / dram * 1e3)
-    assert roofline.min_bytes(s, "fwd", 4) == weights + acts
+    assert roofline.weight_bytes(s, 4) == weights and roofline.activation_bytes(s, 4) == acts
 
 
 def test_roofline_gpu_table_and_tf32():
