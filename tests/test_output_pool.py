@@ -17,10 +17,12 @@ OPS = torch.ops.lstm_fused
 pytestmark = pytest.mark.skipif("cpu" not in lstm_fused.available_backends(),
                                 reason="the C++ extension is not built")
 
-# The saved gates, the input projection and dxproj are T*B*4H floats: 5 MB, above the pool's
-# 4 MB minimum (kMinPooledBytes); y and c_all (1.25 MB) are below it.
+# The saved gates, the input projection and dxproj are T*B*4H floats: 5 MB, each in a block of
+# whole huge pages (6 MB); y and c_all (1.25 MB) and dW_hh (1 MB) take blocks of 64 KB multiples;
+# h_n and c_n (16 KB) are under the pool's minimum (kMinPooledBytes, 128 KB).
 T, B, H = 80, 16, 256
 MB = 1 << 20
+KB = 1 << 10
 
 
 def _stats():
@@ -101,6 +103,36 @@ def test_the_aten_product_writes_into_a_pooled_block(dtype):
     after = _stats()
     assert after["reused"] == freed["reused"] + 1 and after["mapped"] == freed["mapped"]
     assert torch.equal(again, want)
+
+
+def test_weight_gradients_come_from_the_pool():
+    # A training step's weight gradients live until autograd has added them into .grad: pooled,
+    # the next step's land in memory already mapped (see output_pool.h).
+    x, w_ih, *_ = _inputs()
+    g = torch.randn(T, B, 4 * H)
+    _, first = OPS.input_projection_backward(g, x, w_ih, False, True)
+    want = first.clone()
+    assert torch.allclose(want, g.reshape(-1, 4 * H).t() @ x.reshape(-1, H), rtol=1e-4, atol=1e-3)
+    first.fill_(float("nan"))
+    del first
+    freed = _stats()
+    _, again = OPS.input_projection_backward(g, x, w_ih, False, True)
+    assert _stats()["reused"] > freed["reused"] and _stats()["mapped"] == freed["mapped"]
+    assert torch.equal(again, want)
+
+
+def test_small_blocks_are_64_kb_multiples_and_tiny_outputs_are_not_pooled():
+    x, w_ih, *_ = _inputs()
+    rows = x.reshape(-1, H)
+    out = OPS.input_projection(rows[:100], w_ih, None, None)  # 100 x 1024 floats: 400 KB
+    assert out.numel() * 4 == 400 * KB
+    start = _stats()
+    del out
+    assert _stats()["idle_blocks"] == start["idle_blocks"] + 1
+    assert _stats()["idle_bytes"] == start["idle_bytes"] + 448 * KB  # the next 64 KB multiple
+    tiny = OPS.input_projection(rows[:8], w_ih, None, None)  # 8 x 1024 floats: 32 KB
+    del tiny
+    assert _stats()["idle_blocks"] == start["idle_blocks"] + 1
 
 
 def test_a_cap_of_zero_keeps_nothing(monkeypatch):

@@ -233,7 +233,7 @@ at::Tensor recurrent_weight_grad(const at::Tensor& dxproj_in, const at::Tensor& 
     return weight_grad(dxproj.view({T * B, H4}), h_prev);
   }
   const int64_t first = reverse ? T - 1 : 0;  // the step that starts from h0
-  at::Tensor dw = at::empty({H4, P}, dxproj.options());
+  at::Tensor dw = pooled_empty({H4, P}, dxproj.scalar_type());
   weight_grad_into(dxproj[first], h0, dw, /*accumulate=*/false);
   if (T > 1) {
     weight_grad_into(rows(dxproj, reverse ? 0 : 1, T - 1, H4), rows(y, reverse ? 1 : 0, T - 1, P), dw,

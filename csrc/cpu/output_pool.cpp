@@ -18,7 +18,11 @@
 namespace lstm_fused::cpu {
 namespace {
 
-constexpr size_t kBlockAlign = size_t(2) << 20;  // a huge page
+// Blocks of a huge page or more are whole huge pages; smaller ones (weight gradients, the
+// outputs of short sequences) are rounded to 64 KB, so that a block still serves outputs a
+// little smaller or larger than the one it was made for.
+constexpr size_t kHugePage = size_t(2) << 20;
+constexpr size_t kSmallBlockAlign = size_t(64) << 10;
 constexpr int64_t kDefaultIdleMb = 256;
 
 // The cap on idle bytes from LSTM_FUSED_CPU_POOL_MB; false if the value is not a size.
@@ -50,16 +54,17 @@ class OutputPool final : public c10::Allocator {
     size_t cap = 0;
     TORCH_CHECK(parse_idle_cap(&cap), "lstm_fused: LSTM_FUSED_CPU_POOL_MB=", std::getenv("LSTM_FUSED_CPU_POOL_MB"),
                 " is not a size in MB (0: no pool)");
-    const size_t bytes = (n + kBlockAlign - 1) / kBlockAlign * kBlockAlign;
+    const size_t align = n >= kHugePage ? kHugePage : kSmallBlockAlign;
+    const size_t bytes = (n + align - 1) / align * align;
     Block* block = new Block{take(bytes), bytes};
     if (block->ptr == nullptr) {
-      block->ptr = std::aligned_alloc(kBlockAlign, bytes);
+      block->ptr = std::aligned_alloc(align, bytes);
       if (block->ptr == nullptr) {
         delete block;
         TORCH_CHECK(false, "lstm_fused: out of memory allocating ", bytes, " bytes");
       }
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-      madvise(block->ptr, bytes, MADV_HUGEPAGE);  // advice: ignore errors
+      if (align == kHugePage) madvise(block->ptr, bytes, MADV_HUGEPAGE);  // advice: ignore errors
 #endif
       std::lock_guard<std::mutex> lock(mutex_);
       ++mapped_;

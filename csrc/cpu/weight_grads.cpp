@@ -22,6 +22,7 @@
 
 #include "checks.h"
 #include "cpu/isa.h"
+#include "cpu/output_pool.h"
 #include "cpu/recurrence.h"
 #include "cpu/step_kernels.h"
 
@@ -92,7 +93,7 @@ void own_weight_grad_into(const at::Tensor& g, const at::Tensor& x, at::Tensor& 
 
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    at::Tensor scratch = at::empty({weight_grad_scratch_floats(a, V)}, g.options());
+    at::Tensor scratch = pooled_empty({weight_grad_scratch_floats(a, V)}, at::kFloat);
     for (int64_t p = next.fetch_add(1); p < pieces; p = next.fetch_add(1)) {
       const int64_t n0 = p * piece_tiles * tile_rows;
       kernels.weight_grad_rows(a, n0, std::min(N, n0 + piece_tiles * tile_rows), scratch.data_ptr<float>());
@@ -121,7 +122,7 @@ void weight_grad_into(const at::Tensor& g, const at::Tensor& x, at::Tensor& out,
 }
 
 at::Tensor weight_grad(const at::Tensor& g, const at::Tensor& x) {
-  at::Tensor out = at::empty({g.size(1), x.size(1)}, g.options());
+  at::Tensor out = pooled_empty({g.size(1), x.size(1)}, g.scalar_type());
   weight_grad_into(g, x, out, /*accumulate=*/false);
   return out;
 }
