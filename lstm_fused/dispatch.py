@@ -97,6 +97,13 @@ def _cannot_run(name: str, device: torch.device, dtype: torch.dtype) -> Optional
 _warned_fallback: set = set()
 
 
+def left_to_choose(backend: str) -> bool:
+    """Whether the caller left the choice of computation to lstm_fused: ``"auto"`` with no
+    ``LSTM_FUSED_BACKEND`` override. Only then may a call run ATen's own code where that is the
+    faster (functional.aten_cell_preferred); a named backend always runs its kernels."""
+    return backend == "auto" and os.environ.get(ENV_VAR, "auto") in ("", "auto")
+
+
 def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """The concrete backend name that will run, or a ValueError/RuntimeError saying why not."""
     check_backend_name(backend)

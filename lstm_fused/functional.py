@@ -94,6 +94,29 @@ def fused_cell_applies(x: Tensor, tensors, backend: str) -> bool:
     return dispatch.resolve(backend, x.device, x.dtype) == "cpu"
 
 
+# An LSTMCell training step of at most this many multiply-adds (B * 4H * (I + H)) runs ATen's
+# cell, nn.LSTMCell's own code, when the backend is left to choose. There the fused path's fixed
+# costs decide: its two ops each pass through a Python autograd wrapper (~15-25 us a call, a
+# C++ node for ATen's), and a step of T = 1 amortizes no packing of the weights. Measured on a
+# 2-core Zen 5 EPYC (float32, 10 steps unrolled then an SGD step, fused over nn.LSTMCell):
+# 0.62-0.87x at H <= 128 and B <= 16 (2.1M multiply-adds and less), 0.98-1.02x at B = 1, H = 256
+# and 512 and B = 2, H = 256; 1.09-1.32x from 4.2M (B = 32, H = 128; B = 8 and 16, H = 256) and
+# 2.0-2.35x at H = 512, B >= 2.
+_ATEN_CELL_MAX_MACS = 1 << 21
+
+
+def aten_cell_preferred(x: Tensor, hx, weights, backend: str) -> bool:
+    """Whether an LSTMCell step on x (B, I) runs ATen's cell instead (see _ATEN_CELL_MAX_MACS):
+    a float32 CPU step autograd records, small enough, with the backend left to choose."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not dispatch.left_to_choose(backend):
+        return False
+    if not _autograd_records((x, *hx, *weights)):
+        return False
+    w_ih, w_hh = weights[0], weights[1]
+    macs = x.size(0) * w_hh.size(0) * (w_ih.size(1) + w_hh.size(1))
+    return macs <= _ATEN_CELL_MAX_MACS and dispatch.resolve(backend, x.device, x.dtype) == "cpu"
+
+
 def cell_step(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
     """(h, c) of one step, x (B, I), h0/c0 (B, H), through ``lstm_fused::cell_forward``."""
     return torch.ops.lstm_fused.cell_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh)

@@ -336,6 +336,9 @@ class LSTMCell(nn.LSTMCell):
         if _has_expanded_weights(weights):
             h, c = self._expanded_weights_step(x, hx)
             return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))
+        if functional.aten_cell_preferred(x, hx, weights, self.backend):
+            h, c = torch._VF.lstm_cell(x, hx, w_ih, w_hh, b_ih, b_hh)  # what nn.LSTMCell runs
+            return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))
         if functional.fused_cell_applies(x, (x, hx[0], hx[1]) + weights, self.backend):
             h, c = functional.cell_step(x, hx[0], hx[1], *weights)
             return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lstm_fused
-from helpers import forward_backward, make_pair, rel_error, supported_cpu_variants
+from helpers import forward_backward, make_pair, op_calls, rel_error, supported_cpu_variants
 
 pytestmark = pytest.mark.skipif("cpu" not in lstm_fused.available_backends(),
                                 reason="the C++ extension is not built")
@@ -47,10 +47,7 @@ def _inputs(shape):
 
 
 def _calls_of(op_name, fn):
-    """How often fn() called the op (its CPU kernel), counted by the profiler."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return sum(e.count for e in prof.key_averages() if e.key == f"lstm_fused::{op_name}")
+    return op_calls(f"lstm_fused::{op_name}", fn)
 
 
 @pytest.mark.parametrize("variant", supported_cpu_variants())

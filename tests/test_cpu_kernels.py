@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import lstm_fused
-from helpers import CPU_ISA_VARIANTS, forward_backward, make_pair, rel_error, supported_cpu_variants
+from helpers import CPU_ISA_VARIANTS, forward_backward, make_pair, op_calls, rel_error, supported_cpu_variants
 
 pytestmark = pytest.mark.skipif("cpu" not in lstm_fused.available_backends(),
                                 reason="the C++ extension is not built")
@@ -216,6 +216,21 @@ def test_cache_sees_every_kind_of_weight_change(change):
     with torch.no_grad():
         w_ref.copy_(new)
     _assert_same_as_nn(ref, fused, x)
+
+
+def test_an_updated_weight_replaces_its_stale_entry():
+    # A training loop repacks after every optimizer step; the entry of the old values can never
+    # match again, so it goes (its panels back to the output pool) instead of waiting for the LRU.
+    torch.ops.lstm_fused.cpu_packed_cache_clear()
+    ref, fused = _fresh_pair()
+    x = torch.randn(1, 1, 24)
+    for _ in range(4):
+        new = torch.randn_like(fused.weight_hh_l0)
+        with torch.no_grad():
+            fused.weight_hh_l0.copy_(new)
+            ref.weight_hh_l0.copy_(new)
+        _assert_same_as_nn(ref, fused, x)
+        assert torch.ops.lstm_fused.cpu_packed_cache_size() == 1
 
 
 def test_cache_drops_entries_of_freed_weights():
@@ -485,6 +500,67 @@ def test_cell_step_with_grad_keeps_the_differentiable_path(monkeypatch):
     h, c = m(torch.randn(2, 8))
     (h.sum() + c.sum()).backward()
     assert not calls and m.weight_hh.grad is not None
+
+
+# A small LSTMCell training step runs ATen's cell when the backend is left to choose
+# (functional.aten_cell_preferred): nn.LSTMCell's own computation, so the same bits.
+
+def _cell_training_step(cell, B, I, H, batched=True, dtype=torch.float32):
+    torch.manual_seed(0)
+    cell.zero_grad(set_to_none=True)
+    shape = (lambda n: (B, n)) if batched else (lambda n: (n,))
+    x, h0, c0 = (torch.randn(shape(n), dtype=dtype, requires_grad=True) for n in (I, H, H))
+    h, c = cell(x, (h0, c0))
+    (h.sum() + 2 * c.sum()).backward()
+    return [h, c, x.grad, h0.grad, c0.grad] + [p.grad for p in cell.parameters()]
+
+
+def _fused_and_nn_cells(I, H, bias=True, backend="auto"):
+    native = nn.LSTMCell(I, H, bias=bias)
+    fused = lstm_fused.LSTMCell(I, H, bias=bias, backend=backend)
+    fused.load_state_dict(native.state_dict())
+    return fused, native
+
+
+# B * 4H * (I + H) multiply-adds: 0.5M, 2^21 exactly (the largest that runs ATen's cell),
+# unbatched input, no biases.
+@pytest.mark.parametrize("B,I,H,batched,bias", [(1, 256, 256, True, True), (16, 128, 128, True, True),
+                                                (1, 24, 40, False, True), (3, 24, 40, True, False)],
+                         ids=["B1_H256", "largest", "unbatched", "no_bias"])
+def test_small_cell_training_step_runs_atens_cell(B, I, H, batched, bias):
+    fused, native = _fused_and_nn_cells(I, H, bias)
+    step = lambda: _cell_training_step(fused, B, I, H, batched)
+    assert op_calls("aten::lstm_cell", step) == 1
+    assert op_calls("lstm_fused::recurrence_forward", step) == 0
+    assert op_calls("lstm_fused::input_projection", step) == 0
+    for got, want in zip(step(), _cell_training_step(native, B, I, H, batched)):
+        assert torch.equal(got, want)
+
+
+def test_a_named_backend_keeps_the_fused_cell(monkeypatch):
+    fused, _ = _fused_and_nn_cells(24, 40, backend="cpu")
+    assert op_calls("lstm_fused::recurrence_forward", lambda: _cell_training_step(fused, 3, 24, 40)) == 1
+    monkeypatch.setenv("LSTM_FUSED_BACKEND", "cpu")
+    auto, _ = _fused_and_nn_cells(24, 40)
+    assert op_calls("lstm_fused::recurrence_forward", lambda: _cell_training_step(auto, 3, 24, 40)) == 1
+    assert op_calls("aten::lstm_cell", lambda: _cell_training_step(auto, 3, 24, 40)) == 0
+
+
+@pytest.mark.parametrize("case", ["above_the_limit", "bfloat16", "no_grad"])
+def test_other_cells_stay_fused(case):
+    B, I, H = (17, 128, 128) if case == "above_the_limit" else (3, 24, 40)
+    dtype = torch.bfloat16 if case == "bfloat16" else torch.float32
+    fused, _ = _fused_and_nn_cells(I, H)
+    fused.to(dtype)
+    if case == "no_grad":
+        x, h0, c0 = (torch.randn(B, n) for n in (I, H, H))
+        with torch.no_grad():
+            assert op_calls("lstm_fused::cell_forward", lambda: fused(x, (h0, c0))) == 1
+            assert op_calls("aten::lstm_cell", lambda: fused(x, (h0, c0))) == 0
+        return
+    step = lambda: _cell_training_step(fused, B, I, H, dtype=dtype)
+    assert op_calls("lstm_fused::recurrence_forward", step) == 1
+    assert op_calls("aten::lstm_cell", step) == 0
 
 
 def test_cell_step_cache_sees_a_changed_input_weight():

@@ -30,12 +30,19 @@ def _stats():
     return dict(idle_bytes=idle_bytes, idle_blocks=idle_blocks, reused=reused, mapped=mapped)
 
 
+def _clear():
+    # Packed weight panels come from the pool too: the cache's entries (of earlier tests' weights
+    # among them) go first, so that their blocks are not counted as idle or reused here.
+    OPS.cpu_packed_cache_clear()
+    OPS.cpu_output_pool_clear()
+
+
 @pytest.fixture(autouse=True)
 def _empty_pool(monkeypatch):
     monkeypatch.delenv("LSTM_FUSED_CPU_POOL_MB", raising=False)
-    OPS.cpu_output_pool_clear()
+    _clear()
     yield
-    OPS.cpu_output_pool_clear()
+    _clear()
 
 
 def _inputs(dtype=torch.float32, steps=T):
@@ -71,8 +78,9 @@ def test_reused_blocks_give_the_fresh_results(dtype, padded):
     start = _stats()  # reused and mapped count from the start of the process
     first = step()
     want = [t.clone() for t in first]
-    assert _stats()["mapped"] - start["mapped"] >= 3  # xproj, gates, dxproj
-    assert _stats()["reused"] == start["reused"]  # the pool was empty
+    # xproj, gates, dxproj at least (the weight gradients' scratch blocks are freed and taken
+    # again within the step, so blocks are reused from the first step on).
+    assert _stats()["mapped"] - start["mapped"] >= 3
     for t in first:
         t.fill_(float("nan"))
     del first

@@ -1,12 +1,15 @@
 // Panel packing and the cache of packed weights (see packed_weights.h).
 #include "cpu/packed_weights.h"
 
+#include "cpu/output_pool.h"
+
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <ATen/ops/cat.h>
-#include <ATen/ops/empty.h>
 #include <c10/core/TensorImpl.h>
 #include <c10/util/intrusive_ptr.h>
 
+#include <algorithm>
 #include <cstring>
 #include <list>
 #include <mutex>
@@ -15,28 +18,63 @@
 namespace lstm_fused::cpu {
 namespace {
 
+// Packing a weight splits over threads from this many bytes per thread.
+constexpr int64_t kMinPackBytesPerThread = int64_t(256) << 10;
+
+// One block's panel. Forward gates: the block's V rows of each gate, transposed so that input
+// column k holds the 4 x V weights (gate, unit) in order; a tile of kTile columns of the V rows
+// goes through a buffer, so that both the reads (kTile consecutive elements of each row) and the
+// writes (V consecutive elements of each column) are runs. On a Zen 5 EPYC that packed a 4 MB
+// float32 W in 0.41-0.43 ms on one thread, against 1.1-1.3 ms element by element down the
+// columns and 0.72-0.75 ms along the rows. Backward columns: rows of 4V consecutive elements of
+// W, copied.
+template <typename scalar_t>
+void pack_block(const scalar_t* src, int64_t H, int64_t K, PanelLayout layout, int V, int64_t b,
+                scalar_t* panel) {
+  if (layout == PanelLayout::kForwardGates) {
+    constexpr int64_t kTile = 16;
+    constexpr int kMaxV = 16;  // AVX-512's 16 floats, the widest vector of the step kernels
+    TORCH_CHECK(V <= kMaxV, "lstm_fused: panels of vector width ", V, " are not supported");
+    scalar_t tile[kTile][kMaxV];
+    for (int64_t k0 = 0; k0 < K; k0 += kTile) {
+      const int64_t n = std::min(kTile, K - k0);
+      for (int64_t g = 0; g < 4; ++g) {
+        for (int v = 0; v < V; ++v) {
+          const int64_t j = b * V + v;
+          if (j < H) {
+            const scalar_t* row = src + (g * H + j) * K + k0;
+            for (int64_t k = 0; k < n; ++k) tile[k][v] = row[k];
+          } else {  // the last block's units past H
+            for (int64_t k = 0; k < n; ++k) tile[k][v] = scalar_t(0);
+          }
+        }
+        for (int64_t k = 0; k < n; ++k)
+          std::memcpy(panel + ((k0 + k) * 4 + g) * V, tile[k], V * sizeof(scalar_t));
+      }
+    }
+  } else {
+    const int64_t width = 4 * V, j0 = b * width, n = std::min<int64_t>(width, K - j0);
+    for (int64_t k = 0; k < 4 * H; ++k) {
+      scalar_t* dst = panel + k * width;
+      std::memcpy(dst, src + k * K + j0, n * sizeof(scalar_t));
+      for (int64_t v = n; v < width; ++v) dst[v] = scalar_t(0);
+    }
+  }
+}
+
+// Every block, on ATen's threads where there is enough to copy (the repack after each optimizer
+// step is on a training loop's path).
 template <typename scalar_t>
 void pack_typed(const at::Tensor& w, PanelLayout layout, int V, scalar_t* out) {
   const int64_t H = w.size(0) / 4, K = w.size(1);
   const scalar_t* src = w.data_ptr<scalar_t>();  // contiguous (4H, K)
-  if (layout == PanelLayout::kForwardGates) {
-    const int64_t blocks = (H + V - 1) / V;
-    for (int64_t u = 0; u < blocks; ++u)
-      for (int64_t k = 0; k < K; ++k)
-        for (int64_t g = 0; g < 4; ++g)
-          for (int64_t v = 0; v < V; ++v, ++out) {
-            const int64_t j = u * V + v;
-            *out = j < H ? src[(g * H + j) * K + k] : scalar_t(0);
-          }
-  } else {
-    const int64_t width = 4 * V, blocks = (K + width - 1) / width;
-    for (int64_t q = 0; q < blocks; ++q)
-      for (int64_t k = 0; k < 4 * H; ++k)
-        for (int64_t v = 0; v < width; ++v, ++out) {
-          const int64_t j = q * width + v;
-          *out = j < K ? src[k * K + j] : scalar_t(0);
-        }
-  }
+  const bool forward = layout == PanelLayout::kForwardGates;
+  const int64_t blocks = forward ? (H + V - 1) / V : (K + 4 * V - 1) / (4 * V);
+  const int64_t panel_elements = forward ? K * 4 * V : 4 * H * 4 * V;
+  const int64_t grain = std::max<int64_t>(1, kMinPackBytesPerThread / (panel_elements * int64_t(sizeof(scalar_t))));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) pack_block(src, H, K, layout, V, b, out + b * panel_elements);
+  });
 }
 
 // bfloat16 panels pair consecutive rows of the reduction (see step_kernels.h): rows 2m and 2m + 1
@@ -65,7 +103,9 @@ at::Tensor pack(const at::Tensor& w_in, PanelLayout layout, int V) {
   const int64_t elements = layout == PanelLayout::kForwardGates
                              ? (H + V - 1) / V * V * 4 * K
                              : (K + 4 * V - 1) / (4 * V) * 4 * V * 4 * H;
-  at::Tensor out = at::empty({elements}, w.options());
+  // From the output pool: a training loop repacks every weight after each optimizer step, and the
+  // panels the previous step's entry held are freed just before (see `cached`).
+  at::Tensor out = pooled_empty({elements}, w.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "lstm_fused_pack", [&] {
     pack_typed<scalar_t>(w, layout, V, out.data_ptr<scalar_t>());
   });
@@ -125,6 +165,14 @@ struct Entry {
       if (s.weight.expired()) return true;
     return false;
   }
+  // Panels of the same tensors in the same layout: a match, or stale ones (the weights were
+  // updated since), which never match again.
+  bool same_weights(const std::vector<Source>& now, PanelLayout l, int v) const {
+    if (layout != l || V != v || sources.size() != now.size()) return false;
+    for (size_t i = 0; i < now.size(); ++i)
+      if (sources[i].impl != now[i].impl) return false;
+    return true;
+  }
   bool matches(const std::vector<Source>& now, PanelLayout l, int v) const {
     if (layout != l || V != v || sources.size() != now.size()) return false;
     for (size_t i = 0; i < now.size(); ++i)
@@ -162,6 +210,8 @@ at::Tensor cached(const std::vector<at::Tensor>& weights, PanelLayout layout, in
     } else if (it->matches(now, layout, V)) {
       cache.splice(cache.end(), cache, it);  // most recently used last
       return cache.back().panels;
+    } else if (it->same_weights(now, layout, V)) {
+      it = cache.erase(it);  // stale: its block goes back to the pool before the repack below
     } else {
       ++it;
     }

@@ -6,7 +6,10 @@
 // visible ops bumps it: optimizer steps, load_state_dict, copy_ under no_grad) and the same
 // sampled fingerprint, a cheap guard against writes through `.data`, which bypass the version
 // counter. The cache holds only a weak reference to the weight: a freed weight's entry can never
-// match a new tensor that happens to reuse its address.
+// match a new tensor that happens to reuse its address. An entry of a weight updated since is
+// dropped when that weight is packed again (it can never match again), and panels are allocated
+// from the output pool (output_pool.h), so the repack after an optimizer step reuses the memory
+// of the panels it replaces instead of faulting in fresh pages.
 #pragma once
 
 #include <ATen/core/Tensor.h>
