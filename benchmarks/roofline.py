@@ -7,7 +7,8 @@ flop_time = FLOPs / peak rate of the dtype. Per layer and direction an LSTM does
     layer's input width (I for layer 0, dirs * out after it) and R = proj_size or H; a projection
     adds 2 * H * proj_size. For one layer without projection that is the familiar
     8 * T * B * H * (I + H) * dirs. fwdbwd counts 3x the forward (backward is two GEMMs per
-    forward GEMM: one for the data gradient, one for the weight gradient).
+    forward GEMM: one for the data gradient, one for the weight gradient); so does train, whose
+    every term here is fwdbwd's (its input gradient is not asked for, a sliver of the work).
     fp32 uses the TF32 rate when TF32 is enabled (cuDNN's default), since nn.LSTM then uses it.
 byte_time = every weight read once + the input read once + the output written once (summed over
     layers and directions), the activations at memory bandwidth and the weights at the rate of

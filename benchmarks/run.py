@@ -1,7 +1,7 @@
 """The benchmark command.
 
     python -m benchmarks.run --suite NAME [--out DIR] [--save-results]
-        [--providers nn.LSTM,lstm_fused:cpu,lstm_fused:cpu/aten-gemm,...] [--modes fwd,fwdbwd]
+        [--providers nn.LSTM,lstm_fused:cpu,lstm_fused:cpu/aten-gemm,...] [--modes fwd,fwdbwd,train]
         [--dtypes float32,bfloat16,float16] [--shapes B64,T100_B16] [--device cpu|cuda]
 
 Prints a table as it goes (progress bar on stderr), then writes DIR/results.json,
@@ -58,7 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also write benchmarks/results/<device-slug>/<suite>.json|.md|.png")
     p.add_argument("--providers", help="comma list: nn.LSTM, lstm_fused:<backend>, flashrnn "
                    "(default: nn.LSTM, the fast lstm_fused backends of the device, flashrnn on GPU)")
-    p.add_argument("--modes", help="comma list of fwd, fwdbwd (default: both)")
+    p.add_argument("--modes", help="comma list of fwd, fwdbwd, train (default: each shape's own: "
+                                   "fwd and fwdbwd unless it names its modes)")
     p.add_argument("--dtypes", help="comma list of float32, bfloat16, float16 "
                    "(default: the suite's, else bfloat16 on GPU and float32 on CPU)")
     p.add_argument("--shapes", help="comma list of shape patterns: B64 keeps every shape with "
@@ -223,7 +224,7 @@ def time_mode(shape: Shape, dtype_name: str, mode: str, names: List[str], built:
     pools = {dtype: workload.make_inputs(shape, dtype, device, mode)}
     calls = {}
     for name, b in built.items():
-        b.set_training(mode == "fwdbwd")
+        b.set_training(mode != "fwd")
         own = b.dtype or dtype  # a baseline in another dtype gets inputs of its own dtype
         if own not in pools:
             pools[own] = workload.make_inputs(shape, own, device, mode)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Tuple
 
-MODES = ("fwd", "fwdbwd")
+MODES = ("fwd", "fwdbwd", "train")
+DEFAULT_MODES = ("fwd", "fwdbwd")  # a shape without modes of its own runs these; "train" is opt-in
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16",
                  "f16": "float16", "half": "float16", "float": "float32"}
@@ -45,7 +46,7 @@ class Shape:
     layers: int = 1
     bidirectional: bool = False
     proj_size: int = 0
-    modes: Optional[Tuple[str, ...]] = None  # None: every mode the run asks for
+    modes: Optional[Tuple[str, ...]] = None  # None: DEFAULT_MODES (of those the run asks for)
     cell: bool = False
     state: bool = False
     dtypes: Optional[Tuple[str, ...]] = None
@@ -102,7 +103,7 @@ class Shape:
         return [d for d in self.dtypes if not explicit or d in wanted]
 
     def applies_to(self, mode: str) -> bool:
-        return self.modes is None or mode in self.modes
+        return mode in (DEFAULT_MODES if self.modes is None else self.modes)
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,10 @@ SUITES = {
                 DEEP,
                 STREAM_STEP,
                 CELL_STEP,
+                # a training step: the gradients, then an SGD update of the weights in place,
+                # so every call repacks them (as after each optimizer step of a training loop)
+                Shape(T=100, B=16, I=256, H=256, modes=("train",)),
+                Shape(T=200, B=1, I=128, H=128, modes=("train",)),
                 # ours in bfloat16 over ours in float32 (target >= 1.6x); nn.LSTM bf16 timed too
                 Shape(T=200, B=1, I=512, H=512, modes=("fwd",), dtypes=("bfloat16",),
                       baseline="lstm_fused:cpu@float32"),

@@ -3,6 +3,10 @@
 ``fwd``:    the forward under ``torch.no_grad()`` (inference).
 ``fwdbwd``: the forward, then the gradients of sum(y * dy) with respect to the input and every
             weight, via ``torch.autograd.grad`` (nothing accumulates into ``.grad`` between calls).
+``train``:  a training step: the forward, the gradients of sum(y * dy) with respect to every weight
+            (not the input: the data), then an SGD step on the weights in place (a learning rate
+            of TRAIN_LR keeps them where they were), so each call sees weights changed since the
+            last one, as every step of a training loop does (lstm_fused then repacks them).
 
 A shape with ``state`` passes a given (h0, c0) with every call, drawn fresh like x (never zeros);
 a ``cell`` shape's x is (B, I), its hx ((B, H), (B, H)) and its output h (B, H).
@@ -23,6 +27,7 @@ from .timing import Call
 # so a repetition cannot find its input already cached by the previous one.
 CACHE_BYTES = 128 * 2**20
 MIN_POOL, MAX_POOL = 2, 8
+TRAIN_LR = 1e-6
 
 
 def pool_size(shape: Shape, dtype: torch.dtype) -> int:
@@ -73,6 +78,16 @@ def make_call(forward: Callable[..., Tensor], params: Sequence[Tensor], mode: st
             x, dy, hx = inputs[i % n]
             y = fwd(x, hx)
             return torch.autograd.grad(y, [x, *params], dy)
+    elif mode == "train":
+        weights = list(params)
+
+        def call(i: int):
+            x, dy, hx = inputs[i % n]
+            y = fwd(x, hx)
+            grads = torch.autograd.grad(y, weights, dy)
+            with torch.no_grad():
+                torch._foreach_add_(weights, grads, alpha=-TRAIN_LR)
+            return grads
     else:
         raise ValueError(f"unknown mode {mode!r}")
     return call

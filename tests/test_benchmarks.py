@@ -185,11 +185,12 @@ def test_unknown_provider_is_a_usage_error():
 # ----------------------------------------------------------------------------- registry
 
 def test_suites_hold_the_required_shapes():
-    cpu = {(s.T, s.B, s.I, s.H, s.layers, s.bidirectional, s.proj_size): s
-           for s in SUITES["cpu"].shapes}
+    # fwd and fwdbwd (modes None; two of them are also rows of their own in train mode)
+    cpu = {(s.T, s.B, s.I, s.H, s.layers, s.bidirectional, s.proj_size)
+           for s in SUITES["cpu"].shapes if s.modes is None}
     for key in [(100, 64, 512, 512, 1, False, 0), (100, 16, 256, 256, 1, False, 0),
                 (200, 1, 128, 128, 1, False, 0)]:
-        assert key in cpu and cpu[key].modes is None  # fwd and fwdbwd
+        assert key in cpu
     assert any(s.layers == 2 and s.bidirectional for s in SUITES["cpu"].shapes)
     assert any(s.proj_size for s in SUITES["cpu"].shapes)
     assert SUITES["cpu"].dtypes == ("float32",)
@@ -416,6 +417,35 @@ def test_cpu_suites_hold_the_new_rows():
     assert {s.name for s in select_shapes(SUITES["cpu"].shapes, ["hx"])} == {step.name, cell.name}
     with pytest.raises(ValueError):
         Shape(T=2, B=1, I=4, H=4, cell=True)  # a cell is one step
+
+
+def test_train_mode_is_opt_in_and_in_the_cpu_suite():
+    assert Shape(T=2, B=1, I=4, H=4).applies_to("fwdbwd")
+    assert not Shape(T=2, B=1, I=4, H=4).applies_to("train")
+    assert Shape(T=2, B=1, I=4, H=4, modes=("train",)).applies_to("train")
+    trained = {s.name for s in SUITES["cpu"].shapes if s.applies_to("train")}
+    assert trained == {"T100_B16_I256_H256", "T200_B1_I128_H128"}
+
+
+def test_train_workload_steps_the_weights_in_place():
+    """A train call returns the weights' gradients (none for the input, the data) and moves every
+    weight by -TRAIN_LR times its gradient in place: new version counters, as after an optimizer
+    step, so a provider caching anything of the weights must notice."""
+    shape = Shape(T=3, B=2, I=5, H=6, modes=("train",))
+    native = providers.make_native(shape, "cpu", torch.float32)
+    base = providers.build("nn.LSTM", native, shape)
+    inputs = workload.make_inputs(shape, torch.float32, "cpu", "train")
+    x, dy, _ = inputs[0]
+    assert not x.requires_grad
+    before = [p.detach().clone() for p in base.params]
+    versions = [p._version for p in base.params]
+    grads = workload.make_call(base.forward, base.params, "train", inputs)(0)
+    want = torch.autograd.grad(base.forward(x), [p for p in base.params], dy)  # at the new weights
+    assert len(grads) == len(base.params)
+    for p, old, g, w, v in zip(base.params, before, grads, want, versions):
+        assert p._version > v
+        torch.testing.assert_close(p.detach(), old - workload.TRAIN_LR * g, rtol=0, atol=1e-7)
+        torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-4)  # weights moved by ~1e-6 only
 
 
 def test_run_dtypes_of_a_shape_with_its_own():
