@@ -63,11 +63,12 @@ TORCH_LIBRARY(lstm_fused, m) {
   m.def(
       "input_projection(Tensor x, Tensor w_ih, Tensor? b_ih, Tensor? b_hh, bool own_product=True) "
       "-> Tensor");
-  // Its first-order gradients: dx = grad @ w_ih the same way, dw_ih = grad^T x with ATen's GEMM
-  // (each an empty tensor when not wanted); the bias gradient is grad summed over rows.
+  // Its first-order gradients: dx = grad @ w_ih the same way, dw_ih = grad^T x, and the bias
+  // gradient db = grad summed over rows (the gradient of b_ih and of b_hh), each an empty tensor
+  // when not wanted.
   m.def(
       "input_projection_backward(Tensor grad, Tensor x, Tensor w_ih, bool input_grad, "
-      "bool weight_grad) -> (Tensor dx, Tensor dw_ih)");
+      "bool weight_grad, bool bias_grad=False) -> (Tensor dx, Tensor dw_ih, Tensor db)");
   // g^T @ x for g (M, N), x (M, I), float32 with contiguous rows: the weight gradients of a CPU
   // layer on our own kernels (csrc/cpu/weight_grads.cpp); for tests and benchmarks.
   m.def("weight_grad(Tensor g, Tensor x) -> Tensor");

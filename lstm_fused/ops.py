@@ -376,16 +376,18 @@ def _projection_setup_context(ctx, inputs, output):
 def _projection_backward(ctx, grad):
     x, w_ih = ctx.saved_tensors
     need = ctx.needs_input_grad
-    rows = grad.reshape(-1, grad.size(-1))
-    db = rows.sum(0) if ctx.has_bias and (need[2] or need[3]) else None
+    want_db = ctx.has_bias and (need[2] or need[3])
     # create_graph=True: a graph autograd can differentiate again. ATen's product: its gradients
     # are ATen's too, as F.linear's would be.
     if torch.is_grad_enabled() or not ctx.own_product:
+        rows = grad.reshape(-1, grad.size(-1))
+        db = rows.sum(0) if want_db else None
         dx = grad @ w_ih if need[0] else None
         dw = rows.t() @ x.reshape(-1, x.size(-1)) if need[1] else None
     else:
-        dx, dw = torch.ops.lstm_fused.input_projection_backward(grad, x, w_ih, need[0], need[1])
-        dx, dw = (dx if need[0] else None), (dw if need[1] else None)
+        # db summed in the same pass over grad as dW_ih (csrc/cpu/weight_grads.cpp).
+        dx, dw, db = torch.ops.lstm_fused.input_projection_backward(grad, x, w_ih, need[0], need[1], want_db)
+        dx, dw, db = (dx if need[0] else None), (dw if need[1] else None), (db if want_db else None)
     return dx, dw, db if need[2] else None, db if need[3] else None, None
 
 
@@ -400,10 +402,11 @@ if extension_loaded():
         return g.new_empty(g.size(1), x.size(1))
 
     @torch.library.register_fake(f"{LIB}::input_projection_backward")
-    def _input_projection_backward_fake(grad, x, w_ih, input_grad, weight_grad):
+    def _input_projection_backward_fake(grad, x, w_ih, input_grad, weight_grad, bias_grad=False):
         dx = torch.empty_like(x) if input_grad else x.new_empty(0)
         dw = torch.empty_like(w_ih) if weight_grad else w_ih.new_empty(0)
-        return dx, dw
+        db = w_ih.new_empty(w_ih.size(0)) if bias_grad else w_ih.new_empty(0)
+        return dx, dw, db
 
     torch.library.register_autograd(
         f"{LIB}::input_projection", _projection_backward, setup_context=_projection_setup_context

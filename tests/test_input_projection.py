@@ -53,10 +53,13 @@ def _f32(t):
 HALF_DTYPES = [torch.bfloat16, torch.float16]
 
 
+# weight_gemm: dW_ih (and db with it) on our tiles or ATen's GEMM, whichever this CPU defaults to.
+@pytest.mark.parametrize("weight_gemm", ["own", "aten"])
 @pytest.mark.parametrize("variant", supported_cpu_variants())
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_values_and_gradients_match_float64(monkeypatch, variant, case):
+def test_values_and_gradients_match_float64(monkeypatch, set_own_gemm, variant, case, weight_gemm):
     monkeypatch.setenv("LSTM_FUSED_CPU_ISA", variant)
+    set_own_gemm(weight_gemm == "own", torch.float32)
     _, lead, I, H, bias = case
     x, w, (b_ih, b_hh) = _draw(lead, I, H, bias)
     want = F.linear(x, w, None if b_ih is None else b_ih + b_hh)
@@ -74,11 +77,17 @@ def test_values_and_gradients_match_float64(monkeypatch, variant, case):
     got_grads = torch.autograd.grad(got, inputs_f, cot.float())
     for g, e in zip(got_grads, want_grads):
         assert rel_error(g, e) <= 2e-6
-    # The backward op itself, each gradient alone (the other comes back empty).
-    dx, dw_empty = torch.ops.lstm_fused.input_projection_backward(cot.float(), x.float(), w.float(), True, False)
-    dx_empty, dw = torch.ops.lstm_fused.input_projection_backward(cot.float(), x.float(), w.float(), False, True)
-    assert dw_empty.numel() == 0 and dx_empty.numel() == 0
+    # The backward op itself, each gradient alone (the others come back empty), and the bias
+    # gradient with dW_ih (summed while grad is packed for it) or alone.
+    backward = torch.ops.lstm_fused.input_projection_backward
+    cot_f, x_f, w_f = cot.float(), x.float(), w.float()
+    dx, dw_empty, db_empty = backward(cot_f, x_f, w_f, True, False)  # bias_grad defaults to False
+    dx_empty, dw, db = backward(cot_f, x_f, w_f, False, True, True)
+    _, dw_none, db_alone = backward(cot_f, x_f, w_f, False, False, True)
+    assert dw_empty.numel() == 0 and dx_empty.numel() == 0 and db_empty.numel() == 0 and dw_none.numel() == 0
     assert rel_error(dx, want_grads[0]) <= 2e-6 and rel_error(dw, want_grads[1]) <= 2e-6
+    want_db = cot.reshape(-1, 4 * H).sum(0)
+    assert rel_error(db, want_db) <= 2e-6 and rel_error(db_alone, want_db) <= 2e-6
 
 
 # 16 bits: inputs rounded to the dtype once; float64 of those rounded values is the oracle, and

@@ -118,13 +118,13 @@ def test_weight_gradients_come_from_the_pool():
     # the next step's land in memory already mapped (see output_pool.h).
     x, w_ih, *_ = _inputs()
     g = torch.randn(T, B, 4 * H)
-    _, first = OPS.input_projection_backward(g, x, w_ih, False, True)
+    _, first, _ = OPS.input_projection_backward(g, x, w_ih, False, True)
     want = first.clone()
     assert torch.allclose(want, g.reshape(-1, 4 * H).t() @ x.reshape(-1, H), rtol=1e-4, atol=1e-3)
     first.fill_(float("nan"))
     del first
     freed = _stats()
-    _, again = OPS.input_projection_backward(g, x, w_ih, False, True)
+    _, again, _ = OPS.input_projection_backward(g, x, w_ih, False, True)
     assert _stats()["reused"] > freed["reused"] and _stats()["mapped"] == freed["mapped"]
     assert torch.equal(again, want)
 

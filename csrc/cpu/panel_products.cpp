@@ -3,7 +3,8 @@
 // isa.h for where; elsewhere input_projection runs ATen's GEMM, into a pooled output):
 //   input_projection:           xproj = x @ W_ih^T + b_ih + b_hh   (W_ih in forward panels)
 //   input_projection_backward:  dx = dxproj @ W_ih                 (W_ih in backward-column panels)
-//                               dW_ih = dxproj^T @ x               (ATen's float32 GEMM)
+//                               dW_ih = dxproj^T @ x, and db = dxproj summed over its rows
+//                               (weight_grads.cpp: our tiles, db summed while dxproj is packed)
 // Why: ATen's float32 GEMM is MKL's, which on AMD CPUs runs well below the FMA peak (about 60%
 // measured on a Zen 4 EPYC); the register tile reaches about 90% in its inner loop there. And
 // ATen's 16-bit GEMM is emulated on CPUs without 16-bit dot-product instructions (6-9x slower
@@ -26,6 +27,7 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
 
 #include <algorithm>
 #include <optional>
@@ -151,9 +153,9 @@ at::Tensor input_grad(const at::Tensor& dxproj, const at::Tensor& w_ih, Storage 
   return dx;
 }
 
-std::tuple<at::Tensor, at::Tensor> input_projection_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
-                                                             const at::Tensor& w_ih, bool input_grad_wanted,
-                                                             bool weight_grad_wanted) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> input_projection_backward(
+    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& w_ih, bool input_grad_wanted,
+    bool weight_grad_wanted, bool bias_grad_wanted) {
   TORCH_CHECK(w_ih.dim() == 2 && grad_in.size(-1) == w_ih.size(0) && x_in.size(-1) == w_ih.size(1) &&
                   grad_in.numel() / std::max<int64_t>(1, w_ih.size(0)) ==
                       x_in.numel() / std::max<int64_t>(1, w_ih.size(1)),
@@ -165,13 +167,20 @@ std::tuple<at::Tensor, at::Tensor> input_projection_backward(const at::Tensor& g
               grad_in.scalar_type(), ", ", x_in.scalar_type(), " and ", w_ih.scalar_type());
   const at::Tensor grad = contiguous_float(grad_in);
   at::Tensor dx = input_grad_wanted ? input_grad(grad, w_ih, storage) : at::empty({0}, w_ih.options());
-  at::Tensor dw = at::empty({0}, w_ih.options());
+  at::Tensor dw = at::empty({0}, w_ih.options()), db = at::empty({0}, w_ih.options());
+  const at::Tensor g_rows = grad.reshape({-1, w_ih.size(0)});
   if (weight_grad_wanted) {
-    const at::Tensor g_rows = grad.reshape({-1, w_ih.size(0)});
     const at::Tensor x_rows = contiguous_float(x_in).reshape({-1, w_ih.size(1)});
-    dw = weight_grad(g_rows, x_rows).to(w_ih.scalar_type());
+    if (bias_grad_wanted) {
+      auto [dw_f, db_f] = weight_and_bias_grad(g_rows, x_rows);
+      dw = dw_f.to(w_ih.scalar_type()), db = db_f.to(w_ih.scalar_type());
+    } else {
+      dw = weight_grad(g_rows, x_rows).to(w_ih.scalar_type());
+    }
+  } else if (bias_grad_wanted) {
+    db = g_rows.sum(0).to(w_ih.scalar_type());
   }
-  return {dx, dw};
+  return {dx, dw, db};
 }
 
 }  // namespace

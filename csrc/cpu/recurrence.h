@@ -45,6 +45,9 @@ int64_t core_l2_bytes();
 // float32 and our own float32 product is chosen (own_gemm, isa.h), ATen's GEMM otherwise.
 void weight_grad_into(const at::Tensor& g, const at::Tensor& x, at::Tensor& out, bool accumulate);
 at::Tensor weight_grad(const at::Tensor& g, const at::Tensor& x);
+// The same and g's column sums (N), the bias gradient of the layer whose dW_ih this is: on our
+// tiles summed while g is packed, so g is read once for both.
+std::tuple<at::Tensor, at::Tensor> weight_and_bias_grad(const at::Tensor& g, const at::Tensor& x);
 
 // Panel bytes per chunk of the steps' reduction (ForwardStepArgs::chunk_bytes), for this CPU.
 int64_t panel_chunk_bytes();

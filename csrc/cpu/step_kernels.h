@@ -115,6 +115,8 @@ struct WeightGradArgs {
   float* out;          // row n at out + n * ldo
   int64_t ldo;
   bool accumulate;     // out += G^T X instead of out = G^T X
+  float* g_sums;       // or null: G's column sums over the M rows, written for the rows of out
+                       // a call covers (the bias gradient, read off G while it is packed)
   int64_t k_chunk;     // rows of M per chunk (X's packed chunk: k_chunk * 4V floats)
   int64_t row_block;   // rows of out per block, a multiple of tile_rows
 };

@@ -601,6 +601,9 @@ void weight_grad_rows(const WeightGradArgs& a, int64_t n0, int64_t n1, float* sc
       // (its narrower register tile never reads them). G comes from memory (it is the largest
       // operand, read once): the rows a few k ahead are requested while this one is copied.
       const int64_t full = rows - rows % kMaxRows;
+      float* sums = a.g_sums != nullptr ? a.g_sums + nb : nullptr;
+      if (sums != nullptr && k0 == 0)
+        for (int64_t r = 0; r < rows; ++r) sums[r] = 0.0f;
       for (int64_t k = 0; k < kc; ++k) {
         const float* src = a.g + (k0 + k) * a.ldg + nb;
         if (k + kGradPrefetchRows < kc)
@@ -610,6 +613,8 @@ void weight_grad_rows(const WeightGradArgs& a, int64_t n0, int64_t n1, float* sc
         for (int64_t t0 = 0; t0 < full; t0 += kMaxRows)  // one short run: a few wide moves
           __builtin_memcpy(dst + t0 * kc, src + t0, kMaxRows * sizeof(float));
         for (int64_t r = full; r < rows; ++r) dst[full * kc + r - full] = src[r];
+        if (sums != nullptr)  // the row of G is in L1 now: the bias gradient costs adds only
+          for (int64_t r = 0; r < rows; ++r) sums[r] += src[r];
       }
       for (int64_t col0 = 0; col0 < a.I; col0 += 4 * V) {
         const int64_t cols = a.I - col0 < 4 * V ? a.I - col0 : 4 * V;

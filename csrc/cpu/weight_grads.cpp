@@ -13,12 +13,15 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
 
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <tuple>
 
 #include "checks.h"
 #include "cpu/isa.h"
@@ -55,15 +58,23 @@ void check_operand(const at::Tensor& t, const char* name) {
               " is ", t.scalar_type(), " ", t.sizes(), " with strides ", t.strides(), " on ", t.device());
 }
 
-// out (+)= g^T x on our tiles, whatever own_gemm says (the op below tests them on every variant).
-void own_weight_grad_into(const at::Tensor& g, const at::Tensor& x, at::Tensor& out, bool accumulate) {
+// out (+)= g^T x on our tiles, whatever own_gemm says (the op below tests them on every variant);
+// g_sums (or null): N floats, g's column sums.
+void own_weight_grad_into(const at::Tensor& g, const at::Tensor& x, at::Tensor& out, bool accumulate,
+                          float* g_sums = nullptr) {
   check_operand(g, "g");
   check_operand(x, "x");
   check_operand(out, "out");
   const int64_t M = g.size(0), N = g.size(1), I = x.size(1);
   TORCH_CHECK(x.size(0) == M && out.size(0) == N && out.size(1) == I,
               "lstm_fused: weight_grad: g ", g.sizes(), " and x ", x.sizes(), " do not give out ", out.sizes());
-  if (N == 0 || I == 0) return;
+  if (N == 0 || I == 0) {
+    if (g_sums != nullptr) {
+      at::Tensor sums = at::from_blob(g_sums, {N}, g.options());
+      at::sum_out(sums, g, 0);
+    }
+    return;
+  }
   const StepKernels& kernels = step_kernels(selected_isa());
   const int V = kernels.vector_width, tile_rows = kernels.tile_rows;
   WeightGradArgs a;
@@ -72,6 +83,7 @@ void own_weight_grad_into(const at::Tensor& g, const at::Tensor& x, at::Tensor& 
   a.x = x.data_ptr<float>(), a.ldx = x.stride(0);
   a.out = out.data_ptr<float>(), a.ldo = out.stride(0);
   a.accumulate = accumulate;
+  a.g_sums = g_sums;
 
   const int64_t tiles = (N + tile_rows - 1) / tile_rows;
   const int64_t macs = M * N * I;
@@ -125,6 +137,18 @@ at::Tensor weight_grad(const at::Tensor& g, const at::Tensor& x) {
   at::Tensor out = pooled_empty({g.size(1), x.size(1)}, g.scalar_type());
   weight_grad_into(g, x, out, /*accumulate=*/false);
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> weight_and_bias_grad(const at::Tensor& g, const at::Tensor& x) {
+  at::Tensor out = pooled_empty({g.size(1), x.size(1)}, g.scalar_type());
+  at::Tensor sums = at::empty({g.size(1)}, g.options());
+  if (g.scalar_type() == at::kFloat && own_gemm(GemmDtype::kFloat32)) {
+    own_weight_grad_into(g, x, out, /*accumulate=*/false, sums.data_ptr<float>());
+  } else {
+    at::mm_out(out, g.t(), x);
+    at::sum_out(sums, g, 0);
+  }
+  return {out, sums};
 }
 
 }  // namespace lstm_fused::cpu
