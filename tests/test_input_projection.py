@@ -281,6 +281,15 @@ def test_applies_to_cpu_backend_layers_in_the_chosen_dtypes_with_enough_features
     assert functional.own_gemm_applies(torch.randn(3, 64).bfloat16(), w.bfloat16())
 
 
+@pytest.mark.parametrize("weight_gemm", ["own", "aten"])
+def test_no_rows_give_zero_weight_and_bias_gradients(set_own_gemm, weight_gemm):
+    set_own_gemm(weight_gemm == "own", torch.float32)
+    x, w = torch.randn(0, 3, 8), torch.randn(12, 8)
+    dx, dw, db = torch.ops.lstm_fused.input_projection_backward(torch.randn(0, 3, 12), x, w, True, True, True)
+    assert dx.shape == x.shape
+    assert torch.equal(dw, torch.zeros(12, 8)) and torch.equal(db, torch.zeros(12))
+
+
 def test_bad_arguments_are_errors():
     x, w, b = torch.randn(4, 8), torch.randn(12, 8), torch.randn(12)
     op = torch.ops.lstm_fused.input_projection

@@ -595,15 +595,15 @@ void weight_grad_rows(const WeightGradArgs& a, int64_t n0, int64_t n1, float* sc
       for (int64_t n = nb; n < nb + rows; ++n)
         for (int64_t i = 0; i < a.I; ++i) a.out[n * a.ldo + i] = 0.0f;
     }
+    float* sums = a.g_sums != nullptr ? a.g_sums + nb : nullptr;
+    if (sums != nullptr)
+      for (int64_t r = 0; r < rows; ++r) sums[r] = 0.0f;
     for (int64_t k0 = 0; k0 < a.M; k0 += a.k_chunk) {
       const int64_t kc = a.M - k0 < a.k_chunk ? a.M - k0 : a.k_chunk;
       // G^T's rows [nb, nb + rows) of this chunk; a last partial tile leaves rows past it unset
       // (its narrower register tile never reads them). G comes from memory (it is the largest
       // operand, read once): the rows a few k ahead are requested while this one is copied.
       const int64_t full = rows - rows % kMaxRows;
-      float* sums = a.g_sums != nullptr ? a.g_sums + nb : nullptr;
-      if (sums != nullptr && k0 == 0)
-        for (int64_t r = 0; r < rows; ++r) sums[r] = 0.0f;
       for (int64_t k = 0; k < kc; ++k) {
         const float* src = a.g + (k0 + k) * a.ldg + nb;
         if (k + kGradPrefetchRows < kc)
