@@ -106,15 +106,28 @@ _ATEN_CELL_MAX_MACS = 1 << 21
 
 
 def aten_cell_preferred(x: Tensor, hx, weights, backend: str) -> bool:
-    """Whether an LSTMCell step on x (B, I) runs ATen's cell instead (see _ATEN_CELL_MAX_MACS):
-    a float32 CPU step autograd records, small enough, with the backend left to choose."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or not dispatch.left_to_choose(backend):
+    """Whether an LSTMCell step runs ATen's cell instead (see _ATEN_CELL_MAX_MACS): a float32 CPU
+    step autograd records, small enough, with the backend left to choose. Asked before the
+    module's own checks (nn.LSTMCell's forward makes them then), so x is any input: (B, I) or
+    (I,), hx None or the given state, weights (w_ih, w_hh, b_ih, b_hh)."""
+    # Cheapest tests first: this runs before every LSTMCell step.
+    if backend != "auto" or not torch.is_grad_enabled() or x.dtype != torch.float32:
         return False
-    if not _autograd_records((x, *hx, *weights)):
+    dims = x.dim()
+    if dims not in (1, 2) or x.device.type != "cpu":
         return False
+    if not _autograd_records((x, *weights) if hx is None else (x, *hx, *weights)):
+        return False
+    for w in weights:
+        if w is not None and (w.dtype != torch.float32 or w.device.type != "cpu"):
+            return False  # the module's own checks say what is wrong
     w_ih, w_hh = weights[0], weights[1]
-    macs = x.size(0) * w_hh.size(0) * (w_ih.size(1) + w_hh.size(1))
-    return macs <= _ATEN_CELL_MAX_MACS and dispatch.resolve(backend, x.device, x.dtype) == "cpu"
+    batch = x.size(0) if dims == 2 else 1
+    if batch * w_hh.size(0) * (w_ih.size(1) + w_hh.size(1)) > _ATEN_CELL_MAX_MACS:
+        return False
+    # With the choice left to us, float32 CPU tensors resolve to the cpu backend exactly when the
+    # extension is built (dispatch.resolve, without its per-call work).
+    return dispatch.left_to_choose(backend) and ops.extension_loaded()
 
 
 def cell_step(x, h0, c0, w_ih, w_hh, b_ih, b_hh):

@@ -287,6 +287,14 @@ class LSTMCell(nn.LSTMCell):
             return torchscript.lstm_cell(
                 input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
             )
+        # Straight from the parameter dict (nn.Module.__getattr__ costs a microsecond or more a
+        # read here); torch.func.functional_call and per-sample grads swap the entries of it.
+        params = self._parameters
+        weights = (params["weight_ih"], params["weight_hh"], params.get("bias_ih"), params.get("bias_hh"))
+        # A small training step: nn.LSTMCell's own code, checks included, is the faster there
+        # (asked first: every microsecond shows at this size).
+        if functional.aten_cell_preferred(input, hx, weights, self.backend) and not _has_expanded_weights(weights):
+            return super().forward(input, hx)
         if torch.jit.is_tracing() or onnx_export.in_onnx_export():
             # Tracing, and both ONNX exporters, record nn.LSTMCell's aten::lstm_cell (plain
             # GEMMs and pointwise ops after decomposition) instead of our custom op.
@@ -321,10 +329,6 @@ class LSTMCell(nn.LSTMCell):
                     f"hidden{label} has inconsistent hidden_size: got {value.size(1)}, "
                     f"expected {self.hidden_size}"
                 )
-        # Straight from the parameter dict (nn.Module.__getattr__ costs a microsecond or more a
-        # read here); torch.func.functional_call and per-sample grads swap the entries of it.
-        params = self._parameters
-        weights = (params["weight_ih"], params["weight_hh"], params.get("bias_ih"), params.get("bias_hh"))
         w_ih, w_hh, b_ih, b_hh = weights
         if x.dtype != w_ih.dtype:
             raise RuntimeError(
@@ -335,9 +339,6 @@ class LSTMCell(nn.LSTMCell):
 
         if _has_expanded_weights(weights):
             h, c = self._expanded_weights_step(x, hx)
-            return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))
-        if functional.aten_cell_preferred(x, hx, weights, self.backend):
-            h, c = torch._VF.lstm_cell(x, hx, w_ih, w_hh, b_ih, b_hh)  # what nn.LSTMCell runs
             return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))
         if functional.fused_cell_applies(x, (x, hx[0], hx[1]) + weights, self.backend):
             h, c = functional.cell_step(x, hx[0], hx[1], *weights)

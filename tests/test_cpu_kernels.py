@@ -537,6 +537,17 @@ def test_small_cell_training_step_runs_atens_cell(B, I, H, batched, bias):
         assert torch.equal(got, want)
 
 
+def test_a_small_training_step_with_a_bad_state_fails_as_nn_does():
+    fused, native = _fused_and_nn_cells(8, 16)
+    x = torch.randn(3, 8, requires_grad=True)
+    hx = (torch.randn(3, 15), torch.randn(3, 16))
+    with pytest.raises(RuntimeError) as theirs:
+        native(x, hx)
+    with pytest.raises(RuntimeError) as ours:
+        fused(x, hx)
+    assert str(ours.value) == str(theirs.value)
+
+
 def test_a_named_backend_keeps_the_fused_cell(monkeypatch):
     fused, _ = _fused_and_nn_cells(24, 40, backend="cpu")
     assert op_calls("lstm_fused::recurrence_forward", lambda: _cell_training_step(fused, 3, 24, 40)) == 1
