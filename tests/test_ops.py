@@ -158,3 +158,22 @@ def test_backward_does_not_build_zero_gradients_for_the_saved_activations(backen
     filled = [e.input_shapes for e in prof.events()
               if e.name in ("aten::fill_", "aten::zero_", "aten::zeros", "aten::zeros_like")]
     assert not [s for s in filled if s and list(s[0]) in ([T, B, 4 * H], [T, B, H])], filled
+
+
+# The C++ forward ops' Autograd kernels (ops.register_lean_autograd): a node named after the op,
+# defaults restored for setup_context (input_projection called without own_product), and no
+# registration for a schema the kernel does not handle.
+@pytest.mark.skipif("cpu" not in cpu_backends(), reason="the C++ extension is not built")
+def test_lean_autograd_kernels():
+    from lstm_fused import ops
+
+    x = torch.randn(3, 2, 8, requires_grad=True)
+    w, b = torch.randn(16, 8, requires_grad=True), torch.randn(16, requires_grad=True)
+    xproj = torch.ops.lstm_fused.input_projection(x, w, b, b)  # own_product left at its default
+    assert type(xproj.grad_fn).__name__ == "lstm_fused_input_projectionBackward"
+    got = torch.autograd.grad(xproj, [x, w, b], torch.ones_like(xproj))
+    want = torch.autograd.grad(torch.nn.functional.linear(x, w, b + b), [x, w, b], torch.ones_like(xproj))
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e)
+    with pytest.raises(ValueError, match="keyword-only or list arguments"):
+        ops.register_lean_autograd("lstm_fused::stacked_cell_forward", None, None)
