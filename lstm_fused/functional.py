@@ -96,13 +96,12 @@ def fused_cell_applies(x: Tensor, tensors, backend: str) -> bool:
 
 # An LSTMCell training step of at most this many multiply-adds (B * 4H * (I + H)) runs ATen's
 # cell, nn.LSTMCell's own code, when the backend is left to choose. There the fused path's fixed
-# costs decide: its two ops each pass through a Python autograd wrapper (~15-25 us a call, a
-# C++ node for ATen's), and a step of T = 1 amortizes no packing of the weights. Measured on a
-# 2-core Zen 5 EPYC (float32, 10 steps unrolled then an SGD step, fused over nn.LSTMCell):
-# 0.62-0.87x at H <= 128 and B <= 16 (2.1M multiply-adds and less), 0.98-1.02x at B = 1, H = 256
-# and 512 and B = 2, H = 256; 1.09-1.32x from 4.2M (B = 32, H = 128; B = 8 and 16, H = 256) and
-# 2.0-2.35x at H = 512, B >= 2.
-_ATEN_CELL_MAX_MACS = 1 << 21
+# costs decide: its two ops each pass through a Python autograd wrapper (a C++ node for ATen's),
+# and a step of T = 1 amortizes no packing of the weights. Measured on a 2-core Zen 5 EPYC
+# (float32, 10 steps unrolled then an SGD step, fused over nn.LSTMCell, lean autograd kernels):
+# 0.75-0.98x up to 1M multiply-adds (B = 1 at H <= 256, B = 4 at H <= 128, B = 16 and 32 at
+# H = 64), 1.05-1.75x from 2.1M (B = 16 and 32 at H = 128, B = 4 to 32 at H = 256).
+_ATEN_CELL_MAX_MACS = 1 << 20
 
 
 def aten_cell_preferred(x: Tensor, hx, weights, backend: str) -> bool:
