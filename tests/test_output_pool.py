@@ -37,6 +37,16 @@ def _clear():
     OPS.cpu_output_pool_clear()
 
 
+@pytest.fixture
+def one_thread():
+    # Each thread of a weight-gradient product takes a scratch block from the pool: on one thread
+    # a call's count of blocks does not depend on how many helpers joined it.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _empty_pool(monkeypatch):
     monkeypatch.delenv("LSTM_FUSED_CPU_POOL_MB", raising=False)
@@ -70,7 +80,7 @@ def _training_step(inputs, lengths=None, reverse=False):
 # Padded rows (lengths) are the outputs a kernel writes differently: zeros, carried state.
 @pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_reused_blocks_give_the_fresh_results(dtype, padded):
+def test_reused_blocks_give_the_fresh_results(dtype, padded, one_thread):
     steps = T * 4 // dtype.itemsize  # 5 MB of gates in either dtype
     inputs = _inputs(dtype, steps)
     lengths = torch.randint(1, steps + 1, (B,)) if padded else None
@@ -121,11 +131,13 @@ def test_weight_gradients_come_from_the_pool():
     _, first, _ = OPS.input_projection_backward(g, x, w_ih, False, True)
     want = first.clone()
     assert torch.allclose(want, g.reshape(-1, 4 * H).t() @ x.reshape(-1, H), rtol=1e-4, atol=1e-3)
+    block = first.data_ptr()
     first.fill_(float("nan"))
     del first
-    freed = _stats()
     _, again, _ = OPS.input_projection_backward(g, x, w_ih, False, True)
-    assert _stats()["reused"] > freed["reused"] and _stats()["mapped"] == freed["mapped"]
+    # The same block (the only idle one of its size: the per-thread scratch blocks are smaller),
+    # not fresh memory; how many scratch blocks a call takes depends on how many threads came.
+    assert again.data_ptr() == block
     assert torch.equal(again, want)
 
 
