@@ -171,12 +171,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> input_projection_backward(
   const at::Tensor g_rows = grad.reshape({-1, w_ih.size(0)});
   if (weight_grad_wanted) {
     const at::Tensor x_rows = contiguous_float(x_in).reshape({-1, w_ih.size(1)});
-    if (bias_grad_wanted) {
-      auto [dw_f, db_f] = weight_and_bias_grad(g_rows, x_rows);
-      dw = dw_f.to(w_ih.scalar_type()), db = db_f.to(w_ih.scalar_type());
-    } else {
-      dw = weight_grad(g_rows, x_rows).to(w_ih.scalar_type());
-    }
+    at::Tensor db_f;
+    dw = weight_grad(g_rows, x_rows, bias_grad_wanted ? &db_f : nullptr).to(w_ih.scalar_type());
+    if (bias_grad_wanted) db = db_f.to(w_ih.scalar_type());
   } else if (bias_grad_wanted) {
     db = g_rows.sum(0).to(w_ih.scalar_type());
   }

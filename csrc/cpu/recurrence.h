@@ -43,11 +43,11 @@ int64_t core_l2_bytes();
 // dW = G^T X for a layer's weight gradients (weight_grads.cpp): g (M, N), x (M, I), out (N, I)
 // with contiguous rows; accumulate: out += G^T X. Our step kernels' tiles where the operands are
 // float32 and our own float32 product is chosen (own_gemm, isa.h), ATen's GEMM otherwise.
-void weight_grad_into(const at::Tensor& g, const at::Tensor& x, at::Tensor& out, bool accumulate);
-at::Tensor weight_grad(const at::Tensor& g, const at::Tensor& x);
-// The same and g's column sums (N), the bias gradient of the layer whose dW_ih this is: on our
-// tiles summed while g is packed, so g is read once for both.
-std::tuple<at::Tensor, at::Tensor> weight_and_bias_grad(const at::Tensor& g, const at::Tensor& x);
+// g_sums (or null): set to g's column sums (N), the bias gradient of the layer whose dW_ih this
+// is; on our tiles summed while g is packed, so g is read once for both.
+void weight_grad_into(const at::Tensor& g, const at::Tensor& x, at::Tensor& out, bool accumulate,
+                      at::Tensor* g_sums = nullptr);
+at::Tensor weight_grad(const at::Tensor& g, const at::Tensor& x, at::Tensor* g_sums = nullptr);
 
 // Panel bytes per chunk of the steps' reduction (ForwardStepArgs::chunk_bytes), for this CPU.
 int64_t panel_chunk_bytes();

@@ -21,7 +21,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <tuple>
 
 #include "checks.h"
 #include "cpu/isa.h"
@@ -123,32 +122,25 @@ at::Tensor own_weight_grad(const at::Tensor& g, const at::Tensor& x) {
 
 }  // namespace
 
-void weight_grad_into(const at::Tensor& g, const at::Tensor& x, at::Tensor& out, bool accumulate) {
+void weight_grad_into(const at::Tensor& g, const at::Tensor& x, at::Tensor& out, bool accumulate,
+                      at::Tensor* g_sums) {
   if (g.scalar_type() == at::kFloat && own_gemm(GemmDtype::kFloat32)) {
-    own_weight_grad_into(g, x, out, accumulate);
-  } else if (accumulate) {
+    own_weight_grad_into(g, x, out, accumulate, g_sums != nullptr ? g_sums->data_ptr<float>() : nullptr);
+    return;
+  }
+  if (accumulate) {
     out.addmm_(g.t(), x);
   } else {
     at::mm_out(out, g.t(), x);
   }
+  if (g_sums != nullptr) at::sum_out(*g_sums, g, 0);
 }
 
-at::Tensor weight_grad(const at::Tensor& g, const at::Tensor& x) {
+at::Tensor weight_grad(const at::Tensor& g, const at::Tensor& x, at::Tensor* g_sums) {
   at::Tensor out = pooled_empty({g.size(1), x.size(1)}, g.scalar_type());
-  weight_grad_into(g, x, out, /*accumulate=*/false);
+  if (g_sums != nullptr) *g_sums = at::empty({g.size(1)}, g.options());
+  weight_grad_into(g, x, out, /*accumulate=*/false, g_sums);
   return out;
-}
-
-std::tuple<at::Tensor, at::Tensor> weight_and_bias_grad(const at::Tensor& g, const at::Tensor& x) {
-  at::Tensor out = pooled_empty({g.size(1), x.size(1)}, g.scalar_type());
-  at::Tensor sums = at::empty({g.size(1)}, g.options());
-  if (g.scalar_type() == at::kFloat && own_gemm(GemmDtype::kFloat32)) {
-    own_weight_grad_into(g, x, out, /*accumulate=*/false, sums.data_ptr<float>());
-  } else {
-    at::mm_out(out, g.t(), x);
-    at::sum_out(sums, g, 0);
-  }
-  return {out, sums};
 }
 
 }  // namespace lstm_fused::cpu
