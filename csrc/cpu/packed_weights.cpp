@@ -62,17 +62,23 @@ void pack_block(const scalar_t* src, int64_t H, int64_t K, PanelLayout layout, i
   }
 }
 
+// The panels of W (4H, K) in `layout`: `count` of them, `rows` rows of 4V elements each.
+struct PanelShape {
+  int64_t count, rows;
+  PanelShape(PanelLayout layout, int64_t H, int64_t K, int V)
+      : count(layout == PanelLayout::kForwardGates ? (H + V - 1) / V : (K + 4 * V - 1) / (4 * V)),
+        rows(layout == PanelLayout::kForwardGates ? K : 4 * H) {}
+};
+
 // Every block, on ATen's threads where there is enough to copy (the repack after each optimizer
 // step is on a training loop's path).
 template <typename scalar_t>
-void pack_typed(const at::Tensor& w, PanelLayout layout, int V, scalar_t* out) {
+void pack_typed(const at::Tensor& w, PanelLayout layout, int V, const PanelShape& shape, scalar_t* out) {
   const int64_t H = w.size(0) / 4, K = w.size(1);
   const scalar_t* src = w.data_ptr<scalar_t>();  // contiguous (4H, K)
-  const bool forward = layout == PanelLayout::kForwardGates;
-  const int64_t blocks = forward ? (H + V - 1) / V : (K + 4 * V - 1) / (4 * V);
-  const int64_t panel_elements = forward ? K * 4 * V : 4 * H * 4 * V;
+  const int64_t panel_elements = shape.rows * 4 * V;
   const int64_t grain = std::max<int64_t>(1, kMinPackBytesPerThread / (panel_elements * int64_t(sizeof(scalar_t))));
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, shape.count, grain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) pack_block(src, H, K, layout, V, b, out + b * panel_elements);
   });
 }
@@ -99,21 +105,14 @@ void pair_rows(c10::BFloat16* panels, int64_t panel_count, int64_t rows, int V) 
 
 at::Tensor pack(const at::Tensor& w_in, PanelLayout layout, int V) {
   const at::Tensor w = w_in.contiguous();
-  const int64_t H = w.size(0) / 4, K = w.size(1);
-  const int64_t elements = layout == PanelLayout::kForwardGates
-                             ? (H + V - 1) / V * V * 4 * K
-                             : (K + 4 * V - 1) / (4 * V) * 4 * V * 4 * H;
+  const PanelShape shape(layout, w.size(0) / 4, w.size(1), V);
   // From the output pool: a training loop repacks every weight after each optimizer step, and the
   // panels the previous step's entry held are freed just before (see `cached`).
-  at::Tensor out = pooled_empty({elements}, w.scalar_type());
+  at::Tensor out = pooled_empty({shape.count * shape.rows * 4 * V}, w.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "lstm_fused_pack", [&] {
-    pack_typed<scalar_t>(w, layout, V, out.data_ptr<scalar_t>());
+    pack_typed<scalar_t>(w, layout, V, shape, out.data_ptr<scalar_t>());
   });
-  if (w.scalar_type() == at::kBFloat16) {
-    const int64_t rows = layout == PanelLayout::kForwardGates ? K : 4 * H;
-    const int64_t panel_count = layout == PanelLayout::kForwardGates ? (H + V - 1) / V : (K + 4 * V - 1) / (4 * V);
-    pair_rows(out.data_ptr<c10::BFloat16>(), panel_count, rows, V);
-  }
+  if (w.scalar_type() == at::kBFloat16) pair_rows(out.data_ptr<c10::BFloat16>(), shape.count, shape.rows, V);
   return out;
 }
 
@@ -174,7 +173,7 @@ struct Entry {
     return true;
   }
   bool matches(const std::vector<Source>& now, PanelLayout l, int v) const {
-    if (layout != l || V != v || sources.size() != now.size()) return false;
+    if (!same_weights(now, l, v)) return false;
     for (size_t i = 0; i < now.size(); ++i)
       if (!sources[i].same_as(now[i])) return false;
     return true;
