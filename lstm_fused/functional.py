@@ -17,10 +17,14 @@ from torch import Tensor
 from . import dispatch, onnx_export, ops
 
 
-# Below this many input features the product is too short per output to beat ATen's GEMM: the
-# time goes into writing the (T*B, 4H) result (measured on Zen 4: I = 8 0.6x, I = 32 1.0x,
-# I = 64 and more 1.05-1.5x).
-_OWN_GEMM_MIN_FEATURES = 64
+# One input feature is an outer product, where ATen's GEMM wins (on a Zen 5 EPYC, M = 1600 rows,
+# H = 32: forward level, input gradient 0.26-0.42x, weight gradient 0.16-0.19x of ATen's speed).
+# From two features on, our tiles won every product measured there, most of all the gradients,
+# whose ATen (MKL) versions are slow at few columns: I = 2..16, M = 200..6400, H = 32..256, 1 and
+# 2 threads: forward 1.1-3.8x, input gradient 1.4-3.1x, weight and bias gradients 1.2-12.9x
+# (but 0.77x at M = 200, I = 8, H = 32, 2 threads: 22 against 17 us). An earlier forward-only
+# measurement on Zen 4, before the kernels' current form, had I = 8 at 0.6x and I = 32 at 1.0x.
+_OWN_GEMM_MIN_FEATURES = 2
 
 
 def projection_op_applies(x: Tensor, w_ih: Tensor, backend: str = "auto") -> bool:

@@ -454,8 +454,10 @@ if extension_loaded():
 
     @torch.library.register_fake(f"{LIB}::input_projection_backward")
     def _input_projection_backward_fake(grad, x, w_ih, input_grad, weight_grad, bias_grad=False):
-        dx = torch.empty_like(x) if input_grad else x.new_empty(0)
-        dw = torch.empty_like(w_ih) if weight_grad else w_ih.new_empty(0)
+        # Contiguous, in grad's shape, as the kernel writes them (not empty_like(x): x may be a
+        # transposed view, and strides that differ from the real ones break a compiled backward).
+        dx = w_ih.new_empty(*grad.shape[:-1], w_ih.size(1)) if input_grad else x.new_empty(0)
+        dw = w_ih.new_empty(w_ih.shape) if weight_grad else w_ih.new_empty(0)
         db = w_ih.new_empty(w_ih.size(0)) if bias_grad else w_ih.new_empty(0)
         return dx, dw, db
 

@@ -26,8 +26,9 @@ pytestmark = pytest.mark.skipif("cpu" not in lstm_fused.available_backends(),
 
 # (id, leading shape of x, I, H, biases): partial row tiles (13 rows), a partial unit block
 # (H = 21, 200), several row panels of the work split (700 rows > 96), 3-D input, no bias, an odd
-# reduction (bf16 panels pair rows of k, the last odd one stays plain: step_kernels.h), and a
-# reduction of one element.
+# reduction (bf16 panels pair rows of k, the last odd one stays plain: step_kernels.h), a reduction
+# of one element, and input gradients whose last block of columns is one to three vectors wide
+# (I = 20, 44, 70, 33 on 8- and 16-lane vectors: float32 tiles skip the vectors past I).
 CASES = [
     ("row_tile_and_unit_block", (13,), 70, 21, True),
     ("odd_features", (11,), 33, 24, True),
@@ -35,6 +36,8 @@ CASES = [
     ("no_bias", (5, 3), 64, 48, False),
     ("one_feature", (9,), 1, 16, True),
     ("one_row", (1,), 256, 256, True),
+    ("narrow_input_grad", (17,), 20, 12, True),
+    ("three_vector_input_grad", (6, 3), 44, 8, True),
 ]
 
 
@@ -271,7 +274,8 @@ def test_applies_to_cpu_backend_layers_in_the_chosen_dtypes_with_enough_features
     assert functional.own_gemm_applies(torch.randn(3, 64), w)
     assert functional.own_gemm_applies(torch.randn(3, 64), w, "cpu")
     assert not functional.own_gemm_applies(torch.randn(3, 64), w, "reference")
-    assert not functional.own_gemm_applies(torch.randn(3, 32), torch.randn(64, 32))
+    assert functional.own_gemm_applies(torch.randn(3, 2), torch.randn(64, 2))
+    assert not functional.own_gemm_applies(torch.randn(3, 1), torch.randn(64, 1))  # an outer product
     assert not functional.own_gemm_applies(torch.randn(3, 64).double(), w.double())
     assert not functional.own_gemm_applies(torch.randn(3, 64), w.bfloat16())
     for dtype in (torch.bfloat16, torch.float16):
@@ -288,6 +292,19 @@ def test_no_rows_give_zero_weight_and_bias_gradients(set_own_gemm, weight_gemm):
     dx, dw, db = torch.ops.lstm_fused.input_projection_backward(torch.randn(0, 3, 12), x, w, True, True, True)
     assert dx.shape == x.shape
     assert torch.equal(dw, torch.zeros(12, 8)) and torch.equal(db, torch.zeros(12))
+
+
+# The fake kernels give what the real ones do, strides included: x transposed as a batch-first
+# input reaches the op (its real dx is contiguous in grad's shape; an empty_like(x) fake broke
+# the compiled backward of a batch-first model).
+@pytest.mark.parametrize("own", [True, False], ids=["own_gemm", "aten_gemm"])
+def test_opcheck(own):
+    x, w, b = torch.randn(7, 3, 8).transpose(0, 1), torch.randn(48, 8), torch.randn(48)
+    torch.library.opcheck(torch.ops.lstm_fused.input_projection.default, (x, w, b, b.flip(0), own))
+    torch.library.opcheck(torch.ops.lstm_fused.input_projection.default, (x, w, None, None, own))
+    grad = torch.randn(3, 7, 48)
+    for wanted in ((True, True, True), (True, False, False), (False, True, False), (False, False, True)):
+        torch.library.opcheck(torch.ops.lstm_fused.input_projection_backward.default, (grad, x, w, *wanted))
 
 
 def test_bad_arguments_are_errors():

@@ -8,10 +8,9 @@
 // Why: ATen's float32 GEMM is MKL's, which on AMD CPUs runs well below the FMA peak (about 60%
 // measured on a Zen 4 EPYC); the register tile reaches about 90% in its inner loop there. And
 // ATen's 16-bit GEMM is emulated on CPUs without 16-bit dot-product instructions (6-9x slower
-// than its float32 GEMM on a Zen 3 EPYC). The weight gradient stays with ATen: its reduction runs
-// over the T*B rows, and our version of it (dxproj transposed and x packed into panels first)
-// measured 87-123 GFLOP/s against MKL's 143-180 on Zen 4. W_ih's panels are packed once, in its
-// own dtype, and cached like W_hh's (packed_weights.h).
+// than its float32 GEMM on a Zen 3 EPYC). The weight gradient, a reduction over the T*B rows, has
+// its own blocking (weight_grads.cpp). W_ih's panels are packed once, in its own dtype, and cached
+// like W_hh's (packed_weights.h). Which inputs take this path: functional._OWN_GEMM_MIN_FEATURES.
 // bfloat16 and float16: the rows of A (x, dxproj) are widened to float32 first (a pass over
 // them, small beside the product), the sums are float32 and rounded once into the 16-bit output,
 // and dW_ih is ATen's float32 GEMM of the widened operands, rounded once.

@@ -102,10 +102,11 @@ struct PanelProductArgs {
 // The weight gradients of a layer, out (N, I) = G^T X (or out += G^T X), a reduction over the
 // M = T*B rows: G (M, N) the gate gradients (dxproj), X (M, I) what the weights multiplied (the
 // layer's input for dW_ih, h_{t-1} for dW_hh), all float32. Rows [n0, n1) of out are computed as
-// register tiles of tile_rows rows of out x 4V columns, blocked for the caches as a GEMM is
-// (step_kernels_impl.h, weight_grad_rows): per chunk of k_chunk rows of M, the rows of G^T that
-// feed a block of row_block rows of out are packed k-major (L2), and for each 4V columns of X
-// the chunk's k_chunk x 4V floats are packed once (L1) and serve every tile of the block.
+// register tiles of tile_rows rows of out x 4V columns (fewer vectors in a narrow last chunk of
+// columns), blocked for the caches as a GEMM is (step_kernels_impl.h, weight_grad_rows): per
+// chunk of k_chunk rows of M, the rows of G^T that feed a block of row_block rows of out are
+// packed k-major (L2), and for each 4V columns of X the chunk's k_chunk x 4V floats are packed
+// once (L1) and serve every tile of the block.
 struct WeightGradArgs {
   int64_t M, N, I;
   const float* g;      // row m at g + m * ldg

@@ -122,9 +122,12 @@ inline int64_t dot_rows_product(const float* __restrict__ A, int64_t lda, int64_
 // weights stay 16-bit (half the bytes streamed per step) and widen exactly on load, or, for a
 // single row of bf16 where the ISA has its dot product (of every tile where Vec::kBf16DotRows),
 // meet A rounded to bf16 (dot_row_product, dot_rows_product).
-template <int R, typename panel_t>
+// Q < 4: only the panel's first Q vectors are multiplied (a narrow last block of a contiguous
+// product); float32 panels only.
+template <int R, typename panel_t, int Q = 4>
 inline void tile_product(const float* __restrict__ A, int64_t lda, int64_t K,
                          const panel_t* __restrict__ panel, reg (&acc)[R][4]) {
+  static_assert(Q == 4 || std::is_same_v<panel_t, float>, "narrow tiles are float32 only");
   int64_t k = 0;
   if constexpr (std::is_same_v<panel_t, c10::BFloat16> && Vec::kBf16Dot && R == 1) {
     k = dot_row_product<Vec>(A, K, panel, acc[0]);
@@ -169,17 +172,17 @@ inline void tile_product(const float* __restrict__ A, int64_t lda, int64_t K,
     for (; k + 1 < K; k += 2) {
       const panel_t* p = panel + k * 4 * V;
       const reg a0 = Vec::broadcast(A[k]), a1 = Vec::broadcast(A[k + 1]);
-      for (int q = 0; q < 4; ++q) acc[0][q] = Vec::fma(a0, Vec::load(p + q * V), acc[0][q]);
-      for (int q = 0; q < 4; ++q) odd[q] = Vec::fma(a1, Vec::load(p + 4 * V + q * V), odd[q]);
+      for (int q = 0; q < Q; ++q) acc[0][q] = Vec::fma(a0, Vec::load(p + q * V), acc[0][q]);
+      for (int q = 0; q < Q; ++q) odd[q] = Vec::fma(a1, Vec::load(p + 4 * V + q * V), odd[q]);
     }
-    for (int q = 0; q < 4; ++q) acc[0][q] = Vec::add(acc[0][q], odd[q]);
+    for (int q = 0; q < Q; ++q) acc[0][q] = Vec::add(acc[0][q], odd[q]);
   }
   for (; k < K; ++k) {
     const panel_t* p = panel + k * 4 * V;
     prefetch_ahead<4 * V * sizeof(panel_t)>(p);
     reg a[R];
     for (int r = 0; r < R; ++r) a[r] = Vec::broadcast(A[r * lda + k]);
-    for (int q = 0; q < 4; ++q) {
+    for (int q = 0; q < Q; ++q) {
       const reg w = Vec::load(p + q * V);
       for (int r = 0; r < R; ++r) acc[r][q] = Vec::fma(a[r], w, acc[r][q]);
     }
@@ -477,16 +480,29 @@ struct PanelProductTile {
   scalar_t* out;       // row 0's first column of the block's vector 0
   int64_t vec_stride;  // columns between the block's vectors in out
   int64_t valid[4];    // columns of each vector inside out
+  int vectors;         // of them, those with a column (1..4; always 4 in the gate layout)
 
   template <int R>
-  void run(int64_t b0) {  // rows m0 + b0 ...
+  void run(int64_t b0) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      switch (vectors) {
+        case 1: return run_vectors<R, 1>(b0);
+        case 2: return run_vectors<R, 2>(b0);
+        case 3: return run_vectors<R, 3>(b0);
+      }
+    }
+    run_vectors<R, 4>(b0);
+  }
+
+  template <int R, int Q>
+  void run_vectors(int64_t b0) {  // rows m0 + b0 ...
     reg acc[R][4];
     for (int r = 0; r < R; ++r)
-      for (int q = 0; q < 4; ++q) acc[r][q] = Vec::zero();
-    tile_product<R>(a.a + (m0 + b0) * a.lda, a.lda, a.K, panel, acc);
+      for (int q = 0; q < Q; ++q) acc[r][q] = Vec::zero();
+    tile_product<R, scalar_t, Q>(a.a + (m0 + b0) * a.lda, a.lda, a.K, panel, acc);
     for (int r = 0; r < R; ++r) {
       scalar_t* row = out + (m0 + b0 + r) * a.ldo;
-      for (int q = 0; q < 4; ++q) {
+      for (int q = 0; q < Q; ++q) {
         scalar_t* dst = row + q * vec_stride;
         const reg v = bias != nullptr ? Vec::add(acc[r][q], Vec::load(bias + q * V)) : acc[r][q];
         if constexpr (std::is_same_v<scalar_t, float>) {
@@ -510,10 +526,11 @@ void panel_product_typed(const PanelProductArgs& a, int64_t b, int64_t m0, int64
   const int64_t first = a.gate_layout ? b * V : b * 4 * V;
   PanelProductTile<scalar_t> tile{a, m0, static_cast<const scalar_t*>(a.panels) + b * a.panel_stride,
                                   a.bias != nullptr ? a.bias + b * 4 * V : nullptr,
-                                  static_cast<scalar_t*>(a.out) + first, a.gate_layout ? a.columns : V, {}};
+                                  static_cast<scalar_t*>(a.out) + first, a.gate_layout ? a.columns : V, {}, 0};
   for (int q = 0; q < 4; ++q) {
     const int64_t left = a.columns - first - (a.gate_layout ? 0 : q * V);
     tile.valid[q] = left < 0 ? 0 : left < V ? left : V;
+    if (tile.valid[q] > 0) tile.vectors = q + 1;
   }
   for_each_row_tile(m1 - m0, tile);
 }
@@ -536,14 +553,16 @@ void panel_product(const PanelProductArgs& a, int64_t b, int64_t m0, int64_t m1)
 
 constexpr int64_t kGradPrefetchRows = 4;
 
-template <int R>
+// Q: the vectors of X's chunk that hold columns of out (a narrow last chunk, I < 4V, multiplies
+// no zero columns: at I = 32 on AVX-512 that was half the multiply-adds).
+template <int R, int Q>
 inline void weight_grad_tile(const float* __restrict__ gp, const float* __restrict__ xp, int64_t kc,
                              reg (&acc)[R][4]) {
   for (int64_t k = 0; k < kc; ++k) {
     const float* w = xp + k * 4 * V;
     reg a[R];
     for (int r = 0; r < R; ++r) a[r] = Vec::broadcast(gp[k * kMaxRows + r]);
-    for (int q = 0; q < 4; ++q) {
+    for (int q = 0; q < Q; ++q) {
       const reg wq = Vec::load(w + q * V);
       for (int r = 0; r < R; ++r) acc[r][q] = Vec::fma(a[r], wq, acc[r][q]);
     }
@@ -571,18 +590,28 @@ struct WeightGradTile {
   int64_t n0, kc, col0;  // the block's first row of out, the chunk's length, the first column
   bool from_zero;        // the first chunk of an out = G^T X
   int64_t valid[4];      // columns of each vector inside out
+  int vectors;           // of them, those with a column (1..4)
 
   template <int R>
   void run(int64_t b0) {
+    switch (vectors) {
+      case 1: return run_vectors<R, 1>(b0);
+      case 2: return run_vectors<R, 2>(b0);
+      case 3: return run_vectors<R, 3>(b0);
+      default: return run_vectors<R, 4>(b0);
+    }
+  }
+
+  template <int R, int Q>
+  void run_vectors(int64_t b0) {
     reg acc[R][4];
     float* row = a.out + (n0 + b0) * a.ldo + col0;
     for (int r = 0; r < R; ++r)
-      for (int q = 0; q < 4; ++q)
+      for (int q = 0; q < Q; ++q)
         acc[r][q] = from_zero ? Vec::zero() : load_columns(row + r * a.ldo + q * V, valid[q]);
-    weight_grad_tile<R>(gp + b0 * kc, xp, kc, acc);
+    weight_grad_tile<R, Q>(gp + b0 * kc, xp, kc, acc);
     for (int r = 0; r < R; ++r)
-      for (int q = 0; q < 4; ++q)
-        if (valid[q] > 0) store_columns(row + r * a.ldo + q * V, acc[r][q], valid[q]);
+      for (int q = 0; q < Q; ++q) store_columns(row + r * a.ldo + q * V, acc[r][q], valid[q]);
   }
 };
 
@@ -618,13 +647,14 @@ void weight_grad_rows(const WeightGradArgs& a, int64_t n0, int64_t n1, float* sc
       }
       for (int64_t col0 = 0; col0 < a.I; col0 += 4 * V) {
         const int64_t cols = a.I - col0 < 4 * V ? a.I - col0 : 4 * V;
+        const int vectors = static_cast<int>((cols + V - 1) / V);
         for (int64_t k = 0; k < kc; ++k) {
           const float* src = a.x + (k0 + k) * a.ldx + col0;
           float* dst = xp + k * 4 * V;
           for (int64_t j = 0; j < cols; ++j) dst[j] = src[j];
-          for (int64_t j = cols; j < 4 * V; ++j) dst[j] = 0.0f;
+          for (int64_t j = cols; j < vectors * V; ++j) dst[j] = 0.0f;
         }
-        WeightGradTile tile{a, gp, xp, nb, kc, col0, k0 == 0 && !a.accumulate, {}};
+        WeightGradTile tile{a, gp, xp, nb, kc, col0, k0 == 0 && !a.accumulate, {}, vectors};
         for (int q = 0; q < 4; ++q) {
           const int64_t left = cols - q * V;
           tile.valid[q] = left < 0 ? 0 : left < V ? left : V;
