@@ -110,14 +110,16 @@ def forward_fake(xproj, w_hh, w_hr, h0, c0, lengths, reverse, save):
     return y, h_n, c_n, gates, c_all
 
 
+# The fakes give every output contiguous, as the kernels write them: empty_like would copy the
+# strides of a transposed weight or state, and strides unlike the real ones break compiled graphs.
 def backward_fake(dy, dh_n, dc_n, w_hh, w_hr, h0, c0, lengths, reverse, y, gates, c_all, weight_grads):
     dxproj = gates.new_empty(gates.shape, dtype=y.dtype)
     if weight_grads:
-        dw_hh = torch.empty_like(w_hh)
-        dw_hr = torch.empty_like(w_hr) if w_hr is not None else w_hh.new_empty(0)
+        dw_hh = w_hh.new_empty(w_hh.shape)
+        dw_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else w_hh.new_empty(0)
     else:
         dw_hh, dw_hr = w_hh.new_empty(0), w_hh.new_empty(0)
-    return dxproj, dw_hh, dw_hr, torch.empty_like(h0), torch.empty_like(c0)
+    return dxproj, dw_hh, dw_hr, h0.new_empty(h0.shape), c0.new_empty(c0.shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,16 +290,16 @@ if extension_loaded():
 
     @torch.library.register_fake(f"{LIB}::cell_forward")
     def _cell_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
-        return torch.empty_like(h0), torch.empty_like(c0)
+        return h0.new_empty(h0.shape), c0.new_empty(c0.shape)
 
     @torch.library.register_fake(f"{LIB}::wavefront_forward")
     def _wavefront_forward_fake(x, h0, c0, weights, num_layers, has_biases):
-        return x.new_empty(x.size(0), x.size(1), h0.size(2)), torch.empty_like(h0), torch.empty_like(c0)
+        return x.new_empty(x.size(0), x.size(1), h0.size(2)), h0.new_empty(h0.shape), c0.new_empty(c0.shape)
 
     @torch.library.register_fake(f"{LIB}::stacked_cell_forward")
     def _stacked_cell_forward_fake(x, h0, c0, weights, num_layers, bidirectional, has_biases):
         y = x.new_empty(x.size(0), (2 if bidirectional else 1) * h0.size(2))
-        return y, torch.empty_like(h0), torch.empty_like(c0)
+        return y, h0.new_empty(h0.shape), c0.new_empty(c0.shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,7 +327,7 @@ def _bidirectional_backward_fake(
 ):
     dxproj_f, dxproj_r = gates.new_empty(gates.shape[1:]), gates.new_empty(gates.shape[1:])
     if weight_grads:
-        dw_f, dw_r = torch.empty_like(w_hh_f), torch.empty_like(w_hh_r)
+        dw_f, dw_r = w_hh_f.new_empty(w_hh_f.shape), w_hh_r.new_empty(w_hh_r.shape)
     else:
         dw_f, dw_r = w_hh_f.new_empty(0), w_hh_r.new_empty(0)
     return dxproj_f, dxproj_r, dw_f, dw_r, h0.new_empty(h0.shape), c0.new_empty(c0.shape)

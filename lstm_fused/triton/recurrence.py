@@ -307,8 +307,8 @@ def backward(dy, dh_n, dc_n, w_hh, w_hr, h0, c0, lengths, reverse: bool, y, gate
                 )  # fmt: skip
 
     if weight_grads and T == 0:
-        dw_hh = torch.zeros_like(w_hh)
-        dw_hr = torch.zeros_like(w_hr) if has_proj else y.new_empty(0)
+        dw_hh = w_hh.new_zeros(w_hh.shape)
+        dw_hr = w_hr.new_zeros(w_hr.shape) if has_proj else y.new_empty(0)
     elif weight_grads:
         dw_hh = _weight_grad_hh(dxproj, y, h0, lengths, reverse)
         if has_proj:  # dW_hr = sum_t (dh + dy)_t^T m_t with m = o * tanh(c), zero rows where inactive
