@@ -107,12 +107,44 @@ def fused_cell_applies(x: Tensor, tensors, backend: str) -> bool:
 # H = 64), 1.05-1.75x from 2.1M (B = 16 and 32 at H = 128, B = 4 to 32 at H = 256).
 _ATEN_CELL_MAX_MACS = 1 << 20
 
+# A larger step runs ATen's cell too while its weights change before every step (an optimizer
+# step after each one, or fast weights made anew for each), up to these sizes: the fused cell then
+# packs both weights again for every step, for its forward and for its backward, which costs more
+# than the step saves. Measured on a 2-core Zen 5 EPYC (float32, I = H, one step then an SGD step,
+# over nn.LSTMCell): the fused cell 0.63-0.85x at B = 1..32, H = 256 and 512 (but 1.01x at B = 32,
+# H = 256), ATen's 0.88-1.33x; at B = 64 both 1.09-1.19x. Larger weights stay fused: ATen's
+# weight gradients are new memory every step, and at H = 1024 (16 MB each) their page faults
+# made nn.LSTMCell 12-27 ms a step against the fused cell's 14-19 (its gradients are pooled).
+_ATEN_CELL_FRESH_WEIGHTS_MAX_BATCH = 32
+_ATEN_CELL_FRESH_WEIGHTS_MAX_ELEMENTS = 1 << 21  # 4H * (I + H): I = H = 512
 
-def aten_cell_preferred(x: Tensor, hx, weights, backend: str) -> bool:
+
+class WeightUpdates:
+    """Counts an LSTMCell's consecutive training steps that found its weights changed since the
+    step before (their in-place version counters, or other tensors)."""
+
+    __slots__ = ("_last", "_streak")
+
+    def __init__(self):
+        self._last, self._streak = None, 0
+
+    def __reduce__(self):  # a copy or an unpickled cell starts a record of its own
+        return (WeightUpdates, ())
+
+    def every_step(self, w_ih: Tensor, w_hh: Tensor) -> bool:
+        """Record this step's weights; whether they changed before this step and the one before."""
+        seen = (id(w_ih), id(w_hh), w_ih._version, w_hh._version)
+        self._streak = self._streak + 1 if seen != self._last else 0
+        self._last = seen
+        return self._streak >= 2
+
+
+def aten_cell_preferred(x: Tensor, hx, weights, backend: str, updates: Optional[WeightUpdates] = None) -> bool:
     """Whether an LSTMCell step runs ATen's cell instead (see _ATEN_CELL_MAX_MACS): a float32 CPU
-    step autograd records, small enough, with the backend left to choose. Asked before the
-    module's own checks (nn.LSTMCell's forward makes them then), so x is any input: (B, I) or
-    (I,), hx None or the given state, weights (w_ih, w_hh, b_ih, b_hh)."""
+    step autograd records, small enough or with weights that change before every step (updates,
+    the module's record), with the backend left to choose. Asked before the module's own checks
+    (nn.LSTMCell's forward makes them then), so x is any input: (B, I) or (I,), hx None or the
+    given state, weights (w_ih, w_hh, b_ih, b_hh)."""
     # Cheapest tests first: this runs before every LSTMCell step.
     if backend != "auto" or not torch.is_grad_enabled() or x.dtype != torch.float32:
         return False
@@ -127,7 +159,10 @@ def aten_cell_preferred(x: Tensor, hx, weights, backend: str) -> bool:
     w_ih, w_hh = weights[0], weights[1]
     batch = x.size(0) if dims == 2 else 1
     if batch * w_hh.size(0) * (w_ih.size(1) + w_hh.size(1)) > _ATEN_CELL_MAX_MACS:
-        return False
+        if (batch > _ATEN_CELL_FRESH_WEIGHTS_MAX_BATCH
+                or w_ih.numel() + w_hh.numel() > _ATEN_CELL_FRESH_WEIGHTS_MAX_ELEMENTS
+                or updates is None or not updates.every_step(w_ih, w_hh)):
+            return False
     # With the choice left to us, float32 CPU tensors resolve to the cpu backend exactly when the
     # extension is built (dispatch.resolve, without its per-call work).
     return dispatch.left_to_choose(backend) and ops.extension_loaded()

@@ -92,6 +92,10 @@ def _let_dynamo_trace_rnn_subclasses() -> None:
 # an extra base changes the object layout, and convert could no longer assign __class__).
 
 
+# What our classes keep beside nn's state: the backend, and an LSTMCell's weight-update record.
+_FUSED_ONLY_STATE = ("backend", "_weight_update_record")
+
+
 def _reduce_as_torch_nn(self, protocol):
     """Pickle as the torch.nn base class with nn's own state, less ``backend``.
 
@@ -99,7 +103,7 @@ def _reduce_as_torch_nn(self, protocol):
     """
     if type(self) not in (LSTM, LSTMCell):
         return super(self._torch_nn_class, self).__reduce_ex__(protocol)
-    state = {k: v for k, v in self.__getstate__().items() if k != "backend"}
+    state = {k: v for k, v in self.__getstate__().items() if k not in _FUSED_ONLY_STATE}
     # pickle's NEWOBJ (how nn.LSTM itself pickles) insists on the object's own class, so name
     # the nn class as a call instead: its cheapest instance, (1, 1), whose whole __dict__ the
     # state then replaces through nn's __setstate__.
@@ -281,6 +285,15 @@ class LSTMCell(nn.LSTMCell):
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")
 
+    @torch.jit.unused
+    def _weight_updates(self) -> "functional.WeightUpdates":
+        """This cell's record of weight updates between steps, made on first use (convert() and
+        unpickling make cells without __init__)."""
+        updates = self.__dict__.get("_weight_update_record")
+        if updates is None:
+            updates = self.__dict__["_weight_update_record"] = functional.WeightUpdates()
+        return updates
+
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None):
         if torch.jit.is_scripting():
             # TorchScript cannot compile the fused path; it runs ATen's cell on our parameters.
@@ -293,7 +306,8 @@ class LSTMCell(nn.LSTMCell):
         weights = (params["weight_ih"], params["weight_hh"], params.get("bias_ih"), params.get("bias_hh"))
         # A small training step: nn.LSTMCell's own code, checks included, is the faster there
         # (asked first: every microsecond shows at this size).
-        if functional.aten_cell_preferred(input, hx, weights, self.backend) and not _has_expanded_weights(weights):
+        if (functional.aten_cell_preferred(input, hx, weights, self.backend, self._weight_updates())
+                and not _has_expanded_weights(weights)):
             return super().forward(input, hx)
         if torch.jit.is_tracing() or onnx_export.in_onnx_export():
             # Tracing, and both ONNX exporters, record nn.LSTMCell's aten::lstm_cell (plain

@@ -576,6 +576,65 @@ def test_other_cells_stay_fused(case):
     assert op_calls("aten::lstm_cell", step) == 0
 
 
+# A larger training step runs ATen's cell too while the weights change before every step (an
+# optimizer step after each): from the second such step on. Unrolled steps keep the fused cell.
+
+def _steps_with_updates(cell, B, steps, unroll, lr=1e-3):
+    """``steps`` SGD steps of ``unroll`` cell calls each; the op calls profiled, then the last
+    step's outputs and gradients (before its update)."""
+    torch.manual_seed(1)
+    opt = torch.optim.SGD(cell.parameters(), lr=lr)
+    x = torch.randn(unroll, B, cell.input_size)
+    h0, c0 = torch.randn(B, cell.hidden_size), torch.randn(B, cell.hidden_size)
+    results = []
+    with torch.profiler.profile() as prof:
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            h, c = h0, c0
+            for t in range(unroll):
+                h, c = cell(x[t], (h, c))
+            (h.sum() + 2 * c.sum()).backward()
+            results = [h.detach(), c.detach()] + [p.grad.clone() for p in cell.parameters()]
+            opt.step()
+    calls = {e.key: e.count for e in prof.key_averages()}
+    return calls.get("aten::lstm_cell", 0), calls.get("lstm_fused::recurrence_forward", 0), results
+
+
+@pytest.mark.parametrize("B,H", [(4, 256), (32, 128)])
+def test_cell_with_weights_updated_every_step_runs_atens_cell(B, H):
+    fused, native = _fused_and_nn_cells(H, H)
+    assert B * 4 * H * 2 * H > lstm_fused.functional._ATEN_CELL_MAX_MACS
+    aten, ours, got = _steps_with_updates(fused, B, steps=4, unroll=1)
+    assert (aten, ours) == (3, 1)  # the first step cannot know
+    _, _, want = _steps_with_updates(native, B, steps=4, unroll=1)
+    for g, w in zip(got, want):
+        assert rel_error(g, w) < 2e-5
+
+
+@pytest.mark.parametrize("case", ["unrolled", "batch_above", "weights_above", "named_backend"])
+def test_cells_with_updated_weights_stay_fused_otherwise(case):
+    B, H = {"batch_above": (33, 128), "weights_above": (1, 513)}.get(case, (4, 256))
+    cell = lstm_fused.LSTMCell(H, H, backend="cpu" if case == "named_backend" else "auto")
+    unroll = 3 if case == "unrolled" else 1
+    aten, ours, _ = _steps_with_updates(cell, B, steps=4, unroll=unroll)
+    assert (aten, ours) == (0, 4 * unroll)
+
+
+def test_weight_updates_counts_consecutive_changes():
+    updates, w_ih, w_hh = lstm_fused.functional.WeightUpdates(), torch.randn(8, 2), torch.randn(8, 2)
+    seen, old = [], []
+    for change in ("first", None, "w_hh", "w_ih", None, "w_hh", "new_tensor", "w_ih"):
+        if change == "w_hh":
+            w_hh.add_(1)
+        elif change == "w_ih":
+            w_ih.add_(1)
+        elif change == "new_tensor":  # fast weights made anew (the old one kept: its id stays taken)
+            old.append(w_ih)
+            w_ih = w_ih.clone()
+        seen.append(updates.every_step(w_ih, w_hh))
+    assert seen == [False, False, False, True, False, False, True, True]
+
+
 def test_cell_step_cache_sees_a_changed_input_weight():
     oracle = nn.LSTMCell(16, 24)
     fused = lstm_fused.LSTMCell(16, 24, backend="cpu")
