@@ -97,7 +97,7 @@ _FUSED_ONLY_STATE = ("backend", "_weight_update_record")
 
 
 def _reduce_as_torch_nn(self, protocol):
-    """Pickle as the torch.nn base class with nn's own state, less ``backend``.
+    """Pickle as the torch.nn base class with nn's own state, less ``_FUSED_ONLY_STATE``.
 
     User subclasses pickle as themselves: their class is their forward.
     """
