@@ -17,14 +17,25 @@ from torch import Tensor
 from . import dispatch, onnx_export, ops
 
 
-# One input feature is an outer product, where ATen's GEMM wins (on a Zen 5 EPYC, M = 1600 rows,
-# H = 32: forward level, input gradient 0.26-0.42x, weight gradient 0.16-0.19x of ATen's speed).
-# From two features on, our tiles won every product measured there, most of all the gradients,
-# whose ATen (MKL) versions are slow at few columns: I = 2..16, M = 200..6400, H = 32..256, 1 and
-# 2 threads: forward 1.1-3.8x, input gradient 1.4-3.1x, weight and bias gradients 1.2-12.9x
-# (but 0.77x at M = 200, I = 8, H = 32, 2 threads: 22 against 17 us). An earlier forward-only
-# measurement on Zen 4, before the kernels' current form, had I = 8 at 0.6x and I = 32 at 1.0x.
-_OWN_GEMM_MIN_FEATURES = 2
+def _own_gemm_min_features() -> int:
+    """The fewest input features that take our own product (ops.OWN_GEMM permitting).
+
+    With AVX-512 kernels: two. One feature is an outer product, where ATen's GEMM wins (on a Zen 5
+    EPYC, M = 1600 rows, H = 32: forward level, input gradient 0.26-0.42x, weight gradient
+    0.16-0.19x of ATen's speed). From two features on our tiles won every product measured there,
+    the gradients most, whose ATen (MKL) versions are slow at few columns: I = 2..16, M =
+    200..6400, H = 32..256, 1 and 2 threads: forward 1.1-3.8x, input gradient 1.4-3.1x, weight and
+    bias gradients 1.2-12.9x (but 0.77x at M = 200, I = 8, H = 32, 2 threads: 22 against 17 us).
+    Elsewhere: 64, as measured on a Zen 4 EPYC before (forward: I = 8 0.6x, I = 32 1.0x). The AVX2
+    kernels forced on that Zen 5 lost some small cases to MKL (its AVX-512 code there: at I = 16,
+    H = 32 the weight gradient took 2-3x its time), and no CPU with only AVX2 has been measured.
+    """
+    if ops.extension_loaded() and torch.ops.lstm_fused.cpu_isa_supported("avx512"):
+        return 2
+    return 64
+
+
+_OWN_GEMM_MIN_FEATURES = _own_gemm_min_features()
 
 
 def projection_op_applies(x: Tensor, w_ih: Tensor, backend: str = "auto") -> bool:

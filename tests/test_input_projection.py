@@ -274,8 +274,10 @@ def test_applies_to_cpu_backend_layers_in_the_chosen_dtypes_with_enough_features
     assert functional.own_gemm_applies(torch.randn(3, 64), w)
     assert functional.own_gemm_applies(torch.randn(3, 64), w, "cpu")
     assert not functional.own_gemm_applies(torch.randn(3, 64), w, "reference")
-    assert functional.own_gemm_applies(torch.randn(3, 2), torch.randn(64, 2))
-    assert not functional.own_gemm_applies(torch.randn(3, 1), torch.randn(64, 1))  # an outer product
+    fewest = functional._OWN_GEMM_MIN_FEATURES
+    assert fewest == (2 if torch.ops.lstm_fused.cpu_isa_supported("avx512") else 64)
+    assert functional.own_gemm_applies(torch.randn(3, fewest), torch.randn(64, fewest))
+    assert not functional.own_gemm_applies(torch.randn(3, fewest - 1), torch.randn(64, fewest - 1))
     assert not functional.own_gemm_applies(torch.randn(3, 64).double(), w.double())
     assert not functional.own_gemm_applies(torch.randn(3, 64), w.bfloat16())
     for dtype in (torch.bfloat16, torch.float16):

@@ -10,7 +10,7 @@
 // ATen's 16-bit GEMM is emulated on CPUs without 16-bit dot-product instructions (6-9x slower
 // than its float32 GEMM on a Zen 3 EPYC). The weight gradient, a reduction over the T*B rows, has
 // its own blocking (weight_grads.cpp). W_ih's panels are packed once, in its own dtype, and cached
-// like W_hh's (packed_weights.h). Which inputs take this path: functional._OWN_GEMM_MIN_FEATURES.
+// like W_hh's (packed_weights.h). Which inputs take this path: functional._own_gemm_min_features.
 // bfloat16 and float16: the rows of A (x, dxproj) are widened to float32 first (a pass over
 // them, small beside the product), the sums are float32 and rounded once into the 16-bit output,
 // and dW_ih is ATen's float32 GEMM of the widened operands, rounded once.
