@@ -32,6 +32,13 @@ def _has_expanded_weights(params) -> bool:
     return any(isinstance(p, ExpandedWeight) for p in params)
 
 
+def _under_torch_func() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is running: it sees through
+    ATen's LSTM, but not through our ops' autograd (torch.library's Autograd kernels are
+    autograd.Functions that functorch cannot transform), so nn's own computation runs there."""
+    return torch._C._functorch.maybe_current_level() is not None
+
+
 @contextlib.contextmanager
 def _mkldnn_disabled():
     # torch's LSTM decomposition picks a oneDNN layer op (which expanded weights cannot handle)
@@ -187,6 +194,8 @@ class LSTM(nn.LSTM):
             # (torch's per-step decomposition of it) into per-sample GEMMs, not our fused op.
             with _mkldnn_disabled():
                 return super().forward(input, hx)
+        if _under_torch_func():
+            return super().forward(input, hx)
         num_dirs = 2 if self.bidirectional else 1
         out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
         packed = isinstance(input, PackedSequence)
@@ -309,9 +318,10 @@ class LSTMCell(nn.LSTMCell):
         if (functional.aten_cell_preferred(input, hx, weights, self.backend, self._weight_updates())
                 and not _has_expanded_weights(weights)):
             return super().forward(input, hx)
-        if torch.jit.is_tracing() or onnx_export.in_onnx_export():
+        if torch.jit.is_tracing() or onnx_export.in_onnx_export() or _under_torch_func():
             # Tracing, and both ONNX exporters, record nn.LSTMCell's aten::lstm_cell (plain
-            # GEMMs and pointwise ops after decomposition) instead of our custom op.
+            # GEMMs and pointwise ops after decomposition) instead of our custom op; torch.func
+            # transforms can differentiate and batch only that.
             return super().forward(input, hx)
         if input.dim() not in (1, 2):
             raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
