@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif("cpu" not in lstm_fused.available_backends(),
 
 # (id, M, N, I): M the reduction (T*B rows), N the rows of the result (4H), I its columns.
 # Partial row tiles (N = 13, 1), partial column vectors (I = 5, 33, 130), a last chunk of columns
-# one, two or three vectors wide (I = 20 and 44 take 2 and 3 of 8-lane vectors, or 3 and 2 of
+# one, two or three vectors wide (I = 20 and 44 end in 3 and 2 of 8-lane vectors, in 2 and 3 of
 # 16-lane ones; their tiles skip the vectors past I), reductions of one row,
 # of less than one chunk and of several chunks with a partial last one (a chunk is 48-192 rows,
 # by the L1 and the vector width), work enough for two threads, and 3000 rows of the result per
