@@ -150,7 +150,7 @@ class WeightUpdates:
         return self._streak >= 2
 
 
-def aten_cell_preferred(x: Tensor, hx, weights, backend: str, updates: Optional[WeightUpdates] = None) -> bool:
+def aten_cell_preferred(x: Tensor, hx, weights, backend: str, updates: WeightUpdates) -> bool:
     """Whether an LSTMCell step runs ATen's cell instead (see _ATEN_CELL_MAX_MACS): a float32 CPU
     step autograd records, small enough or with weights that change before every step (updates,
     the module's record), with the backend left to choose. Asked before the module's own checks
@@ -172,7 +172,7 @@ def aten_cell_preferred(x: Tensor, hx, weights, backend: str, updates: Optional[
     if batch * w_hh.size(0) * (w_ih.size(1) + w_hh.size(1)) > _ATEN_CELL_MAX_MACS:
         if (batch > _ATEN_CELL_FRESH_WEIGHTS_MAX_BATCH
                 or w_ih.numel() + w_hh.numel() > _ATEN_CELL_FRESH_WEIGHTS_MAX_ELEMENTS
-                or updates is None or not updates.every_step(w_ih, w_hh)):
+                or not updates.every_step(w_ih, w_hh)):
             return False
     # With the choice left to us, float32 CPU tensors resolve to the cpu backend exactly when the
     # extension is built (dispatch.resolve, without its per-call work).

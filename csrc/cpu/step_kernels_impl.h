@@ -471,6 +471,31 @@ void backward_block(const BackwardStepArgs& a, int64_t s, int64_t q, BackwardPha
 // recurrence, over the whole reduction. The panel is streamed from L2 for each row tile: on Zen 4
 // that beat L1-sized chunks with partial sums by 5-10%.
 
+// The columns of out each of a tile's 4 vectors covers, when `left` columns of out remain at
+// vector 0 and each vector starts `step` columns after the one before (V: contiguous; 0: the gate
+// layout's 4 gates of the same units). Returns how many vectors cover any (0..4).
+inline int valid_columns(int64_t left, int64_t step, int64_t (&valid)[4]) {
+  int vectors = 0;
+  for (int q = 0; q < 4; ++q) {
+    const int64_t n = left - q * step;
+    valid[q] = n < 0 ? 0 : n < V ? n : V;
+    if (valid[q] > 0) vectors = q + 1;
+  }
+  return vectors;
+}
+
+// tile.template run_vectors<R, Q>(b0) with Q = vectors as a constant: a narrow last chunk of
+// columns multiplies only its vectors (4 for 0, which covers none).
+template <int R, typename Tile>
+inline void run_with_vectors(Tile& tile, int vectors, int64_t b0) {
+  switch (vectors) {
+    case 1: return tile.template run_vectors<R, 1>(b0);
+    case 2: return tile.template run_vectors<R, 2>(b0);
+    case 3: return tile.template run_vectors<R, 3>(b0);
+    default: return tile.template run_vectors<R, 4>(b0);
+  }
+}
+
 template <typename scalar_t>
 struct PanelProductTile {
   const PanelProductArgs& a;
@@ -480,18 +505,14 @@ struct PanelProductTile {
   scalar_t* out;       // row 0's first column of the block's vector 0
   int64_t vec_stride;  // columns between the block's vectors in out
   int64_t valid[4];    // columns of each vector inside out
-  int vectors;         // of them, those with a column (1..4; always 4 in the gate layout)
+  int vectors;         // of them, those with a column (always 4 in the gate layout)
 
   template <int R>
   void run(int64_t b0) {
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      switch (vectors) {
-        case 1: return run_vectors<R, 1>(b0);
-        case 2: return run_vectors<R, 2>(b0);
-        case 3: return run_vectors<R, 3>(b0);
-      }
-    }
-    run_vectors<R, 4>(b0);
+    if constexpr (std::is_same_v<scalar_t, float>)
+      run_with_vectors<R>(*this, vectors, b0);
+    else  // 16-bit panels: every vector (tile_product's narrow tiles are float32 only)
+      run_vectors<R, 4>(b0);
   }
 
   template <int R, int Q>
@@ -527,11 +548,7 @@ void panel_product_typed(const PanelProductArgs& a, int64_t b, int64_t m0, int64
   PanelProductTile<scalar_t> tile{a, m0, static_cast<const scalar_t*>(a.panels) + b * a.panel_stride,
                                   a.bias != nullptr ? a.bias + b * 4 * V : nullptr,
                                   static_cast<scalar_t*>(a.out) + first, a.gate_layout ? a.columns : V, {}, 0};
-  for (int q = 0; q < 4; ++q) {
-    const int64_t left = a.columns - first - (a.gate_layout ? 0 : q * V);
-    tile.valid[q] = left < 0 ? 0 : left < V ? left : V;
-    if (tile.valid[q] > 0) tile.vectors = q + 1;
-  }
+  tile.vectors = valid_columns(a.columns - first, a.gate_layout ? 0 : V, tile.valid);
   for_each_row_tile(m1 - m0, tile);
 }
 
@@ -594,12 +611,7 @@ struct WeightGradTile {
 
   template <int R>
   void run(int64_t b0) {
-    switch (vectors) {
-      case 1: return run_vectors<R, 1>(b0);
-      case 2: return run_vectors<R, 2>(b0);
-      case 3: return run_vectors<R, 3>(b0);
-      default: return run_vectors<R, 4>(b0);
-    }
+    run_with_vectors<R>(*this, vectors, b0);
   }
 
   template <int R, int Q>
@@ -647,17 +659,13 @@ void weight_grad_rows(const WeightGradArgs& a, int64_t n0, int64_t n1, float* sc
       }
       for (int64_t col0 = 0; col0 < a.I; col0 += 4 * V) {
         const int64_t cols = a.I - col0 < 4 * V ? a.I - col0 : 4 * V;
-        const int vectors = static_cast<int>((cols + V - 1) / V);
+        WeightGradTile tile{a, gp, xp, nb, kc, col0, k0 == 0 && !a.accumulate, {}, 0};
+        tile.vectors = valid_columns(cols, V, tile.valid);
         for (int64_t k = 0; k < kc; ++k) {
           const float* src = a.x + (k0 + k) * a.ldx + col0;
           float* dst = xp + k * 4 * V;
           for (int64_t j = 0; j < cols; ++j) dst[j] = src[j];
-          for (int64_t j = cols; j < vectors * V; ++j) dst[j] = 0.0f;
-        }
-        WeightGradTile tile{a, gp, xp, nb, kc, col0, k0 == 0 && !a.accumulate, {}, vectors};
-        for (int q = 0; q < 4; ++q) {
-          const int64_t left = cols - q * V;
-          tile.valid[q] = left < 0 ? 0 : left < V ? left : V;
+          for (int64_t j = cols; j < tile.vectors * V; ++j) dst[j] = 0.0f;
         }
         for_each_row_tile(rows, tile);
       }
