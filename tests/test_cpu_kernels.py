@@ -38,8 +38,9 @@ SHAPES = [
     ("threads_bidir_packed", 10, 7, 8, 80, {"bidirectional": True}, [10, 3, 7, 1, 10, 6, 9]),
     ("threads_2layers_batch_first", 8, 6, 10, 90, {"num_layers": 2, "batch_first": True}, None),
     # Several row tiles and a reduction longer than one L1 chunk of the panel, on every variant;
-    # test_reduction_chunks runs it with chunks forced (they are off by default). The last tile
-    # is one row on AVX-512 (7 = 6 + 1): avx512bf16's dot product, chunked too.
+    # test_reduction_chunks runs it with chunks forced (they are off by default). The rows are
+    # spread evenly over the tiles: 4 + 3 on AVX-512, 3 + 2 + 2 on AVX2, 2 + 2 + 2 + 1 on the
+    # portable kernels (a one-row tile, chunked).
     ("chunked_reduction", 6, 7, 12, 200, {}, [6, 2, 5, 6, 1, 3, 4]),
 ]
 HALF_FLOOR = 2e-3
@@ -365,11 +366,11 @@ def test_calls_run_alone_while_helpers_do_not_come():
 
 # avx512bf16 uses the bf16 dot product in one-row tiles only, or in tiles of every height
 # (bf16_dot_all_rows in isa.h: by the CPU's vendor, or LSTM_FUSED_CPU_BF16_DOT). Both ways here,
-# wherever the variant runs: the recurrence (several row tiles, a partial one, a one-row last
-# tile, chunked reductions), the cell step (odd K = H + I) and the input projection's products.
+# wherever the variant runs: the recurrence (several row tiles, partial ones, one row: B = 1,
+# chunked reductions), the cell step (odd K = H + I) and the input projection's products.
 needs_avx512bf16 = pytest.mark.skipif(
     "avx512bf16" not in supported_cpu_variants(), reason="this CPU has no AVX512-BF16")
-BF16_DOT_SHAPES = [s for s in SHAPES if s[0] in ("partial_row_tile", "threads_bidir_packed",
+BF16_DOT_SHAPES = [s for s in SHAPES if s[0] in ("partial_row_tile", "threads_B1", "threads_bidir_packed",
                                                  "threads_2layers_batch_first", "chunked_reduction")]
 
 
@@ -393,7 +394,7 @@ def test_bf16_dot_in_one_row_or_every_row_tile(monkeypatch, set_own_gemm, dot, c
 def test_bf16_dot_cell_step_in_one_row_or_every_row_tile(monkeypatch, dot):
     monkeypatch.setenv("LSTM_FUSED_CPU_ISA", "avx512bf16")
     monkeypatch.setenv("LSTM_FUSED_CPU_BF16_DOT", dot)
-    _check_cell_step_within_twice_the_reference(torch.bfloat16, B=9, I=7, H=30)  # rows 6 + 3, K = 37
+    _check_cell_step_within_twice_the_reference(torch.bfloat16, B=9, I=7, H=30)  # rows 5 + 4, K = 37
 
 
 def test_bf16_dot_choice_follows_the_environment_then_the_vendor(monkeypatch):
