@@ -167,6 +167,10 @@ SUITES = {
                 # a small model: few input features and a small state, where ATen's (MKL's)
                 # products are slow at so few columns
                 Shape(T=50, B=32, I=32, H=32),
+                # medium and large batches of a mid-sized state, where nn.LSTM's oneDNN runs at
+                # its most efficient (on a Zen 5 our weakest region: about level with it)
+                Shape(T=50, B=32, I=256, H=256),
+                Shape(T=50, B=128, I=128, H=128, modes=("fwd",)),
                 Shape(T=50, B=16, I=128, H=128, layers=2, bidirectional=True),
                 Shape(T=100, B=16, I=256, H=256, proj_size=128),
                 Shape(T=200, B=4, I=256, H=256, modes=("fwd",)),
