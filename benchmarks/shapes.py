@@ -195,6 +195,14 @@ SUITES = {
             both_input_gemms=True,
         ),
         Suite(
+            "cpu-grid",
+            tuple(Shape(T=50, B=b, I=h, H=h) for b in (8, 32, 64, 128) for h in _pow2(64, 512)),
+            "batch 8..128 x hidden 64..512 (I=H) at T=50: a map of where we stand against nn.LSTM "
+            "beyond the cpu suite's rows",
+            dtypes=("float32",),
+            min_reps=5,
+        ),
+        Suite(
             "cpu-load",
             (DEEP, STREAM_STEP, CELL_STEP),
             "the deep, one-step and LSTMCell rows beside a busy process on the last core "
