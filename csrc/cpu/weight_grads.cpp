@@ -50,9 +50,9 @@ constexpr int64_t kMinMacsPerThread = int64_t(1) << 20;
 constexpr int64_t kMaxChunkRows = 192;
 
 // Pieces per thread, and the fewest rows of dW in a piece: each piece packs all of X again, which
-// small pieces do not amortize. Zen 5 EPYC, 2 threads, M = 6400, N = 256,
-// I = 64: 289 GFLOP/s in 2 pieces against 258 in 8 (medians of 3 runs, noisy host); N = 512,
-// I = 128 in 4 pieces against 8: 287 against 282; from N = 1024 (8 pieces either way) level.
+// small pieces do not amortize. Zen 5 EPYC, 2 threads, M = 6400, N = 256, I = 64: 289 GFLOP/s
+// in 2 pieces against 258 in 8 (medians of 3 runs, noisy host); N = 512, I = 128 in 4 pieces
+// against 8: 287 against 282; from N = 1024 (8 pieces either way) level.
 constexpr int64_t kPiecesPerThread = 4;
 constexpr int64_t kMinPieceRows = 128;
 
