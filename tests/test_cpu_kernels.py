@@ -38,9 +38,9 @@ SHAPES = [
     ("threads_bidir_packed", 10, 7, 8, 80, {"bidirectional": True}, [10, 3, 7, 1, 10, 6, 9]),
     ("threads_2layers_batch_first", 8, 6, 10, 90, {"num_layers": 2, "batch_first": True}, None),
     # Several row tiles and a reduction longer than one L1 chunk of the panel, on every variant;
-    # test_reduction_chunks runs it with chunks forced (they are off by default). The rows are
-    # spread evenly over the tiles: 4 + 3 on AVX-512, 3 + 2 + 2 on AVX2, 2 + 2 + 2 + 1 on the
-    # portable kernels (a one-row tile, chunked).
+    # test_reduction_chunks runs it with chunks forced (they are off by default). Tiles of 4 + 3
+    # rows on AVX-512 (spread evenly), 3 + 3 + 1 on AVX2 and 2 + 2 + 2 + 1 on the portable
+    # kernels (full tiles and a one-row remainder, chunked).
     ("chunked_reduction", 6, 7, 12, 200, {}, [6, 2, 5, 6, 1, 3, 4]),
 ]
 HALF_FLOOR = 2e-3

@@ -237,15 +237,24 @@ inline void for_each_full_row_tile(int64_t B, Body& body) {
 // recurrence steps, the panel products): the fewest tiles, the rows spread evenly over them
 // (B = 32 on 6-row tiles: 6, 6, 5, 5, 5, 5, not 6, 6, 6, 6, 6, 2). A narrow tile costs nearly
 // as much as a full one, being bound by its panel loads rather than its multiply-adds. One
-// thread of a Zen 5 EPYC, float32, T = 50, H = 128, recurrence forward / backward: B = 32
-// 1.25 / 1.06-1.10 against 1.28-1.32 / 1.12-1.13 ms; B = 13 0.52 / 0.46 against 0.53-0.56 / 0.50.
+// thread of a Zen 5 EPYC, float32, recurrence forward / backward (ms): T = 50, H = 128, B = 32
+// 1.25 / 1.06-1.10 against 1.28-1.32 / 1.12-1.13; B = 13 0.52 / 0.46 against 0.53-0.56 / 0.50;
+// T = 100, B = 20 forward 1.66-1.76 against 1.82-1.93. Where an even split would leave tiles
+// of fewer than kMinEvenTileRows rows (AVX2's 3-row tiles), full tiles and a remainder stay:
+// the AVX2 kernels on the same machine, T = 200, B = 4, H = 256, forward 5.3-5.5 ms as 3 + 1
+// against 6.5-7.8 as 2 + 2; T = 100, B = 7, H = 128, 1.19-1.23 as 3 + 3 + 1 against 1.24-1.29.
+// One call site of the tile bodies, whichever split: with a second (a fallback calling
+// for_each_full_row_tile) GCC inlined them differently and the forward recurrence ran 4.5x
+// slower (B = 32, H = 128: 5.7 against 1.3 ms; forcing the tile product inline won most back).
+constexpr int64_t kMinEvenTileRows = 3;
 template <typename Body>
 inline void for_each_row_tile(int64_t B, Body& body) {
   const int64_t tiles = (B + kMaxRows - 1) / kMaxRows;
   if (tiles == 0) return;
   const int64_t rows = B / tiles, longer = B % tiles;  // the first `longer` tiles take rows + 1
+  const bool even = rows >= kMinEvenTileRows;
   for (int64_t i = 0, b0 = 0; i < tiles; ++i) {
-    const int64_t n = rows + (i < longer ? 1 : 0);
+    const int64_t n = even ? rows + (i < longer ? 1 : 0) : (B - b0 < kMaxRows ? B - b0 : kMaxRows);
     tile_rows_remainder<kMaxRows>(n, b0, body);
     b0 += n;
   }
