@@ -93,10 +93,11 @@ void own_weight_grad_into(const at::Tensor& g, const at::Tensor& x, at::Tensor& 
   const int64_t macs = M * N * I;
   const int64_t threads = std::max<int64_t>(
       1, std::min<int64_t>({at::get_num_threads(), tiles, macs / kMinMacsPerThread}));
-  // The rows go out in pieces, about a quarter of a thread's share each, claimed by whichever
-  // thread is free: a thread descheduled for a while (its core taken by another process) costs
-  // the call the piece it holds, not its whole share. Each piece packs X again (M x I floats
-  // against M x I x piece rows multiply-adds): pieces of at least kMinPieceRows rows.
+  // The rows go out in pieces, claimed by whichever thread is free: a thread descheduled for a
+  // while (its core taken by another process) costs the call the piece it holds, not its whole
+  // share. Up to kPiecesPerThread pieces per thread, but each packs X again (M x I floats against
+  // M x I x piece rows multiply-adds), so pieces keep at least kMinPieceRows rows (N = 256 on two
+  // threads: one piece each).
   const int64_t wanted_pieces =
       std::clamp<int64_t>(N / kMinPieceRows, threads, threads * kPiecesPerThread);
   const int64_t piece_tiles = (tiles + wanted_pieces - 1) / wanted_pieces;
