@@ -96,6 +96,37 @@ def test_half_precision_every_variant(monkeypatch, variant, dtype, shape):
     assert not bad, f"(ours, reference backend in {dtype}) relative errors: {bad}"
 
 
+# Gate pre-activations far outside the polynomial's range, and non-finite ones, in whole unit
+# blocks (H = 64: AVX-512 computes the gates of such blocks on its registers with an exp of its
+# own, vector_gates in step_kernels_impl.h; other blocks and ISAs use activations.h). Weights of
+# +-40 drive pre-activations to +-100 and beyond, where e^x over- or underflows: the gates must
+# saturate as in float64, and a NaN or Inf in x must reach the same outputs as there.
+@pytest.mark.parametrize("variant", supported_cpu_variants())
+def test_saturated_and_non_finite_gates_every_variant(monkeypatch, variant):
+    monkeypatch.setenv("LSTM_FUSED_CPU_ISA", variant)
+    torch.manual_seed(0)
+    oracle = nn.LSTM(6, 64).double()
+    with torch.no_grad():
+        for p in oracle.parameters():
+            p.copy_(torch.empty_like(p).uniform_(-40.0, 40.0).float())  # exact in float32 too
+    fused = lstm_fused.LSTM(6, 64, backend="cpu")
+    fused.load_state_dict(oracle.state_dict())
+    x = torch.randn(5, 3, 6).double()
+    x[1, 0, 0] = float("nan")
+    x[2, 1, 1] = float("inf")
+    x[3, 2, 2] = -float("inf")
+    with torch.no_grad():
+        want, got = oracle(x), fused(x.float())
+    flat = lambda out: (out[0], out[1][0], out[1][1])
+    saturated = 0
+    for ours, ref in zip(flat(got), flat(want)):
+        assert torch.equal(torch.isnan(ours), torch.isnan(ref))
+        finite = torch.isfinite(ref)
+        assert rel_error(ours[finite], ref[finite]) <= 2e-5  # the float32 parity bound
+        saturated += int((ref.abs() == 1).sum())
+    assert saturated > 0  # some h or c hit +-1 exactly: the gates did saturate
+
+
 # The reduction runs in chunks only when LSTM_FUSED_CPU_CHUNK_BYTES asks (panel_recurrence.cpp);
 # both ways run here on every variant, in float32 and bfloat16 (2-byte panels: twice the k per
 # chunk). 3 KB chunks cut the forward's K = 200 and the backward's K = 800 into many pieces.

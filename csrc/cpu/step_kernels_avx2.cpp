@@ -15,6 +15,7 @@ struct Vec {
   static constexpr int kWidth = 8;
   static constexpr bool kBf16Dot = false;
   static constexpr bool kBf16DotRows = false;
+  static constexpr bool kVectorGates = false;  // the gate math in plain loops (forward_gates)
   static reg zero() { return _mm256_setzero_ps(); }
   static reg load(const float* p) { return _mm256_loadu_ps(p); }
   // bf16 is the high half of a float: widen each 16-bit lane and shift it up.

@@ -11,6 +11,7 @@ struct Vec {
   static constexpr int kWidth = 8;
   static constexpr bool kBf16Dot = false;
   static constexpr bool kBf16DotRows = false;
+  static constexpr bool kVectorGates = false;  // the gate math in plain loops (forward_gates)
   static reg zero() { return reg{}; }
   static reg load(const float* p) {
     reg v;
