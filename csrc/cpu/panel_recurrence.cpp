@@ -135,7 +135,7 @@ BackwardStepArgs batch_rows(const BackwardStepArgs& a, int64_t b0, int64_t n, in
   r.lengths = a.lengths != nullptr ? a.lengths + b0 : nullptr;
   r.dh = a.dh + b0 * a.H;
   r.dc = a.dc + b0 * a.H;
-  r.dz[0] = a.dz[0] + b0 * 4 * a.H, r.dz[1] = a.dz[1] + b0 * 4 * a.H;
+  if (a.dz[0] != nullptr) r.dz[0] = a.dz[0] + b0 * 4 * a.H, r.dz[1] = a.dz[1] + b0 * 4 * a.H;
   r.dxproj = static_cast<char*>(a.dxproj) + b0 * 4 * a.H * elem;
   r.partial = a.partial + blocks * b0 * 4 * V;
   return r;
@@ -428,7 +428,9 @@ BackwardCall prepare_backward(int V, const at::Tensor& dy, int64_t dy_stride,
   call.lengths = lengths_in.has_value() ? lengths_in->contiguous() : at::Tensor();
   call.dh = dh_n.to(at::kFloat, false, /*copy=*/true).contiguous();
   call.dc = dc_n.to(at::kFloat, false, /*copy=*/true).contiguous();
-  call.dz = at::empty({2, B, 4 * H}, f32);
+  // Float32 gate gradients are read back from dxproj; 16-bit ones need a float32 copy.
+  const bool float_storage = call.gates.scalar_type() == at::kFloat;
+  if (!float_storage) call.dz = at::empty({2, B, 4 * H}, f32);
   call.dxproj = pooled_empty({T, B, 4 * H}, call.gates.scalar_type());
   call.blocks = (H + 4 * V - 1) / (4 * V);
   call.partial = at::empty({call.blocks, B, 4 * V}, f32);
@@ -446,8 +448,8 @@ BackwardCall prepare_backward(int V, const at::Tensor& dy, int64_t dy_stride,
   a.lengths = call.lengths.defined() ? call.lengths.data_ptr<int64_t>() : nullptr;
   a.dh = call.dh.data_ptr<float>();
   a.dc = call.dc.data_ptr<float>();
-  a.dz[0] = call.dz.data_ptr<float>();
-  a.dz[1] = a.dz[0] + B * 4 * H;
+  a.dz[0] = float_storage ? nullptr : call.dz.data_ptr<float>();
+  a.dz[1] = float_storage ? nullptr : a.dz[0] + B * 4 * H;
   a.dxproj = call.dxproj.data_ptr();
   a.partial = call.partial.data_ptr<float>();
   a.chunk_bytes = panel_chunk_bytes();

@@ -70,7 +70,9 @@ struct BackwardStepArgs {
   const int64_t* lengths;  // (B,) or null
   float* dh;               // (B, H) gradient reaching h from later steps; starts as dh_n
   float* dc;               // (B, H) starts as dc_n
-  float* dz[2];            // (B, 4H) each: pre-activation gate gradients of even / odd steps
+  float* dz[2];            // (B, 4H) each, 16-bit storage: pre-activation gate gradients of
+                           // even / odd steps in float32 (dxproj holds them rounded); null for
+                           // float32, whose product reads them back from dxproj
   void* dxproj;            // (T, B, 4H) storage dtype
   float* partial;          // (blocks, B, 4V): each block's sums between chunks of the reduction
   int64_t chunk_bytes;     // panel bytes per chunk of the reduction, or 0: no chunks
