@@ -97,10 +97,10 @@ def test_half_precision_every_variant(monkeypatch, variant, dtype, shape):
 
 
 # Gate pre-activations far outside the polynomial's range, and non-finite ones, in whole unit
-# blocks (H = 64: AVX-512 computes the gates of such blocks on its registers with an exp of its
-# own, vector_gates in step_kernels_impl.h; other blocks and ISAs use activations.h). Weights of
-# +-40 drive pre-activations to +-100 and beyond, where e^x over- or underflows: the gates must
-# saturate as in float64, and a NaN or Inf in x must reach the same outputs as there.
+# blocks (H = 64: AVX-512 and AVX2 compute the gates of such blocks on registers with an exp of
+# their own, vector_gates in step_kernels_impl.h; the portable kernels use activations.h).
+# Weights of +-40 drive pre-activations to +-100 and beyond, where e^x over- or underflows: the
+# gates must saturate as in float64, and a NaN or Inf in x must reach the same outputs as there.
 @pytest.mark.parametrize("variant", supported_cpu_variants())
 def test_saturated_and_non_finite_gates_every_variant(monkeypatch, variant):
     monkeypatch.setenv("LSTM_FUSED_CPU_ISA", variant)

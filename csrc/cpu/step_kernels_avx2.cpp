@@ -15,7 +15,7 @@ struct Vec {
   static constexpr int kWidth = 8;
   static constexpr bool kBf16Dot = false;
   static constexpr bool kBf16DotRows = false;
-  static constexpr bool kVectorGates = false;  // the gate math in plain loops (forward_gates)
+  static constexpr bool kVectorGates = true;
   static reg zero() { return _mm256_setzero_ps(); }
   static reg load(const float* p) { return _mm256_loadu_ps(p); }
   // bf16 is the high half of a float: widen each 16-bit lane and shift it up.
@@ -39,6 +39,34 @@ struct Vec {
   static reg broadcast(float x) { return _mm256_set1_ps(x); }
   static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
   static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+
+  // The gate math on whole registers (vector_gates in step_kernels_impl.h).
+  static reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
+  static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+  static reg div(reg a, reg b) { return _mm256_div_ps(a, b); }
+  // activations.h's exp_approx, step for step: the same clamps (a NaN x passes them, being the
+  // second operand of max and min), the same reduction and polynomial, 2^n built in integer lanes.
+  static reg exp(reg x) {
+    x = _mm256_max_ps(_mm256_set1_ps(-87.3365478515625f), x);
+    x = _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), x);
+    const reg shifter = _mm256_set1_ps(12582912.0f);
+    const reg t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), shifter);
+    const reg n = _mm256_sub_ps(t, shifter);
+    const __m256i n_int = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_castps_si256(shifter));
+    reg r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+    const reg r2 = _mm256_mul_ps(r, r);
+    reg p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0f));
+    const __m256i biased = _mm256_add_epi32(n_int, _mm256_set1_epi32(127));
+    const reg scale = _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23));
+    return _mm256_mul_ps(p, scale);
+  }
 };
 constexpr int kMaxRows = 3;
 

@@ -1,10 +1,11 @@
 // Body of the CPU step kernels, compiled once per instruction set. Included by
 // step_kernels_<isa>.cpp inside a namespace of its own, after that file has defined
 //   struct Vec  { using reg; kWidth; zero, load, load_even, load_odd, store, broadcast, add, fma;
-//                 kBf16Dot }                (one SIMD register; load_even/odd: paired bf16 rows;
+//                 kBf16Dot; kVectorGates }  (one SIMD register; load_even/odd: paired bf16 rows;
 //                                           kBf16Dot: it has the bf16 pair dot product, and with it
 //                                           pairs, load_pairs, broadcast_pair, dot_pairs,
-//                                           round_to_bf16: see dot_row_product)
+//                                           round_to_bf16: see dot_row_product; kVectorGates: it
+//                                           has sub, mul, div and exp: see vector_gates)
 //   constexpr int kMaxRows;                 rows of a register tile
 // and switched the compiler's target to the instruction set. Include no header here: anything
 // defined under the wider target must stay in this file's namespace, so the linker can never
@@ -16,9 +17,10 @@
 // Its panel holds, for every k of the reduction, those 4 vectors of weights contiguously, so the
 // inner loop is: broadcast A[r][k] for each row, load 4 weight vectors, kRows x 4 FMAs. One pass
 // over the panel per tile; the panel (H*4V weights forward, 4H*4V backward, in the storage dtype)
-// is re-read for each row tile of the batch, from the L2 of the thread that owns the block. After the reduction the
-// gate math runs on the accumulators (spilled once to a 4V-float stack tile in L1 so plain loops
-// can vectorize it): no gate pre-activation goes through a shared scratch buffer.
+// is re-read for each row tile of the batch, from the L2 of the thread that owns the block.
+// After the reduction the gate math runs on the accumulators: on the registers themselves
+// (vector_gates) where Vec has the primitives, else spilled once to a 4V-float stack tile in L1
+// so plain loops can vectorize it. No gate pre-activation goes through a shared scratch buffer.
 
 using reg = typename Vec::reg;
 constexpr int V = Vec::kWidth;
@@ -293,12 +295,14 @@ inline void forward_gates(int64_t n, int64_t H, const float (&z)[4][V], const sc
 // forward_gates for a whole block of float32 (n == V), on the tile's accumulators in registers,
 // where the ISA has the vector primitives (Vec::kVectorGates: sub, mul, div, exp). The functions
 // of activations.h, sigmoid(x) = 1 / (1 + e^-x) and tanh(x) = 2 / (1 + e^-2x) - 1, with the same
-// results inside e^x's finite range; but GCC's vectorization of forward_gates compiles its clamps
-// to compares and masked moves and builds 2^n in integer lanes, about 175 instructions a row of
-// a block where the ISA's own exp needs about 100, and the product tile is no longer spilled to
-// the stack and read back. The forward recurrence op, Zen 5 EPYC, T = 50, calls of the two ways
-// alternated (median ratio of 60 pairs): one thread B = 32, H = 128 0.956x the time with saved
-// activations, 0.965x without; two threads B = 64, H = 128 0.960x, B = 128, H = 256 0.986x.
+// results inside e^x's finite range (AVX2: everywhere). GCC's vectorization of forward_gates
+// compiles its clamps to compares and masked moves and reloads its constants on every call:
+// about 175 instructions a row of an AVX-512 block, where its own exp (vscalefps) needs about
+// 100; and the product tile is no longer spilled to the stack and read back. The forward
+// recurrence op on a Zen 5 EPYC, T = 50, calls of the two ways alternated (median ratio of 60
+// pairs): AVX-512, one thread, B = 32, H = 128 0.956x the time with saved activations, 0.965x
+// without; two threads B = 64, H = 128 0.960x, B = 128, H = 256 0.986x. AVX2 (forced there), one
+// thread, B = 16, H = 256, processes alternated: 1-3% faster, 0.5-1% more than the noise.
 template <typename D>
 inline reg vector_sigmoid(reg x) {
   const reg one = D::broadcast(1.0f);
@@ -311,9 +315,9 @@ inline reg vector_tanh(reg x) {
   return D::sub(D::div(D::broadcast(2.0f), D::add(one, e)), one);
 }
 template <typename D, bool kSave>
-inline void vector_gates(const reg (&z)[4], int64_t H, const float* __restrict__ xp, float* __restrict__ c,
-                         float* __restrict__ h_next, float* __restrict__ y, float* __restrict__ gates_out,
-                         float* __restrict__ c_all) {
+inline void vector_gates(const reg (&z)[4], int64_t H, const float* __restrict__ xp,
+                         float* __restrict__ c, float* __restrict__ h_next, float* __restrict__ y,
+                         float* __restrict__ gates_out, float* __restrict__ c_all) {
   const reg i = vector_sigmoid<D>(D::add(D::load(xp), z[0]));
   const reg f = vector_sigmoid<D>(D::add(D::load(xp + H), z[1]));
   const reg g = vector_tanh<D>(D::add(D::load(xp + 2 * H), z[2]));
@@ -465,12 +469,13 @@ inline void backward_gates(int64_t n, int64_t H, const float* __restrict__ dh,
 // backward_gates for V units of float32 storage on registers, with vector_tanh (see
 // vector_gates). The backward recurrence op on a Zen 5 EPYC, calls alternated (median ratio of 60
 // pairs), T = 50..200, B = 1..64, H = 128..256: 0.97-1.00x the time of the plain loop, within
-// the noise alone; with dz no longer written (dz_of_step), 0.90-0.96x (B = 1: 0.99x).
+// the noise alone; with dz no longer written (dz_of_step), 0.90-0.96x (B = 1: 0.99x). AVX2
+// (forced there), one thread, B = 16, H = 256, processes alternated: 2-4% faster alone.
 template <typename D>
-inline void vector_backward_gates(int64_t H, const float* __restrict__ dh, const float* __restrict__ dy,
-                                  const float* __restrict__ gt, const float* __restrict__ c,
-                                  const float* __restrict__ c_prev, float* __restrict__ dc,
-                                  float* __restrict__ dx) {
+inline void vector_backward_gates(int64_t H, const float* __restrict__ dh,
+                                  const float* __restrict__ dy, const float* __restrict__ gt,
+                                  const float* __restrict__ c, const float* __restrict__ c_prev,
+                                  float* __restrict__ dc, float* __restrict__ dx) {
   const reg one = D::broadcast(1.0f);
   const reg dm = D::add(D::load(dh), D::load(dy));
   const reg i = D::load(gt), f = D::load(gt + H), g = D::load(gt + 2 * H), o = D::load(gt + 3 * H);
@@ -502,7 +507,8 @@ struct BackwardTile {
   // storage keeps them in float32 in the double buffer dz (dxproj holds them rounded).
   const float* dz_of_step(int64_t s_of) const {
     if constexpr (std::is_same_v<scalar_t, float>)
-      return static_cast<const float*>(a.dxproj) + time_of(s_of, a.T, a.reverse) * a.batch * 4 * a.H;
+      return static_cast<const float*>(a.dxproj) +
+             time_of(s_of, a.T, a.reverse) * a.batch * 4 * a.H;
     else
       return a.dz[s_of % 2];
   }
@@ -516,7 +522,8 @@ struct BackwardTile {
       const int64_t s_prev = phase == BackwardPhase::kFinal ? 0 : s + 1;
       const int64_t t_prev = time_of(s_prev, T, a.reverse);
       reg acc[R][4];
-      chunk_product<R>(dz_of_step(s_prev) + b0 * 4 * H, 4 * H, panel, k0, k1, partial + b0 * 4 * V, acc);
+      chunk_product<R>(dz_of_step(s_prev) + b0 * 4 * H, 4 * H, panel, k0, k1,
+                       partial + b0 * 4 * V, acc);
       if (k1 < 4 * H) return save_partial<R>(partial + b0 * 4 * V, acc);
       for (int r = 0; r < R; ++r) {
         if (!row_active(a.lengths, b0 + r, t_prev)) continue;
@@ -555,8 +562,8 @@ struct BackwardTile {
       if constexpr (Vec::kVectorGates && std::is_same_v<scalar_t, float>) {
         if (n == 4 * V) {
           for (int q = 0; q < 4; ++q)
-            vector_backward_gates<Vec>(H, dh + q * V, dy + q * V, gt + q * V, c + q * V, c_prev + q * V,
-                                       dc + q * V, dx + q * V);
+            vector_backward_gates<Vec>(H, dh + q * V, dy + q * V, gt + q * V, c + q * V,
+                                       c_prev + q * V, dc + q * V, dx + q * V);
           continue;
         }
       }
