@@ -323,6 +323,8 @@ def test_bad_arguments_are_errors():
     backward = torch.ops.lstm_fused.input_projection_backward
     with pytest.raises(RuntimeError, match="takes grad"):
         backward(torch.randn(4, 11), x, w, True, True)
+    with pytest.raises(RuntimeError, match="takes grad"):  # 4H gate rows: 10 is no 4H
+        backward(torch.randn(4, 10), x, torch.randn(10, 8), True, True)
     with pytest.raises(RuntimeError, match="float32"):
         backward(torch.randn(4, 12).double(), x.double(), w.double(), True, True)
     with pytest.raises(RuntimeError, match="must share dtype"):

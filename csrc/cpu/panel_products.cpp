@@ -155,7 +155,8 @@ at::Tensor input_grad(const at::Tensor& dxproj, const at::Tensor& w_ih, Storage 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> input_projection_backward(
     const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& w_ih, bool input_grad_wanted,
     bool weight_grad_wanted, bool bias_grad_wanted) {
-  TORCH_CHECK(w_ih.dim() == 2 && grad_in.size(-1) == w_ih.size(0) && x_in.size(-1) == w_ih.size(1) &&
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % 4 == 0 && grad_in.size(-1) == w_ih.size(0) &&
+                  x_in.size(-1) == w_ih.size(1) &&
                   grad_in.numel() / std::max<int64_t>(1, w_ih.size(0)) ==
                       x_in.numel() / std::max<int64_t>(1, w_ih.size(1)),
               "lstm_fused: input_projection_backward takes grad (..., 4H), x (..., I), w_ih (4H, I)");

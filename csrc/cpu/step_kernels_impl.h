@@ -302,7 +302,8 @@ inline void forward_gates(int64_t n, int64_t H, const float (&z)[4][V], const sc
 // recurrence op on a Zen 5 EPYC, T = 50, calls of the two ways alternated (median ratio of 60
 // pairs): AVX-512, one thread, B = 32, H = 128 0.956x the time with saved activations, 0.965x
 // without; two threads B = 64, H = 128 0.960x, B = 128, H = 256 0.986x. AVX2 (forced there), one
-// thread, B = 16, H = 256, processes alternated: 1-3% faster, 0.5-1% more than the noise.
+// thread, B = 16, H = 256, four rounds of processes alternated: 4.37-4.44 against 4.54-4.59 ms
+// with saved activations, 4.24-4.39 against 4.32-4.39 without (one outlier round left out).
 template <typename D>
 inline reg vector_sigmoid(reg x) {
   const reg one = D::broadcast(1.0f);
@@ -468,9 +469,10 @@ inline void backward_gates(int64_t n, int64_t H, const float* __restrict__ dh,
 
 // backward_gates for V units of float32 storage on registers, with vector_tanh (see
 // vector_gates). The backward recurrence op on a Zen 5 EPYC, calls alternated (median ratio of 60
-// pairs), T = 50..200, B = 1..64, H = 128..256: 0.97-1.00x the time of the plain loop, within
-// the noise alone; with dz no longer written (dz_of_step), 0.90-0.96x (B = 1: 0.99x). AVX2
-// (forced there), one thread, B = 16, H = 256, processes alternated: 2-4% faster alone.
+// pairs), T = 50..200, B = 1..64, H = 128..256: by itself 0.97-1.00x the time of the plain loop,
+// within the noise; together with dz no longer written (dz_of_step), 0.90-0.96x (B = 1: 0.99x).
+// AVX2 (forced there), one thread, B = 16, H = 256, four rounds of processes alternated, by
+// itself: 4.38-4.50 against 4.48-4.68 ms.
 template <typename D>
 inline void vector_backward_gates(int64_t H, const float* __restrict__ dh,
                                   const float* __restrict__ dy, const float* __restrict__ gt,
