@@ -44,28 +44,21 @@ struct Vec {
   static reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
   static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
   static reg div(reg a, reg b) { return _mm256_div_ps(a, b); }
-  // activations.h's exp_approx, step for step: the same clamps (a NaN x passes them, being the
-  // second operand of max and min), the same reduction and polynomial, 2^n built in integer lanes.
-  static reg exp(reg x) {
-    x = _mm256_max_ps(_mm256_set1_ps(-87.3365478515625f), x);
-    x = _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), x);
-    const reg shifter = _mm256_set1_ps(12582912.0f);
-    const reg t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), shifter);
-    const reg n = _mm256_sub_ps(t, shifter);
-    const __m256i n_int = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_castps_si256(shifter));
-    reg r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
-    const reg r2 = _mm256_mul_ps(r, r);
-    reg p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0f));
-    const __m256i biased = _mm256_add_epi32(n_int, _mm256_set1_epi32(127));
-    const reg scale = _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23));
-    return _mm256_mul_ps(p, scale);
+  // The ISA's parts of vector_exp, as activations.h's exp_approx does them: the same clamps (a
+  // NaN x passes them, being the second operand of max and min), n rounded with the shifter,
+  // 2^n built in integer lanes.
+  static reg exp_clamp(reg x) {
+    x = _mm256_max_ps(_mm256_set1_ps(exp_consts::kMin), x);
+    return _mm256_min_ps(_mm256_set1_ps(exp_consts::kMax), x);
+  }
+  static reg exp_round(reg x) {  // round(x log2 e)
+    const reg shifter = _mm256_set1_ps(exp_consts::kShifter);
+    const reg t = _mm256_fmadd_ps(x, _mm256_set1_ps(exp_consts::kLog2e), shifter);
+    return _mm256_sub_ps(t, shifter);
+  }
+  static reg exp_scale(reg p, reg n) {  // p 2^n, n an integer in the normal exponents' range
+    const __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23)));
   }
 };
 constexpr int kMaxRows = 3;

@@ -35,27 +35,19 @@ struct Avx512Vec {
   static reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
   static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
   static reg div(reg a, reg b) { return _mm512_div_ps(a, b); }
-  // e^x by activations.h's reduction and polynomial, with 2^n applied by vscalefps, which
-  // overflows to +Inf and underflows through the denormals by itself. activations.h clamps x to
-  // the finite range and builds 2^n in integer lanes; this clamps only far outside it, to keep
-  // +-Inf out of the reduction (Inf - Inf is NaN). A NaN x passes: max and min return their
-  // second operand when either is NaN.
-  static reg exp(reg x) {
-    x = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
-    const reg n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    reg r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    const reg r2 = _mm512_mul_ps(r, r);
-    reg p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
+  // The ISA's parts of vector_exp. 2^n is applied by vscalefps, which overflows to +Inf and
+  // underflows through the denormals by itself, so x is clamped only far outside the finite range,
+  // to keep +-Inf out of the reduction (Inf - Inf is NaN); activations.h clamps to that range
+  // and builds 2^n in integer lanes. A NaN x passes: max and min return their second operand
+  // when either is NaN.
+  static reg exp_clamp(reg x) {
+    return _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
   }
+  static reg exp_round(reg x) {  // round(x log2 e)
+    return _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(exp_consts::kLog2e)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  static reg exp_scale(reg p, reg n) { return _mm512_scalef_ps(p, n); }  // p 2^n
 };
 // 32 registers: tiles of 6 rows (24 accumulators, 6 broadcasts, 1 weight vector).
 constexpr int kMaxRows = 6;

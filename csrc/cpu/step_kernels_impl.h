@@ -5,7 +5,8 @@
 //                                           kBf16Dot: it has the bf16 pair dot product, and with it
 //                                           pairs, load_pairs, broadcast_pair, dot_pairs,
 //                                           round_to_bf16: see dot_row_product; kVectorGates: it
-//                                           has sub, mul, div and exp: see vector_gates)
+//                                           has sub, mul, div, exp_clamp, exp_round, exp_scale:
+//                                           see vector_gates and vector_exp)
 //   constexpr int kMaxRows;                 rows of a register tile
 // and switched the compiler's target to the instruction set. Include no header here: anything
 // defined under the wider target must stay in this file's namespace, so the linker can never
@@ -293,7 +294,7 @@ inline void forward_gates(int64_t n, int64_t H, const float (&z)[4][V], const sc
 }
 
 // forward_gates for a whole block of float32 (n == V), on the tile's accumulators in registers,
-// where the ISA has the vector primitives (Vec::kVectorGates: sub, mul, div, exp). The functions
+// where the ISA has the vector primitives (Vec::kVectorGates: see vector_exp). The functions
 // of activations.h, sigmoid(x) = 1 / (1 + e^-x) and tanh(x) = 2 / (1 + e^-2x) - 1, with the same
 // results inside e^x's finite range (AVX2: everywhere). GCC's vectorization of forward_gates
 // compiles its clamps to compares and masked moves and reloads its constants on every call:
@@ -304,15 +305,30 @@ inline void forward_gates(int64_t n, int64_t H, const float (&z)[4][V], const sc
 // without; two threads B = 64, H = 128 0.960x, B = 128, H = 256 0.986x. AVX2 (forced there), one
 // thread, B = 16, H = 256, four rounds of processes alternated: 4.37-4.44 against 4.54-4.59 ms
 // with saved activations, 4.24-4.39 against 4.32-4.39 without (one outlier round left out).
+// e^x on a register: the ISA clamps x, rounds n = round(x log2 e) and applies 2^n (Vec::exp_clamp,
+// exp_round, exp_scale); the reduction r = x - n ln 2 and the polynomial are activations.h's.
+template <typename D>
+inline reg vector_exp(reg x) {
+  using namespace exp_consts;
+  x = D::exp_clamp(x);
+  const reg n = D::exp_round(x);
+  reg r = D::fma(n, D::broadcast(-kLn2Hi), x);
+  r = D::fma(n, D::broadcast(kLn2Lo), r);
+  const reg r2 = D::mul(r, r);
+  reg p = D::broadcast(kPoly[0]);
+  for (int i = 1; i < 6; ++i) p = D::fma(p, r, D::broadcast(kPoly[i]));
+  p = D::add(D::fma(p, r2, r), D::broadcast(1.0f));
+  return D::exp_scale(p, n);
+}
 template <typename D>
 inline reg vector_sigmoid(reg x) {
   const reg one = D::broadcast(1.0f);
-  return D::div(one, D::add(one, D::exp(D::sub(D::zero(), x))));
+  return D::div(one, D::add(one, vector_exp<D>(D::sub(D::zero(), x))));
 }
 template <typename D>
 inline reg vector_tanh(reg x) {
   const reg one = D::broadcast(1.0f);
-  const reg e = D::exp(D::mul(D::broadcast(-2.0f), x));
+  const reg e = vector_exp<D>(D::mul(D::broadcast(-2.0f), x));
   return D::sub(D::div(D::broadcast(2.0f), D::add(one, e)), one);
 }
 template <typename D, bool kSave>
