@@ -450,9 +450,14 @@ void forward_block(const ForwardStepArgs& a, int64_t s, int64_t u) {
 // ------------------------------------------------------------------------------------------
 // Backward
 
+// Whether the backward keeps a float32 copy of its gate gradients beside dxproj
+// (BackwardStepArgs::dz): for 16-bit storage, where dxproj holds them rounded. Float32 reads them
+// back from dxproj (BackwardTile::dz_of_step).
+template <typename scalar_t>
+constexpr bool kKeepsDz = !std::is_same_v<scalar_t, float>;
+
 // Gate gradients of n units of one row at an active step. dh: gradient reaching h_t from later
-// steps; dz, dx: gate q of unit j at q * H + j. dz, the float32 copy of dx, only for 16-bit
-// storage (BackwardStepArgs::dz).
+// steps; dz, dx: gate q of unit j at q * H + j. dz only where kKeepsDz.
 template <typename scalar_t>
 inline void backward_gates(int64_t n, int64_t H, const float* __restrict__ dh,
                            const scalar_t* __restrict__ dy, const scalar_t* __restrict__ gt,
@@ -470,7 +475,7 @@ inline void backward_gates(int64_t n, int64_t H, const float* __restrict__ dh,
     const float dzg = dc_tot * i * (1.0f - g * g);
     const float dzo = dm * tc * o * (1.0f - o);
     dc[j] = dc_tot * f;
-    if constexpr (!std::is_same_v<scalar_t, float>) {
+    if constexpr (kKeepsDz<scalar_t>) {
       dz[j] = dzi;
       dz[H + j] = dzf;
       dz[2 * H + j] = dzg;
@@ -524,11 +529,11 @@ struct BackwardTile {
   // (a unit's gradients store 5 vectors, not 9; see vector_backward_gates for the time); 16-bit
   // storage keeps them in float32 in the double buffer dz (dxproj holds them rounded).
   const float* dz_of_step(int64_t s_of) const {
-    if constexpr (std::is_same_v<scalar_t, float>)
+    if constexpr (kKeepsDz<scalar_t>)
+      return a.dz[s_of % 2];
+    else
       return static_cast<const float*>(a.dxproj) +
              time_of(s_of, a.T, a.reverse) * a.batch * 4 * a.H;
-    else
-      return a.dz[s_of % 2];
   }
 
   template <int R>
@@ -558,15 +563,14 @@ struct BackwardTile {
     if (phase == BackwardPhase::kFinal) return;
     const int64_t t = time_of(s, T, a.reverse);
     const int64_t t_before = s > 0 ? time_of(s - 1, T, a.reverse) : -1;  // forward's previous step
-    constexpr bool kOwnDz = !std::is_same_v<scalar_t, float>;  // see dz_of_step
     for (int r = 0; r < R; ++r) {
       const int64_t b = b0 + r, row = t * a.batch + b;
-      float* dz = kOwnDz ? a.dz[s % 2] + b * 4 * H + j0 : nullptr;
+      float* dz = kKeepsDz<scalar_t> ? a.dz[s % 2] + b * 4 * H + j0 : nullptr;
       scalar_t* dx = static_cast<scalar_t*>(a.dxproj) + row * 4 * H + j0;
       if (!row_active(a.lengths, b, t)) {
         for (int q = 0; q < 4; ++q)
           for (int64_t j = 0; j < n; ++j) {
-            if constexpr (kOwnDz) dz[q * H + j] = 0.0f;
+            if constexpr (kKeepsDz<scalar_t>) dz[q * H + j] = 0.0f;
             dx[q * H + j] = store_as<scalar_t>(0.0f);
           }
         continue;
